@@ -1,0 +1,19 @@
+"""fastbn: fast, accurate batch normalization for NumPy, CuPy and Dask arrays.
+
+    import fastbn as fbn
+    y, mean, invstd = fbn.batch_norm_train(x, scale, offset, channel_axis=1)
+
+See API.md for the contract; ``fbn.backends()`` for what runs here.
+"""
+
+from .api import (batch_norm_backward, batch_norm_infer, batch_norm_train, batch_normalization,
+                  moments)
+from .dispatch import backend_for, backends, use_backend
+from .layer import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "moments", "batch_normalization", "batch_norm_train", "batch_norm_infer",
+    "batch_norm_backward", "BatchNorm", "backend_for", "backends", "use_backend",
+]

@@ -1,0 +1,156 @@
+"""Array family -> backend.
+
+A *family* is how an array lives: ``"numpy"`` (host memory), ``"cuda"``
+(device memory: CuPy, Numba device arrays, anything with
+``__cuda_array_interface__``) or ``"dask"``.  Each backend module in
+``fastbn.kernels`` says which families it takes; the first available backend
+in a family's preference list serves it unless the caller chose one
+(``backend=``, :func:`use_backend`, ``FASTBN_BACKEND``).
+"""
+
+import contextlib
+import contextvars
+import importlib
+import os
+import sys
+import warnings
+
+# name -> module in fastbn.kernels.  Adding a backend: one line here.
+_MODULES = {
+    "numba": "fastbn.kernels.cpu_numba",
+    "cython": "fastbn.kernels.cpu_cython",
+    "numpy": "fastbn.kernels.reference",
+    "cuda": "fastbn.kernels.cuda_numba",
+    "dask": "fastbn.kernels.dask_chunks",
+}
+
+# Preference order per family when nobody chose.
+_DEFAULTS = {
+    "numpy": ("numba", "cython", "numpy"),
+    "cuda": ("cuda",),
+    "dask": ("dask",),
+}
+
+_loaded = {}
+_reasons = {}
+_override = contextvars.ContextVar("fastbn_backend", default=None)
+_warned_fallback = False
+
+
+def _load(name):
+    """The backend module for ``name``, or None (reason in ``_reasons``)."""
+    if name in _loaded:
+        return _loaded[name]
+    if name in _reasons:
+        return None
+    if name == "numba" and os.environ.get("FASTBN_DISABLE_NUMBA", "") not in ("", "0"):
+        _reasons[name] = "disabled by FASTBN_DISABLE_NUMBA"
+        return None
+    try:
+        mod = importlib.import_module(_MODULES[name])
+        why = getattr(mod, "unavailable_reason", lambda: None)()
+    except Exception as exc:  # noqa: BLE001 - report any import failure as a reason
+        mod, why = None, f"{type(exc).__name__}: {exc}".strip()
+    if why:
+        _reasons[name] = why
+        return None
+    _loaded[name] = mod
+    return mod
+
+
+def backends():
+    """Every backend name mapped to ``"available"`` or why it is not."""
+    return {name: ("available" if _load(name) is not None else _reasons[name]) for name in _MODULES}
+
+
+def family_of(x):
+    """``"numpy"``, ``"cuda"`` or ``"dask"``: where the array ``x`` lives."""
+    t = type(x)
+    mod = t.__module__.split(".", 1)[0]
+    if mod == "numpy":
+        return "numpy"
+    if mod == "dask":
+        return "dask"
+    if mod == "cupy" or hasattr(x, "__cuda_array_interface__"):
+        return "cuda"
+    # The CUDA simulator's device arrays have no __cuda_array_interface__.
+    if "numba.cuda" in sys.modules:
+        try:
+            from numba import cuda
+            if cuda.is_cuda_array(x) or type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray"):
+                return "cuda"
+        except Exception:  # noqa: BLE001
+            pass
+    return "numpy"
+
+
+def _check_name(name, what):
+    if name not in _MODULES:
+        raise ValueError(f"{what}: unknown backend {name!r}; expected one of {sorted(_MODULES)}")
+
+
+def _env_default():
+    name = os.environ.get("FASTBN_BACKEND") or None
+    if name is not None:
+        _check_name(name, "FASTBN_BACKEND")
+    return name
+
+
+def choose(family, backend=None):
+    """Name of the backend serving ``family`` (honouring ``backend=``, overrides, env)."""
+    global _warned_fallback
+    if backend is not None:
+        _check_name(backend, "backend")
+        mod = _load(backend)
+        if mod is None:
+            raise ValueError(f"backend {backend!r} is not available: {_reasons[backend]}")
+        if family not in mod.FAMILIES:
+            raise TypeError(f"backend {backend!r} takes {'/'.join(mod.FAMILIES)} arrays; "
+                            f"x is a {family} array")
+        return backend
+    preferred = _override.get() or _env_default()
+    if preferred is not None:
+        mod = _load(preferred)
+        if mod is not None and family in mod.FAMILIES:
+            return preferred
+    for name in _DEFAULTS[family]:
+        if _load(name) is not None:
+            if family == "numpy" and name == "numpy" and not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn("fastbn: neither the Numba nor the Cython backend is available "
+                              f"({_reasons.get('numba')}; {_reasons.get('cython')}); "
+                              "using the slow NumPy reference", RuntimeWarning, stacklevel=3)
+            return name
+    raise TypeError(f"no fastbn backend is available for {family} arrays: "
+                    + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
+
+
+def module(name):
+    """The loaded backend module ``name`` (which must be available)."""
+    mod = _load(name)
+    if mod is None:
+        raise ValueError(f"backend {name!r} is not available: {_reasons[name]}")
+    return mod
+
+
+def backend_for(x, backend=None):
+    """Which backend a fastbn call on ``x`` would use."""
+    return choose(family_of(x), backend)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: use backend ``name`` for the arrays it takes inside the block.
+
+    Like ``FASTBN_BACKEND``, it sets the default CPU backend (``"numba"``,
+    ``"cython"``, ``"numpy"``); arrays of other families keep their own.
+    Thread- and task-local (a ``contextvars`` variable).
+    """
+    _check_name(name, "use_backend")
+    if _load(name) is None:
+        raise ValueError(f"use_backend: backend {name!r} is not available: {_reasons[name]}")
+    token = _override.set(name)
+    try:
+        yield name
+    finally:
+        _override.reset(token)

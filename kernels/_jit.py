@@ -1,0 +1,198 @@
+"""Numba compilation knobs for fastbn's CPU kernels, in one place.
+
+Every knob that changes machine code is read here from the environment, once:
+
+``FASTBN_FASTMATH``
+    Comma-separated LLVM fast-math flags (default ``reassoc,contract,arcp``).
+    ``reassoc`` is what lets LLVM vectorise float reductions.  ``nnan``/``ninf``
+    are refused: they would let the compiler drop NaN propagation, and a NaN in
+    one channel must give NaN statistics for that channel.
+``FASTBN_CACHE`` (``0`` disables on-disk caching of compiled kernels)
+``FASTBN_CACHE_DIR`` (where the cache goes; see :func:`cache_dir`)
+
+Numba's on-disk cache is keyed by function name, source file and signature,
+not by compile flags, so a kernel compiled with other flags (serial vs.
+parallel, another fast-math set) could load stale machine code.  Each compiled
+variant therefore gets its own function name carrying the flag key.
+"""
+
+import functools
+import hashlib
+import os
+import tempfile
+import threading
+import types
+
+import numba
+from numba.core import caching
+
+_ALLOWED_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
+_DEFAULT_FASTMATH = "reassoc,contract,arcp"
+
+
+def _fastmath_flags():
+    raw = os.environ.get("FASTBN_FASTMATH", _DEFAULT_FASTMATH)
+    flags = {f.strip() for f in raw.split(",") if f.strip()}
+    bad = flags - _ALLOWED_FASTMATH
+    if bad:
+        raise ValueError(
+            f"FASTBN_FASTMATH: flags {sorted(bad)} are not allowed "
+            f"(allowed: {sorted(_ALLOWED_FASTMATH)}; nnan/ninf would break NaN propagation)")
+    return frozenset(flags)
+
+
+FASTMATH = _fastmath_flags()
+CACHE = os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")
+FLAG_KEY = hashlib.sha1(",".join(sorted(FASTMATH)).encode()).hexdigest()[:8]
+
+_KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _writable(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cache_dir():
+    """The directory fastbn's compiled kernels are cached in, or None.
+
+    First writable of: ``$FASTBN_CACHE_DIR``, ``$NUMBA_CACHE_DIR/fastbn``, the
+    package's ``__pycache__``, ``$XDG_CACHE_HOME/fastbn`` (``~/.cache``), and a
+    per-user directory under the system temp dir.  A read-only install with an
+    unwritable HOME thus still caches (in /tmp) instead of failing at import.
+    """
+    candidates = []
+    if os.environ.get("FASTBN_CACHE_DIR"):
+        candidates.append(os.environ["FASTBN_CACHE_DIR"])
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        candidates.append(os.path.join(os.environ["NUMBA_CACHE_DIR"], "fastbn"))
+    candidates.append(os.path.join(_KERNEL_DIR, "__pycache__"))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    candidates.append(os.path.join(xdg, "fastbn"))
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    candidates.append(os.path.join(tempfile.gettempdir(), f"fastbn-cache-{uid}"))
+    for path in candidates:
+        if _writable(path):
+            return path
+    return None
+
+
+class _FastbnCacheLocator(caching._SourceFileBackedLocatorMixin, caching._CacheLocator):
+    """Numba cache locator for fastbn's kernel files only: puts them in cache_dir()."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._cache_path = os.path.join(cache_dir(), self.get_suitable_cache_subpath(py_file))
+
+    def get_cache_path(self):
+        return self._cache_path
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.dirname(os.path.abspath(py_file)) != _KERNEL_DIR or cache_dir() is None:
+            return None
+        return super().from_function(py_func, py_file)
+
+
+if _FastbnCacheLocator not in caching.CacheImpl._locator_classes:
+    # Ours first, but it only answers for files in this directory.
+    caching.CacheImpl._locator_classes.insert(0, _FastbnCacheLocator)
+
+
+def _renamed(func, suffix):
+    """A copy of ``func`` under a new name, so each variant caches separately."""
+    clone = types.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix,
+                               func.__defaults__, func.__closure__)
+    clone.__qualname__ = func.__qualname__ + suffix
+    clone.__module__ = func.__module__
+    clone.__doc__ = func.__doc__
+    return clone
+
+
+def _compile(func, parallel):
+    suffix = f"__{'par' if parallel else 'ser'}_{FLAG_KEY}"
+    py = _renamed(func, suffix)
+    options = dict(nogil=True, fastmath=set(FASTMATH), parallel=parallel, error_model="numpy",
+                   boundscheck=False)
+    if CACHE and cache_dir() is not None:
+        try:
+            return numba.njit(cache=True, **options)(py)
+        except RuntimeError:  # no cache locator usable: compile without caching
+            pass
+    return numba.njit(cache=False, **options)(py)
+
+
+def helper(func):
+    """An inlined serial helper called from kernels (same fast-math flags)."""
+    return _compile(func, parallel=False)
+
+
+class Kernel:
+    """A kernel compiled twice from one Python function: ``.serial`` and ``.parallel``.
+
+    ``prange`` loops run in parallel only in ``.parallel``.  Small inputs go to
+    ``.serial`` (no thread hand-off); see :func:`run`.
+    """
+
+    def __init__(self, func):
+        self.__name__ = func.__name__
+        self.__doc__ = func.__doc__
+        self.serial = _compile(func, parallel=False)
+        self.parallel = _compile(func, parallel=True)
+
+
+def kernel(func):
+    """Decorator: compile ``func`` as a serial and a parallel Numba kernel."""
+    return Kernel(func)
+
+
+# -- threading ---------------------------------------------------------------
+# The workqueue threading layer aborts the process when two threads enter a
+# parallel region at once.  Prefer a thread-safe layer unless the user chose
+# one; if workqueue is what we get anyway, serialise parallel calls with a lock.
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    numba.config.THREADING_LAYER = "threadsafe"
+
+_workqueue_lock = threading.Lock()
+_layer_checked = None
+
+
+def _threading_layer():
+    global _layer_checked
+    if _layer_checked is None:
+        try:
+            _layer_checked = numba.threading_layer()
+        except ValueError:  # no parallel region has run yet
+            return None
+    return _layer_checked
+
+
+def run(kern, parallel, *args):
+    """Call ``kern.parallel(*args)`` if ``parallel`` else ``kern.serial(*args)``.
+
+    Parallel calls are serialised under the workqueue layer.  If no thread-safe
+    layer loads at all (no OpenMP, no TBB), fall back to Numba's default choice.
+    """
+    if not parallel:
+        return kern.serial(*args)
+    layer = _threading_layer()
+    if layer is not None and layer != "workqueue":
+        return kern.parallel(*args)
+    with _workqueue_lock:
+        try:
+            return kern.parallel(*args)
+        except ValueError as exc:
+            if "threading layer" not in str(exc) or numba.config.THREADING_LAYER == "default":
+                raise
+            numba.config.THREADING_LAYER = "default"
+            return kern.parallel(*args)
+
+
+def num_threads():
+    return numba.get_num_threads()

@@ -1,0 +1,284 @@
+"""Parallel Numba CPU backend ("numba").
+
+The canonical view ``(outer, C, inner)`` comes in two shapes that need their
+own loop nests to vectorise:
+
+* channels-first (``inner > 1``, NCHW): work units are ``(o, c, chunk of
+  inner)`` runs of contiguous values; the innermost loop walks ``inner``.
+* channels-last (``inner == 1``, NHWC and (N, C)): work units are blocks of
+  rows of the ``(outer, C)`` matrix; the innermost loop walks ``C``.
+
+Both split the data into many units rather than one per channel, so C = 1 or
+C = 3 still keeps every core busy.  Statistics are two-pass per chunk in
+float64 (the second pass reads the chunk from L1/L2) and the chunks' partial
+``(count, mean, m2)`` are merged with Chan's formula: exact where E[x^2] -
+E[x]^2 would cancel, and no shared accumulator is ever written by two threads.
+Elementwise passes evaluate in float64 and round once to the output dtype.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import helper, kernel, run
+
+NAME = "numba"
+FAMILIES = ("numpy",)
+
+#: Values per channels-first chunk: 16 KiB of float32, so the chunk's second
+#: statistics pass hits L1.
+CHUNK = 4096
+#: Target values per channels-last tile (rows x C); 64 KiB of float32 stays in L2.
+TILE = 16384
+#: Inputs smaller than this many values run the serial kernels: a parallel
+#: region's thread hand-off costs more than the work.
+SERIAL_BELOW = 1 << 16
+
+
+@helper
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two partial (count, mean, m2) summaries (counts as float64)."""
+    n = n_a + n_b
+    if n_b == 0.0:
+        return n_a, mean_a, m2_a
+    if n_a == 0.0:
+        return n_b, mean_b, m2_b
+    delta = mean_b - mean_a
+    frac = n_b / n
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+
+
+# -- moments ------------------------------------------------------------------
+
+@kernel
+def _moments_cf(x, chunk, pmean, pm2):
+    """x (O, C, I): two-pass moments of each chunk -> pmean/pm2[c, o*nk + k]."""
+    O, C, I = x.shape
+    nk = (I + chunk - 1) // chunk
+    for t in prange(O * C * nk):
+        k = t % nk
+        oc = t // nk
+        c = oc % C
+        o = oc // C
+        i0 = k * chunk
+        i1 = min(i0 + chunk, I)
+        s = 0.0
+        for i in range(i0, i1):
+            s += np.float64(x[o, c, i])
+        mu = s / (i1 - i0)
+        q = 0.0
+        for i in range(i0, i1):
+            d = np.float64(x[o, c, i]) - mu
+            q += d * d
+        pmean[c, o * nk + k] = mu
+        pm2[c, o * nk + k] = q
+
+
+@kernel
+def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
+    """x (R, C): unit u merges row tiles [u*tpu, (u+1)*tpu) -> pmean/pm2[u, :].
+
+    scratch (U, 2, C) holds each unit's current tile mean and m2.
+    """
+    R, C = x.shape
+    U = pmean.shape[0]
+    ntiles = (R + rows - 1) // rows
+    for u in prange(U):
+        tm = scratch[u, 0]
+        tq = scratch[u, 1]
+        for c in range(C):
+            pmean[u, c] = 0.0
+            pm2[u, c] = 0.0
+        n_acc = 0.0
+        for t in range(u * tpu, min((u + 1) * tpu, ntiles)):
+            r0 = t * rows
+            r1 = min(r0 + rows, R)
+            nb = np.float64(r1 - r0)
+            for c in range(C):
+                tm[c] = 0.0
+                tq[c] = 0.0
+            for r in range(r0, r1):
+                for c in range(C):
+                    tm[c] += np.float64(x[r, c])
+            for c in range(C):
+                tm[c] /= nb
+            for r in range(r0, r1):
+                for c in range(C):
+                    d = np.float64(x[r, c]) - tm[c]
+                    tq[c] += d * d
+            n = n_acc + nb
+            frac = nb / n
+            for c in range(C):
+                delta = tm[c] - pmean[u, c]
+                pmean[u, c] += delta * frac
+                pm2[u, c] += tq[c] + delta * delta * n_acc * frac
+            n_acc = n
+
+
+@kernel
+def _merge_partials(pmean, pm2, counts, mean, m2):
+    """Chan-merge partials pmean/pm2 (C, U) with counts (U,) -> mean, m2 (C,)."""
+    C, U = pmean.shape
+    for c in prange(C):
+        n = 0.0
+        mu = 0.0
+        q = 0.0
+        for u in range(U):
+            n, mu, q = _chan_merge(n, mu, q, counts[u], pmean[c, u], pm2[c, u])
+        mean[c] = mu
+        m2[c] = q
+
+
+def _cf_units(shape3):
+    O, C, I = shape3
+    nk = (I + CHUNK - 1) // CHUNK
+    counts = np.full(nk, float(CHUNK))
+    counts[-1] = I - (nk - 1) * CHUNK
+    return nk, np.tile(counts, O)
+
+
+def _cl_units(R, C, parallel):
+    """(rows per tile, tiles per unit, number of units) for an (R, C) matrix."""
+    rows = max(1, min(R, max(16, TILE // max(C, 1))))
+    ntiles = (R + rows - 1) // rows
+    units = min(ntiles, 64) if parallel else 1
+    tpu = (ntiles + units - 1) // units
+    return rows, tpu, (ntiles + tpu - 1) // tpu
+
+
+def _upcast(a):
+    """Numba has no CPU float16 arithmetic: float16 runs through a float32 copy."""
+    return a.astype(np.float32) if a is not None and a.dtype == np.float16 else a
+
+
+def moments3(x3):
+    """(outer, C, inner) -> per-channel (mean, m2), float64."""
+    x3 = _upcast(x3)
+    O, C, I = x3.shape
+    par = x3.size >= SERIAL_BELOW
+    if I > 1:
+        nk, counts = _cf_units(x3.shape)
+        pmean = np.empty((C, O * nk))
+        pm2 = np.empty((C, O * nk))
+        run(_moments_cf, par, x3, CHUNK, pmean, pm2)
+    else:
+        x2 = x3[:, :, 0]
+        rows, tpu, units = _cl_units(O, C, par)
+        pmean = np.empty((units, C))
+        pm2 = np.empty((units, C))
+        run(_moments_cl, par, x2, rows, tpu, pmean, pm2, np.empty((units, 2, C)))
+        starts = np.arange(units) * tpu * rows
+        counts = (np.minimum(starts + tpu * rows, O) - starts).astype(np.float64)
+        pmean, pm2 = pmean.T, pm2.T
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    run(_merge_partials, par and C > 1, pmean, pm2, counts, mean, m2)
+    return mean, m2
+
+
+# -- elementwise: out = q*(x - m) + r (+ p*u) ---------------------------------
+
+@kernel
+def _affine_cf(x, m, q, r, out, u, p, chunk):
+    O, C, I = x.shape
+    nk = (I + chunk - 1) // chunk
+    for t in prange(O * C * nk):
+        k = t % nk
+        oc = t // nk
+        c = oc % C
+        o = oc // C
+        i0 = k * chunk
+        i1 = min(i0 + chunk, I)
+        mc = m[c]
+        qc = q[c]
+        rc = r[c]
+        if u is None:
+            for i in range(i0, i1):
+                out[o, c, i] = qc * (np.float64(x[o, c, i]) - mc) + rc
+        else:
+            pc = p[c]
+            for i in range(i0, i1):
+                out[o, c, i] = qc * (np.float64(x[o, c, i]) - mc) + rc + pc * np.float64(u[o, c, i])
+
+
+@kernel
+def _affine_cl(x, m, q, r, out, u, p):
+    R, C = x.shape
+    for row in prange(R):
+        if u is None:
+            for c in range(C):
+                out[row, c] = q[c] * (np.float64(x[row, c]) - m[c]) + r[c]
+        else:
+            for c in range(C):
+                out[row, c] = q[c] * (np.float64(x[row, c]) - m[c]) + r[c] + p[c] * np.float64(u[row, c])
+
+
+def affine3(x3, m, q, r, out3, u3=None, p=None):
+    """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64; out3 may be x3."""
+    dst = out3.astype(np.float32) if out3.dtype == np.float16 else out3
+    x3, u3 = _upcast(x3), _upcast(u3)
+    par = x3.size >= SERIAL_BELOW
+    if x3.shape[2] > 1:
+        run(_affine_cf, par, x3, m, q, r, dst, u3, p, CHUNK)
+    else:
+        run(_affine_cl, par, x3[:, :, 0], m, q, r, dst[:, :, 0],
+            None if u3 is None else u3[:, :, 0], p)
+    if dst is not out3:
+        out3[...] = dst
+    return out3
+
+
+# -- backward sums: sum(dy), sum(dy*(x - m)) ----------------------------------
+
+@kernel
+def _dy_sums_cf(dy, x, m, chunk, p1, p2):
+    O, C, I = x.shape
+    nk = (I + chunk - 1) // chunk
+    for t in prange(O * C * nk):
+        k = t % nk
+        oc = t // nk
+        c = oc % C
+        o = oc // C
+        i0 = k * chunk
+        i1 = min(i0 + chunk, I)
+        mc = m[c]
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(i0, i1):
+            g = np.float64(dy[o, c, i])
+            s1 += g
+            s2 += g * (np.float64(x[o, c, i]) - mc)
+        p1[c, o * nk + k] = s1
+        p2[c, o * nk + k] = s2
+
+
+@kernel
+def _dy_sums_cl(dy, x, m, tpu, rows, p1, p2):
+    R, C = x.shape
+    U = p1.shape[0]
+    for u in prange(U):
+        for c in range(C):
+            p1[u, c] = 0.0
+            p2[u, c] = 0.0
+        for row in range(u * tpu * rows, min((u + 1) * tpu * rows, R)):
+            for c in range(C):
+                g = np.float64(dy[row, c])
+                p1[u, c] += g
+                p2[u, c] += g * (np.float64(x[row, c]) - m[c])
+
+
+def dy_sums3(dy3, x3, m):
+    """Per-channel (sum(dy), sum(dy*(x - m))), float64."""
+    dy3, x3 = _upcast(dy3), _upcast(x3)
+    O, C, I = x3.shape
+    par = x3.size >= SERIAL_BELOW
+    if I > 1:
+        nk, _ = _cf_units(x3.shape)
+        p1 = np.empty((C, O * nk))
+        p2 = np.empty((C, O * nk))
+        run(_dy_sums_cf, par, dy3, x3, m, CHUNK, p1, p2)
+        return p1.sum(axis=1), p2.sum(axis=1)
+    rows, tpu, units = _cl_units(O, C, par)
+    p1 = np.empty((units, C))
+    p2 = np.empty((units, C))
+    run(_dy_sums_cl, par, dy3[:, :, 0], x3[:, :, 0], m, tpu, rows, p1, p2)
+    return p1.sum(axis=0), p2.sum(axis=0)

@@ -61,13 +61,14 @@ def _moments_cf(x, chunk, pmean, pm2):
         o = oc // C
         i0 = k * chunk
         i1 = min(i0 + chunk, I)
+        xs = x[o, c, i0:i1]  # 1-D runs vectorise; 3-D indexing here did not (4x slower)
         s = 0.0
-        for i in range(i0, i1):
-            s += np.float64(x[o, c, i])
-        mu = s / (i1 - i0)
+        for i in range(xs.size):
+            s += np.float64(xs[i])
+        mu = s / xs.size
         q = 0.0
-        for i in range(i0, i1):
-            d = np.float64(x[o, c, i]) - mu
+        for i in range(xs.size):
+            d = np.float64(xs[i]) - mu
             q += d * d
         pmean[c, o * nk + k] = mu
         pm2[c, o * nk + k] = q
@@ -97,20 +98,24 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
                 tm[c] = 0.0
                 tq[c] = 0.0
             for r in range(r0, r1):
+                xr = x[r]
                 for c in range(C):
-                    tm[c] += np.float64(x[r, c])
+                    tm[c] += np.float64(xr[c])
             for c in range(C):
                 tm[c] /= nb
             for r in range(r0, r1):
+                xr = x[r]
                 for c in range(C):
-                    d = np.float64(x[r, c]) - tm[c]
+                    d = np.float64(xr[c]) - tm[c]
                     tq[c] += d * d
             n = n_acc + nb
             frac = nb / n
+            um = pmean[u]
+            uq = pm2[u]
             for c in range(C):
-                delta = tm[c] - pmean[u, c]
-                pmean[u, c] += delta * frac
-                pm2[u, c] += tq[c] + delta * delta * n_acc * frac
+                delta = tm[c] - um[c]
+                um[c] += delta * frac
+                uq[c] += tq[c] + delta * delta * n_acc * frac
             n_acc = n
 
 
@@ -191,25 +196,31 @@ def _affine_cf(x, m, q, r, out, u, p, chunk):
         mc = m[c]
         qc = q[c]
         rc = r[c]
+        xs = x[o, c, i0:i1]
+        ys = out[o, c, i0:i1]
         if u is None:
-            for i in range(i0, i1):
-                out[o, c, i] = qc * (np.float64(x[o, c, i]) - mc) + rc
+            for i in range(xs.size):
+                ys[i] = qc * (np.float64(xs[i]) - mc) + rc
         else:
             pc = p[c]
-            for i in range(i0, i1):
-                out[o, c, i] = qc * (np.float64(x[o, c, i]) - mc) + rc + pc * np.float64(u[o, c, i])
+            us = u[o, c, i0:i1]
+            for i in range(xs.size):
+                ys[i] = qc * (np.float64(xs[i]) - mc) + rc + pc * np.float64(us[i])
 
 
 @kernel
 def _affine_cl(x, m, q, r, out, u, p):
     R, C = x.shape
     for row in prange(R):
+        xr = x[row]
+        yr = out[row]
         if u is None:
             for c in range(C):
-                out[row, c] = q[c] * (np.float64(x[row, c]) - m[c]) + r[c]
+                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
         else:
+            ur = u[row]
             for c in range(C):
-                out[row, c] = q[c] * (np.float64(x[row, c]) - m[c]) + r[c] + p[c] * np.float64(u[row, c])
+                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c] + p[c] * np.float64(ur[c])
 
 
 def affine3(x3, m, q, r, out3, u3=None, p=None):
@@ -241,12 +252,14 @@ def _dy_sums_cf(dy, x, m, chunk, p1, p2):
         i0 = k * chunk
         i1 = min(i0 + chunk, I)
         mc = m[c]
+        gs = dy[o, c, i0:i1]
+        xs = x[o, c, i0:i1]
         s1 = 0.0
         s2 = 0.0
-        for i in range(i0, i1):
-            g = np.float64(dy[o, c, i])
+        for i in range(xs.size):
+            g = np.float64(gs[i])
             s1 += g
-            s2 += g * (np.float64(x[o, c, i]) - mc)
+            s2 += g * (np.float64(xs[i]) - mc)
         p1[c, o * nk + k] = s1
         p2[c, o * nk + k] = s2
 
@@ -259,11 +272,15 @@ def _dy_sums_cl(dy, x, m, tpu, rows, p1, p2):
         for c in range(C):
             p1[u, c] = 0.0
             p2[u, c] = 0.0
+        s1 = p1[u]
+        s2 = p2[u]
         for row in range(u * tpu * rows, min((u + 1) * tpu * rows, R)):
+            gr = dy[row]
+            xr = x[row]
             for c in range(C):
-                g = np.float64(dy[row, c])
-                p1[u, c] += g
-                p2[u, c] += g * (np.float64(x[row, c]) - m[c])
+                g = np.float64(gr[c])
+                s1[c] += g
+                s2[c] += g * (np.float64(xr[c]) - m[c])
 
 
 def dy_sums3(dy3, x3, m):

@@ -1,2 +1,287 @@
-class BatchNorm:  # placeholder until layer lands
-    pass
+"""``BatchNorm``: a stateful batch-norm layer for NumPy / CuPy networks.
+
+PyTorch's ``BatchNorm{1,2,3}d`` semantics (train/eval, running statistics with
+momentum and unbiased running variance, ``num_batches_tracked``,
+``momentum=None`` for a cumulative average), Keras's channel-axis freedom
+(``channel_axis=1`` for NCHW/NCL, ``-1`` for NHWC and for ``(N, features)``),
+and an explicit ``backward`` for hand-written NumPy training loops.
+
+Parameter names follow TensorFlow's ``tf.nn.batch_normalization``: ``scale``
+(PyTorch's ``weight``, Keras's ``gamma``) and ``offset`` (``bias``, ``beta``).
+"""
+
+import numbers
+
+import numpy as np
+
+from . import checks
+from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .dispatch import family_of
+
+# Per-channel arrays of the layer, in state_dict order.
+_VECTORS = ("scale", "offset", "running_mean", "running_var")
+
+
+class BatchNorm:
+    """Batch normalization over every axis of ``x`` except ``channel_axis``.
+
+    ``BatchNorm(C)(x)`` for ``x`` of shape ``(N, C, ...)``; with
+    ``channel_axis=-1`` for ``(N, ..., C)``.  In training mode (the default,
+    ``train()``) it normalises with the batch's statistics and updates
+    ``running_mean``/``running_var`` in place: ``r = (1 - momentum) * r +
+    momentum * batch`` (unbiased variance; ``momentum=None`` averages all
+    batches seen so far).  In eval mode (``eval()``) it uses the running
+    statistics, or the batch's if ``track_running_stats=False``.
+
+    ``backward(dy)`` returns ``dx`` for the last forward call and sets
+    ``dscale``/``doffset`` (None when ``affine=False``).  The forward keeps a
+    reference to its input until the next forward: do not modify ``x`` in
+    place before calling ``backward``.
+
+    ``dtype`` is the data dtype the layer is built for; its per-channel
+    arrays are float32 for float16 (API.md), otherwise ``dtype``.  Input of
+    any dtype with the same per-channel dtype is taken (a float32 layer takes
+    float16 and float32 input).  Parameters live in host memory and move to
+    the GPU as CuPy arrays on the first call with a CUDA input (CuPy, a
+    Numba device array, a PyTorch CUDA tensor); that needs CuPy installed.
+    """
+
+    def __init__(self, num_features, *, channel_axis=1, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an int (the number of channels), got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, numbers.Integral):
+            raise TypeError(f"channel_axis must be an int, got {channel_axis!r}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype!r}") from exc
+        if dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.channel_axis = int(channel_axis)
+        self.eps = checks.scalar(eps, "eps", low=0.0)
+        self.momentum = None if momentum is None else checks.scalar(momentum, "momentum", low=0.0, high=1.0)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.param_dtype = checks.param_dtype(dtype)
+        self.training = True
+
+        C, pdt = self.num_features, self.param_dtype
+        self.scale = np.ones(C, pdt) if self.affine else None
+        self.offset = np.zeros(C, pdt) if self.affine else None
+        self.running_mean = np.zeros(C, pdt) if self.track_running_stats else None
+        self.running_var = np.ones(C, pdt) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+        self.dscale = None
+        self.doffset = None
+        self._family = "numpy"   # where the per-channel arrays live: "numpy" or "cuda"
+        self._saved = None       # what backward needs from the last forward
+
+    # -- mode ------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (batch statistics, running statistics updated). Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (running statistics). Returns self."""
+        return self.train(False)
+
+    # -- forward ---------------------------------------------------------------
+
+    def __call__(self, x):
+        """Normalise ``x`` (any shape with ``num_features`` channels on ``channel_axis``).
+
+        Returns ``y`` shaped like ``x``, in ``x``'s dtype.
+        """
+        x, fam = self._check_input(x)
+        self._follow(fam)
+        if self.training or not self.track_running_stats:
+            return self._forward_batch_stats(x)
+        return self._forward_running_stats(x)
+
+    def _forward_batch_stats(self, x):
+        update = self.training and self.track_running_stats
+        if update and self.momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)   # cumulative average, as PyTorch
+        else:
+            momentum = self.momentum if update else 0.0
+        y, mean, invstd = batch_norm_train(
+            x, self.scale, self.offset, channel_axis=self.channel_axis, eps=self.eps,
+            running_mean=self.running_mean if update else None,
+            running_var=self.running_var if update else None, momentum=momentum)
+        if update:  # only once the call has succeeded
+            self.num_batches_tracked += 1
+        self._saved = ("batch", x, self._scale_copy(), mean, invstd)
+        return y
+
+    def _forward_running_stats(self, x):
+        y = batch_norm_infer(x, self.scale, self.offset, self.running_mean, self.running_var,
+                             channel_axis=self.channel_axis, eps=self.eps)
+        # Copies: an SGD update or load_state_dict before backward must not change
+        # what backward differentiates (the map of this forward call).
+        self._saved = ("running", x, self._scale_copy(), self.running_mean.copy(),
+                       self.running_var.copy())
+        return y
+
+    def _scale_copy(self):
+        return None if self.scale is None else self.scale.copy()
+
+    # -- backward --------------------------------------------------------------
+
+    def backward(self, dy):
+        """Gradient of a loss through the last forward call.
+
+        ``dy``: dLoss/dy, shaped and typed like the last input.  Returns
+        ``dx`` and sets ``dscale`` = dLoss/dscale and ``doffset`` =
+        dLoss/doffset (per-channel dtype; None when ``affine=False``).
+
+        After a training-mode forward this is the batch-statistics gradient
+        (``batch_norm_backward``).  After an eval-mode forward the layer was
+        the fixed affine map ``y = (x - running_mean) * scale * invstd + offset``
+        with ``invstd = 1/sqrt(running_var + eps)``, so ``dx = dy * scale * invstd``.
+        """
+        if self._saved is None:
+            raise RuntimeError("BatchNorm.backward called before a forward pass")
+        kind, x, scale, a, b = self._saved
+        dy, _ = checks.data_array(dy, "dy", family_of(x))
+        if tuple(dy.shape) != tuple(x.shape):
+            raise ValueError(f"dy must have the last input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy must have the last input's dtype {x.dtype}, got {dy.dtype}")
+        if kind == "batch":
+            dx, dscale, doffset = batch_norm_backward(dy, x, scale, a, b,
+                                                      channel_axis=self.channel_axis)
+        else:
+            dx, dscale, doffset = self._backward_running_stats(dy, x, scale, a, b)
+        self.dscale, self.doffset = (dscale, doffset) if self.affine else (None, None)
+        return dx
+
+    def _backward_running_stats(self, dy, x, scale, running_mean, running_var):
+        """Eval-mode gradients: dx = dy*scale*invstd; dscale, doffset as in training
+        but with the running statistics in place of the batch's."""
+        dx = None
+        dscale = doffset = None
+        if self.affine:
+            # batch_norm_backward's per-channel sums are exactly the parameter gradients
+            # here: doffset = sum(dy), dscale = sum(dy * (x - mean) * invstd).  Its dx
+            # (for batch statistics) is not this one; its buffer is reused below.
+            invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + self.eps)
+            dx, dscale, doffset = batch_norm_backward(dy, x, None, running_mean, invstd,
+                                                      channel_axis=self.channel_axis)
+        # dx = (dy - 0) * scale / sqrt(running_var + eps) + 0: the inference map's linear part.
+        # np.zeros_like follows the array's family (NEP 18), so this also serves CuPy.
+        dx = batch_norm_infer(dy, scale, None, np.zeros_like(running_var), running_var,
+                              channel_axis=self.channel_axis, eps=self.eps, out=dx)
+        return dx, dscale, doffset
+
+    # -- state -------------------------------------------------------------------
+
+    def state_dict(self):
+        """Copies of the layer's state: ``scale``, ``offset`` (if affine),
+        ``running_mean``, ``running_var``, ``num_batches_tracked`` (if tracking)."""
+        d = {name: getattr(self, name).copy() for name in self._state_vectors()}
+        if self.track_running_stats:
+            d["num_batches_tracked"] = int(self.num_batches_tracked)
+        return d
+
+    def load_state_dict(self, state):
+        """Copy ``state`` (as ``state_dict`` returns it) into the layer.
+
+        Keys must be exactly those of ``state_dict()``; vectors must be float
+        arrays of shape ``(num_features,)`` (cast to the per-channel dtype).
+        Everything is checked before anything is written.
+        """
+        expected = set(self._state_vectors())
+        if self.track_running_stats:
+            expected.add("num_batches_tracked")
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"load_state_dict: state does not match {self!r}: "
+                             f"missing keys {missing}, unexpected keys {unexpected}")
+        new = {}
+        for name in self._state_vectors():
+            v = state[name]
+            if family_of(v) == "cuda" and hasattr(v, "get"):
+                v = v.get()   # CuPy -> host; moved back below if the layer lives on the GPU
+            v = np.asarray(v)
+            if v.dtype.kind != "f":
+                raise TypeError(f"load_state_dict: {name} must be a float array, got dtype {v.dtype}")
+            if v.shape != (self.num_features,):
+                raise ValueError(f"load_state_dict: {name} must have shape ({self.num_features},), "
+                                 f"got {v.shape}")
+            new[name] = _to_family(np.array(v, dtype=self.param_dtype), self._family)
+        if self.track_running_stats:
+            nbt = state["num_batches_tracked"]
+            nbt = nbt.item() if hasattr(nbt, "item") and getattr(nbt, "size", 1) == 1 else nbt
+            if isinstance(nbt, (bool, np.bool_)) or not isinstance(nbt, numbers.Integral):
+                raise TypeError(f"load_state_dict: num_batches_tracked must be an int, got {nbt!r}")
+            if nbt < 0:
+                raise ValueError(f"load_state_dict: num_batches_tracked must be >= 0, got {nbt}")
+            new["num_batches_tracked"] = int(nbt)
+        for name, v in new.items():
+            setattr(self, name, v)
+
+    def _state_vectors(self):
+        return [name for name in _VECTORS if getattr(self, name) is not None]
+
+    # -- input checks and device placement ----------------------------------------
+
+    def _check_input(self, x):
+        fam = family_of(x)
+        if fam == "dask":
+            raise TypeError("BatchNorm takes NumPy or CUDA (CuPy) arrays, got a dask array; "
+                            "use fastbn.batch_norm_train / batch_norm_infer on dask arrays")
+        if fam == "cuda":
+            _cupy()   # fail before anything else if the parameters could not follow x
+        x, fam = checks.data_array(x, "x")
+        if checks.param_dtype(x.dtype) != self.param_dtype:
+            ok = [d.name for d in checks.FLOAT_DTYPES if checks.param_dtype(d) == self.param_dtype]
+            raise TypeError(f"x has dtype {x.dtype}, but {self!r} has {self.param_dtype} parameters "
+                            f"and takes {' or '.join(ok)} input; cast x or build the layer "
+                            f"with dtype=numpy.{x.dtype}")
+        ax = checks.channel_axis(self.channel_axis, x.ndim)
+        if x.shape[ax] != self.num_features:
+            raise ValueError(f"x of shape {tuple(x.shape)} has {x.shape[ax]} channels on axis "
+                             f"{self.channel_axis} (channel_axis), but the layer was built for "
+                             f"num_features={self.num_features}")
+        return x, fam
+
+    def _follow(self, family):
+        """Move the per-channel arrays to ``family`` ("cuda") on first use there."""
+        if family == self._family:
+            return
+        if family != "cuda":
+            raise TypeError(f"x is a {family} array, but this layer's parameters are on the GPU "
+                            "(it was called with CUDA input before); pass GPU arrays, or load a "
+                            "host state_dict into a new layer")
+        moved = {name: _to_family(getattr(self, name), "cuda") for name in self._state_vectors()}
+        for name, v in moved.items():
+            setattr(self, name, v)
+        self._family = "cuda"
+
+    def __repr__(self):
+        momentum = "None" if self.momentum is None else f"{self.momentum:g}"
+        return (f"BatchNorm({self.num_features}, channel_axis={self.channel_axis}, eps={self.eps:g}, "
+                f"momentum={momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
+
+
+def _cupy():
+    """The cupy module, imported only once a layer meets CUDA input; TypeError without it."""
+    from . import device
+    cp = device.cupy()
+    if cp is None:
+        raise TypeError("BatchNorm got a CUDA array: its parameters follow the input to the GPU "
+                        "as CuPy arrays, and CuPy is not installed (or not usable here)")
+    return cp
+
+
+def _to_family(v, family):
+    """The host array ``v`` itself (family "numpy") or as a CuPy array ("cuda")."""
+    return v if family == "numpy" else _cupy().asarray(v)

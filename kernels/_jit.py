@@ -159,6 +159,14 @@ def kernel(func):
 if not os.environ.get("NUMBA_THREADING_LAYER"):
     numba.config.THREADING_LAYER = "threadsafe"
 
+# GNU OpenMP's idle workers spin for ~300k iterations after each parallel
+# region.  Between fastbn calls that steals the cores from whatever runs next
+# (OpenBLAS matmuls in a training loop slowed 5-25x in the demo).  A short spin
+# keeps back-to-back kernel calls cheap and then yields.  Must be set before
+# libgomp loads; a user's own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
+
 _workqueue_lock = threading.Lock()
 _layer_checked = None
 

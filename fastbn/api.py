@@ -9,11 +9,16 @@ in float64, on length-C vectors.
 
 import numpy as np
 
-from . import checks, dispatch, layout
+from . import checks, device, dispatch, layout
 
 
 def _backend(family, backend):
     return dispatch.module(dispatch.choose(family, backend))
+
+
+def _dask(x, backend):
+    """The dask backend if ``x`` is a Dask array (it implements the public functions), else None."""
+    return dispatch.module(dispatch.choose("dask", backend)) if dispatch.family_of(x) == "dask" else None
 
 
 def _output(out, x, plan):
@@ -51,6 +56,8 @@ def _separate(y3, *inputs3):
 
 
 def _affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
+    if not isinstance(x, np.ndarray):  # device arrays (cuda family)
+        return device.affine(bk, x3, plan, x, out, m, q, r, u3, p)
     y, y3, finish = _output(out, x, plan)
     if out is not None and not _separate(y3, x3, u3):
         tmp = np.empty(plan.shape3, dtype=x.dtype)
@@ -78,6 +85,8 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     None (all), an int, or a tuple of ints.  TensorFlow's
     ``tf.nn.moments(x, axes)`` is ``moments(x, axes)``.
     """
+    if (dk := _dask(x, backend)) is not None:
+        return dk.moments(x, axis, keepdims=keepdims, ddof=ddof, backend=backend)
     x, fam = checks.data_array(x, "x")
     axes = layout.normalize_axes(axis, x.ndim)
     ddof = checks.scalar(ddof, "ddof")
@@ -94,6 +103,8 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         var = m2 / max(n - ddof, 0)
     shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keepdims else plan.kept_shape
+    if fam == "cuda":
+        return device.vec_out(mean, x, pdt, shape), device.vec_out(var, x, pdt, shape)
     return (np.asarray(mean, dtype=pdt).reshape(shape), np.asarray(var, dtype=pdt).reshape(shape))
 
 
@@ -104,9 +115,10 @@ def _param(v, name, x, family):
     if v is None:
         return None
     fam = dispatch.family_of(v)
-    if fam != family:
+    if fam != family and not (family == "cuda" and fam == "numpy" and np.ndim(v) == 0):
         raise TypeError(f"{name} is a {fam} array but x is a {family} array")
-    v = np.asarray(v)
+    # cuda: a working vector (CuPy, or host NumPy without CuPy); a host number is allowed
+    v = device.vec_in(v, None) if family == "cuda" else np.asarray(v)
     if v.dtype.kind not in "fiu" or v.dtype == np.bool_:
         raise TypeError(f"{name} must be a real float array or number, got dtype {v.dtype}")
     if v.ndim > x.ndim:
@@ -127,6 +139,9 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
     ``x.shape``; the axes on which any of them varies act as the channel
     axes of one fused pass (e.g. what ``moments(..., keepdims=True)`` gives).
     """
+    if (dk := _dask(x, backend)) is not None:
+        return dk.batch_normalization(x, mean, variance, offset, scale, variance_epsilon, out=out,
+                                      backend=backend)
     x, fam = checks.data_array(x, "x")
     params = {name: _param(v, name, x, fam) for name, v in
               (("mean", mean), ("variance", variance), ("offset", offset), ("scale", scale))}
@@ -142,7 +157,7 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
 
     def per_channel(v, default):
         if v is None:
-            return np.full(plan.shape3[1], default)
+            return (device.xp() if fam == "cuda" else np).full(plan.shape3[1], default)
         return np.broadcast_to(v[tuple(slice(None) if a in kept else 0 for a in range(x.ndim))],
                                plan.kept_shape).reshape(-1)
 
@@ -184,6 +199,10 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     statistics, if given, are updated in place with momentum (PyTorch
     convention, unbiased running variance).
     """
+    if (dk := _dask(x, backend)) is not None:
+        return dk.batch_norm_train(x, scale, offset, channel_axis=channel_axis, eps=eps,
+                                   running_mean=running_mean, running_var=running_var,
+                                   momentum=momentum, out=out, backend=backend)
     (x, fam, plan, pdt, scale, offset, eps, momentum, running_mean, running_var,
      out) = _train_args(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out)
     bk = _backend(fam, backend)
@@ -195,6 +214,9 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     r = np.zeros_like(mean) if offset is None else offset
     y = _affine(bk, x3, plan, x, out, mean, q, r)
     # Statistics last: a failure above leaves running stats untouched.
+    if fam == "cuda":
+        device.update_running(((running_mean, mean), (running_var, m2 / (n - 1))), momentum)
+        return y, device.vec_out(mean, x, pdt), device.vec_out(invstd, x, pdt)
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
     if running_var is not None:
@@ -208,6 +230,9 @@ def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, o
     ``y = (x - mean) * scale / sqrt(var + eps) + offset`` per channel;
     ``scale``/``offset`` may be None (ones / zeros).
     """
+    if (dk := _dask(x, backend)) is not None:
+        return dk.batch_norm_infer(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
+                                   out=out, backend=backend)
     x, fam = checks.data_array(x, "x")
     ax, plan = _channel_plan(x, channel_axis)
     C = x.shape[ax]
@@ -234,6 +259,9 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     xhat*dscale)`` with ``xhat = (x - mean)*invstd``; sums per channel over n
     values.  ``scale=None`` means ones.
     """
+    if (dk := _dask(x, backend)) is not None:
+        return dk.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
+                                      backend=backend)
     x, fam = checks.data_array(x, "x")
     dy, _ = checks.data_array(dy, "dy", fam)
     if tuple(dy.shape) != tuple(x.shape):
@@ -257,4 +285,6 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     b = -a * invstd * dscale / n
     c = -a * doffset / n
     dx = _affine(bk, x3, plan, x, out, mean, b, c, dy3, a)
+    if fam == "cuda":
+        return dx, device.vec_out(dscale, x, pdt), device.vec_out(doffset, x, pdt)
     return dx, dscale.astype(pdt), doffset.astype(pdt)

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from . import dispatch
+from . import device, dispatch
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -43,6 +43,8 @@ def data_array(x, name, family=None):
             x = np.asarray(x)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be an array of floats, got {_describe(x)}") from exc
+    elif fam == "cuda":  # e.g. a torch CUDA tensor -> a CuPy (or Numba) view
+        x = device.asarray(x)
     dt = getattr(x, "dtype", None)
     if dt is None or np.dtype(dt) not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {_describe(x)}")
@@ -89,13 +91,15 @@ def vector(v, name, length, family, *, optional=True):
             v = np.asarray(v)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a 1-D float array, got {_describe(v)}") from exc
+    elif fam == "cuda":
+        v = device.asarray(v)
     dt = getattr(v, "dtype", None)
     if dt is None or np.dtype(dt).kind != "f":
         raise TypeError(f"{name} must be a float array, got {_describe(v)}")
     if tuple(v.shape) != (length,):
         raise ValueError(f"{name} must have shape ({length},) (one value per channel), "
                          f"got shape {tuple(v.shape)}")
-    return v.astype(np.float64)
+    return device.vec_in(v) if fam == "cuda" else v.astype(np.float64)
 
 
 def running(v, name, length, family, dtype):
@@ -105,6 +109,8 @@ def running(v, name, length, family, dtype):
     fam = dispatch.family_of(v)
     if fam != family:
         raise TypeError(f"{name} is a {fam} array but x is a {family} array")
+    if fam == "cuda":
+        v = device.running_array(v, name)
     if not hasattr(v, "dtype") or not hasattr(v, "shape") or (fam == "numpy" and not isinstance(v, np.ndarray)):
         raise TypeError(f"{name} must be an array updated in place, got {_describe(v)}")
     if np.dtype(v.dtype) != dtype:
@@ -127,6 +133,8 @@ def out_array(out, x, family, name="out"):
     fam = dispatch.family_of(out)
     if fam != family or (fam == "numpy" and not isinstance(out, np.ndarray)):
         raise TypeError(f"{name} must be a {family} array like x, got {_describe(out)}")
+    if fam == "cuda":
+        out = device.asarray(out)
     if np.dtype(out.dtype) != np.dtype(x.dtype):
         raise TypeError(f"{name} must have dtype {x.dtype} (x's dtype), got {out.dtype}")
     if tuple(out.shape) != tuple(x.shape):

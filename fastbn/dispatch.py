@@ -77,7 +77,8 @@ def family_of(x):
     if "numba.cuda" in sys.modules:
         try:
             from numba import cuda
-            if cuda.is_cuda_array(x) or type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray"):
+            # Name first: the simulator's numba.cuda has no is_cuda_array.
+            if type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray") or cuda.is_cuda_array(x):
                 return "cuda"
         except Exception:  # noqa: BLE001
             pass
@@ -85,6 +86,8 @@ def family_of(x):
 
 
 def _check_name(name, what):
+    if not isinstance(name, str):  # a list would raise "unhashable type" below
+        raise TypeError(f"{what}: a backend name must be a string, got {name!r}")
     if name not in _MODULES:
         raise ValueError(f"{what}: unknown backend {name!r}; expected one of {sorted(_MODULES)}")
 

@@ -90,6 +90,9 @@ def view3(arr, plan):
 
 def as3(arr, plan):
     """The canonical 3-D array of ``arr``: a view if possible, else a C-order copy."""
+    if not isinstance(arr, np.ndarray):  # device arrays: a Numba view (fastbn.device)
+        from . import device
+        return device.as3(arr, plan)
     v = view3(arr, plan)
     if v is None:
         v = np.ascontiguousarray(arr.transpose(plan.perm)).reshape(plan.shape3)

@@ -1,0 +1,423 @@
+"""The numba.cuda backend under Numba's CUDA simulator (no GPU needed).
+
+Run in its own process; the simulator is chosen once, when numba.cuda is imported:
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_cuda_sim.py -q
+
+Without ``NUMBA_ENABLE_CUDASIM=1`` the simulator tests are skipped (the main
+test run), except the pure-Python layout tests at the end.  Launches are
+shrunk (``TPB`` = 8 threads per block, a few blocks per channel, the row
+mapping from ``inner >= 8``) so tiny arrays cover the multi-block paths, and
+the simulator runs every thread as a Python thread: keep arrays small.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import reference as ref
+import fastbn as fbn
+from fastbn import device, layout
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+if SIM:
+    try:
+        from numba import cuda as _cuda  # noqa: F401 - numba's built-in target or numba-cuda
+    except ImportError:
+        SIM = False
+sim = pytest.mark.skipif(not SIM, reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 "
+                                         "in their own pytest process (numba.cuda importable)")
+
+DTYPES = (np.float16, np.float32, np.float64)
+
+
+@pytest.fixture
+def K(monkeypatch):
+    """The cuda backend module with launches shrunk for the simulator."""
+    from fastbn.kernels import cuda_numba
+    monkeypatch.setattr(cuda_numba, "TPB", 8)
+    monkeypatch.setattr(cuda_numba, "TARGET_BLOCKS", 16)
+    monkeypatch.setattr(cuda_numba, "MIN_PER_THREAD", 1)
+    monkeypatch.setattr(cuda_numba, "ROWS_MIN_INNER", 8)
+    return cuda_numba
+
+
+@pytest.fixture
+def cuda():
+    from numba import cuda
+    return cuda
+
+
+def values(rng, shape, dtype, loc=0.5, sd=2.0, channel_axis=None):
+    v = loc + sd * rng.standard_normal(shape)
+    if channel_axis is not None:
+        c = channel_axis % len(shape)
+        v = v + np.arange(shape[c]).reshape([-1 if a == c else 1 for a in range(len(shape))])
+    return v.astype(dtype)
+
+
+def on_device(cuda, h, memory):
+    """``h``'s values as a (simulated) device array laid out as ``memory``."""
+    if memory == "C":
+        return cuda.to_device(np.ascontiguousarray(h))
+    if memory == "F":
+        return cuda.to_device(np.asfortranarray(h))
+    if memory == "sliced":  # gaps hold NaN: reading outside the view fails the test
+        big = list(h.shape)
+        big[-1] *= 2
+        index = (Ellipsis, slice(None, None, 2))
+        if h.ndim >= 2:
+            big[-2] += 2
+            index = (Ellipsis, slice(1, -1), slice(None, None, 2))
+        base = np.full(big, np.nan, dtype=h.dtype)
+        base[index] = h
+        return cuda.to_device(base)[index]
+    if memory == "negstride":
+        rev = (slice(None, None, -1),) * h.ndim
+        return cuda.to_device(np.ascontiguousarray(h[rev]))[rev]
+    if memory == "chlast":  # channels (axis 1) stored last, then transposed back
+        order = (0,) + tuple(range(2, h.ndim)) + (1,)
+        back = tuple(np.argsort(order))
+        return cuda.to_device(np.ascontiguousarray(h.transpose(order))).transpose(back)
+    raise ValueError(memory)
+
+
+def host(d):
+    assert device.is_numba(d), f"expected a Numba device array, got {type(d)}"
+    return d.copy_to_host()
+
+
+# -- the primitives -------------------------------------------------------------------
+
+# (outer, C, inner): rows mapping (inner >= 8), columns mapping with inner 1 and 3,
+# and a single row / single column.
+SHAPES3 = [(3, 4, 20), (2, 3, 9), (13, 5, 1), (7, 3, 3), (1, 2, 11), (9, 1, 1)]
+
+
+@sim
+@pytest.mark.parametrize("shape", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments3(K, cuda, rng, shape, dtype):
+    x = values(rng, shape, dtype, loc=3.0)
+    mean, m2 = K.moments3(cuda.to_device(x))
+    assert isinstance(mean, np.ndarray) and mean.dtype == np.float64 and mean.shape == (shape[1],)
+    rmean, rm2 = ref.moments(x.astype(np.float64), (0, 2))
+    n = shape[0] * shape[2]
+    ref.assert_close(mean, rmean, "mean", rtol=1e-12)
+    ref.assert_close(m2, rm2 * n, "m2", rtol=1e-12 if dtype != np.float16 else 1e-6)
+
+
+@sim
+@pytest.mark.parametrize("shape", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dy_sums3(K, cuda, rng, shape, dtype):
+    x = values(rng, shape, dtype)
+    dy = values(rng, shape, dtype, loc=-0.3)
+    m = rng.standard_normal(shape[1])
+    a, b = K.dy_sums3(cuda.to_device(dy), cuda.to_device(x), m)
+    dy64, xc = dy.astype(np.float64), x.astype(np.float64) - m[None, :, None]
+    tol = 1e-12 if dtype != np.float16 else 1e-5  # float32 accumulators for float16
+    ref.assert_close(a, dy64.sum(axis=(0, 2)), "sum dy", rtol=tol)
+    ref.assert_close(b, (dy64 * xc).sum(axis=(0, 2)), "sum dy*xc", rtol=tol)
+
+
+@sim
+@pytest.mark.parametrize("shape", SHAPES3)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_u", [False, True])
+def test_affine3(K, cuda, rng, shape, dtype, with_u):
+    x = values(rng, shape, dtype)
+    C = shape[1]
+    m, q, r, p = (rng.standard_normal(C) for _ in range(4))
+    u = values(rng, shape, dtype) if with_u else None
+    out = cuda.device_array(shape, dtype)
+    K.affine3(cuda.to_device(x), m, q, r, out, None if u is None else cuda.to_device(u),
+              p if with_u else None)
+    expect = q[None, :, None] * (x.astype(np.float64) - m[None, :, None]) + r[None, :, None]
+    if with_u:
+        expect += p[None, :, None] * u
+    got = host(out)
+    assert got.dtype == dtype
+    ref.assert_close(got, expect, "affine3")
+
+
+@sim
+def test_launches_cover_several_blocks(K):
+    """The shrunk launches really split channels over several blocks and columns."""
+    grid, chunk, nsplit = K._rows_config(3 * 20, 4, K._tpb())
+    assert nsplit > 1 and grid == (nsplit, 4)
+    grid, block, rows_per, nsplit = K._cols_config(5, 13, K._tpb())
+    assert nsplit > 1 and block == (5, 1)
+    grid, block, rows_per, nsplit = K._cols_config(3 * 3, 7, K._tpb())
+    assert grid[0] == 2 and block == (8, 1)
+
+
+@sim
+@pytest.mark.parametrize("shape", [(2, 5, 9), (11, 5, 1)])
+def test_more_channels_than_grid(K, cuda, rng, monkeypatch, shape):
+    """Channels beyond the grid's y/x limit are walked by a channel loop."""
+    monkeypatch.setattr(K, "_MAX_GRID_Y", 2)
+    x = values(rng, shape, np.float64)
+    mean, m2 = K.moments3(cuda.to_device(x))
+    rmean, rvar = ref.moments(x, (0, 2))
+    ref.assert_close(mean, rmean, "mean")
+    ref.assert_close(m2 / (shape[0] * shape[2]), rvar, "var")
+    dy = values(rng, shape, np.float64)
+    a, b = K.dy_sums3(cuda.to_device(dy), cuda.to_device(x), rmean)
+    ref.assert_close(a, dy.sum(axis=(0, 2)), "sum dy")
+
+
+@sim
+@pytest.mark.parametrize("shape", [(4, 3, 25), (40, 3, 1)])
+def test_float32_large_mean_accuracy(K, cuda, rng, shape):
+    """The issue's bar: float32 variance rel. error <= 1e-6 at offset 1e6."""
+    x = (1e6 + rng.standard_normal(shape)).astype(np.float32)
+    mean, m2 = K.moments3(cuda.to_device(x))
+    rmean, rvar = ref.moments(x.astype(np.float64), (0, 2))
+    var = m2 / (shape[0] * shape[2])
+    assert np.max(np.abs(var - rvar) / rvar) <= 1e-6
+    assert np.max(np.abs(mean - rmean) / rmean) <= 1e-12
+
+
+@sim
+def test_nan_propagates_to_its_channel_only(K, cuda, rng):
+    for shape in [(3, 4, 20), (13, 4, 1)]:
+        x = values(rng, shape, np.float32)
+        x[1, 2, 0] = np.nan
+        mean, m2 = K.moments3(cuda.to_device(x))
+        assert np.isnan(mean[2]) and np.isnan(m2[2])
+        assert np.isfinite(np.delete(mean, 2)).all() and np.isfinite(np.delete(m2, 2)).all()
+
+
+@sim
+def test_reductions_are_deterministic(K, cuda, rng):
+    x = cuda.to_device(values(rng, (3, 4, 20), np.float32, loc=100.0))
+    first = K.moments3(x)
+    for _ in range(2):
+        again = K.moments3(x)
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+@sim
+def test_copy_nd_and_flat_views(K, cuda, rng):
+    """The N-d strided copy behind non-viewable layouts, on flat views of strided arrays."""
+    h = values(rng, (3, 4, 5), np.float64)
+    src = on_device(cuda, h, "negstride")
+    dst_host = np.full((5, 3, 4), np.nan)
+    dst = cuda.to_device(dst_host)
+    device._copy_perm(src, (2, 0, 1), dst, (0, 1, 2), (5, 3, 4))
+    np.testing.assert_array_equal(host(dst), h.transpose(2, 0, 1))
+
+
+# -- the public API on device arrays -------------------------------------------------------------
+
+MEMORIES = ("C", "F", "sliced", "negstride", "chlast")
+
+
+@sim
+@pytest.mark.parametrize("memory", MEMORIES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_train(K, cuda, rng, memory, dtype):
+    shape = (3, 4, 2, 5)
+    h = values(rng, shape, dtype, channel_axis=1)
+    x = on_device(cuda, h, memory)
+    pdt = ref.param_dtype(dtype)
+    scale = values(rng, 4, pdt, loc=1.0, sd=0.5)
+    offset = values(rng, 4, pdt)
+    rm0, rv0 = values(rng, 4, pdt), np.abs(values(rng, 4, pdt)) + 0.5
+    rm, rv = cuda.to_device(rm0), cuda.to_device(rv0)
+    y, mean, invstd = fbn.batch_norm_train(x, cuda.to_device(scale), cuda.to_device(offset),
+                                           eps=1e-3, running_mean=rm, running_var=rv, momentum=0.2)
+    ey, emean, einv, erm, erv = ref.batch_norm_train(h, scale, offset, 1, 1e-3, rm0, rv0, 0.2)
+    y, mean, invstd = host(y), host(mean), host(invstd)
+    assert y.dtype == dtype and mean.dtype == pdt and invstd.dtype == pdt
+    ref.assert_close(y, ey, "y")
+    ref.assert_close(mean, emean, "mean")
+    ref.assert_close(invstd, einv, "invstd")
+    ref.assert_close(host(rm), erm, "running_mean")
+    ref.assert_close(host(rv), erv, "running_var")
+
+
+@sim
+@pytest.mark.parametrize("shape,axis", [((6, 3), -1), ((5, 3, 4), -1), ((2, 3, 4), 2), ((4, 12), 1)])
+def test_batch_norm_train_channel_axes(K, cuda, rng, shape, axis):
+    h = values(rng, shape, np.float32, channel_axis=axis)
+    y, mean, invstd = fbn.batch_norm_train(cuda.to_device(h), channel_axis=axis)
+    ey, emean, einv, _, _ = ref.batch_norm_train(h, channel_axis=axis)
+    ref.assert_close(host(y), ey, "y")
+    ref.assert_close(host(mean), emean, "mean")
+    ref.assert_close(host(invstd), einv, "invstd")
+
+
+@sim
+@pytest.mark.parametrize("memory", ("C", "chlast", "sliced"))
+@pytest.mark.parametrize("dtype", (np.float16, np.float64))
+def test_batch_norm_infer(K, cuda, rng, memory, dtype):
+    shape = (2, 3, 3, 4)
+    h = values(rng, shape, dtype)
+    pdt = ref.param_dtype(dtype)
+    scale, offset, mean = (values(rng, 3, pdt) for _ in range(3))
+    var = np.abs(values(rng, 3, pdt)) + 0.1
+    y = fbn.batch_norm_infer(on_device(cuda, h, memory), cuda.to_device(scale), None,
+                             cuda.to_device(mean), cuda.to_device(var), eps=1e-4)
+    ref.assert_close(host(y), ref.batch_norm_infer(h, scale, None, mean, var, 1, 1e-4), "y")
+
+
+@sim
+@pytest.mark.parametrize("memory", ("C", "chlast", "negstride"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_backward(K, cuda, rng, memory, dtype):
+    shape = (3, 4, 2, 5)
+    h = values(rng, shape, dtype, channel_axis=1)
+    g = values(rng, shape, dtype)
+    pdt = ref.param_dtype(dtype)
+    scale = values(rng, 4, pdt, loc=1.0)
+    _, mean, invstd, _, _ = ref.batch_norm_train(h)
+    mean, invstd = mean.astype(pdt), invstd.astype(pdt)
+    dx, dscale, doffset = fbn.batch_norm_backward(
+        on_device(cuda, g, memory), on_device(cuda, h, memory), cuda.to_device(scale),
+        cuda.to_device(mean), cuda.to_device(invstd))
+    edx, edscale, edoffset = ref.batch_norm_backward(g, h, scale, mean, invstd)
+    ref.assert_close(host(dx), edx, "dx")
+    ref.assert_close(host(dscale), edscale, "dscale")
+    ref.assert_close(host(doffset), edoffset, "doffset")
+
+
+@sim
+@pytest.mark.parametrize("axis,keepdims,ddof", [(None, False, 0), ((0, 2), True, 1), (1, False, 0),
+                                                ((-1,), False, 0), ((0, 1, 2), True, 0)])
+def test_moments(K, cuda, rng, axis, keepdims, ddof):
+    h = values(rng, (4, 3, 5), np.float32, loc=50.0)
+    mean, var = fbn.moments(on_device(cuda, h, "F"), axis, keepdims=keepdims, ddof=ddof)
+    emean, evar = ref.moments(h, axis, keepdims, ddof)
+    mean, var = host(mean), host(var)
+    assert mean.shape == np.shape(emean) and var.shape == np.shape(evar)
+    ref.assert_close(mean, emean, "mean")
+    ref.assert_close(var, evar, "var")
+
+
+@sim
+def test_batch_normalization(K, cuda, rng):
+    h = values(rng, (4, 3, 5), np.float32)
+    mean, var = fbn.moments(cuda.to_device(h), (0, 2), keepdims=True)
+    scale = values(rng, (1, 3, 1), np.float32)
+    y = fbn.batch_normalization(cuda.to_device(h), mean, var, 0.25, cuda.to_device(scale), 1e-3)
+    emean, evar = ref.moments(h, (0, 2), True)
+    ref.assert_close(host(y), ref.batch_normalization(h, emean, evar, 0.25, scale, 1e-3), "y")
+
+
+@sim
+def test_out_in_place_overlap_and_exotic_strides(K, cuda, rng):
+    shape = (3, 4, 2, 5)
+    h = values(rng, shape, np.float64, channel_axis=1)
+    ey = ref.batch_norm_train(h)[0]
+    # out=x: in place
+    x = cuda.to_device(h)
+    y = fbn.batch_norm_train(x, out=x)[0]
+    assert y is x
+    ref.assert_close(host(x), ey, "in place")
+    # out overlapping x shifted by one element: computed into a temporary first
+    base = cuda.to_device(np.concatenate([h.ravel(), [0.0]]))
+    xin = base[:-1].reshape(shape)
+    yout = base[1:].reshape(shape)
+    fbn.batch_norm_train(xin, out=yout)
+    ref.assert_close(host(yout), ey, "shifted alias")
+    # out= with strides no canonical view has (kept axis between two reduced axes of a cropped array)
+    big = cuda.to_device(np.full((3, 4, 4, 7), np.nan))
+    out = big[:, :, 1:3, 1:6]
+    y = fbn.batch_norm_train(cuda.to_device(h), out=out)[0]
+    assert y is out
+    ref.assert_close(host(out), ey, "exotic out")
+    assert np.isnan(host(big)[:, :, 0]).all()
+
+
+@sim
+def test_non_viewable_input_is_copied(K, cuda, rng):
+    # channels on axis 2 of a cropped array: the reduced axes 0, 1, 3 cannot be merged in place
+    h = values(rng, (3, 4, 2, 5), np.float32, channel_axis=2)
+    big = np.full((3, 6, 2, 7), np.nan, dtype=np.float32)
+    big[:, 1:5, :, 1:6] = h
+    x = cuda.to_device(big)[:, 1:5, :, 1:6]
+    y, mean, invstd = fbn.batch_norm_train(x, channel_axis=2)
+    ey, emean, einv, _, _ = ref.batch_norm_train(h, channel_axis=2)
+    ref.assert_close(host(y), ey, "y")
+    ref.assert_close(host(mean), emean, "mean")
+
+
+@sim
+def test_dispatch_and_mixed_families(K, cuda, rng):
+    assert fbn.backends()["cuda"] == "available"
+    x = cuda.to_device(values(rng, (4, 3), np.float32))
+    assert fbn.backend_for(x) == "cuda"
+    with pytest.raises(TypeError, match="scale"):
+        fbn.batch_norm_train(x, np.ones(3, np.float32), channel_axis=-1)
+    with pytest.raises(TypeError):
+        fbn.batch_norm_train(values(rng, (4, 3), np.float32), cuda.to_device(np.ones(3, np.float32)),
+                             channel_axis=-1)
+    with pytest.raises(TypeError, match="running_mean"):
+        fbn.batch_norm_train(x, channel_axis=-1, running_mean=np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="out"):
+        fbn.batch_norm_infer(x, None, None, cuda.to_device(np.zeros(3)), cuda.to_device(np.ones(3)),
+                             channel_axis=-1, out=np.empty((4, 3), np.float32))
+    with pytest.raises(TypeError, match="backend"):
+        fbn.moments(x, backend="numba")
+
+
+@sim
+def test_bad_call_changes_nothing(K, cuda, rng):
+    x = cuda.to_device(values(rng, (4, 3), np.float32))
+    rm = cuda.to_device(np.full(3, 7.0, np.float32))
+    with pytest.raises(TypeError, match="running_var"):
+        fbn.batch_norm_train(x, channel_axis=-1, running_mean=rm,
+                             running_var=cuda.to_device(np.ones(3, np.float64)))
+    np.testing.assert_array_equal(host(rm), 7.0)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        fbn.batch_norm_train(cuda.to_device(np.ones((1, 3), np.float32)), channel_axis=-1, running_mean=rm)
+    np.testing.assert_array_equal(host(rm), 7.0)
+    with pytest.raises(TypeError, match="dtype"):
+        fbn.moments(cuda.to_device(np.ones((2, 3), np.int32)))
+
+
+@sim
+def test_inputs_unchanged_and_empty(K, cuda, rng):
+    h = values(rng, (3, 4, 6), np.float32)
+    x = cuda.to_device(h)
+    fbn.batch_norm_train(x)
+    np.testing.assert_array_equal(host(x), h)
+    y = fbn.batch_norm_infer(cuda.to_device(np.ones((0, 4), np.float32)), None, None,
+                             cuda.to_device(np.zeros(4)), cuda.to_device(np.ones(4)), channel_axis=-1)
+    assert host(y).shape == (0, 4)
+    mean, var = fbn.moments(cuda.to_device(np.ones((0, 4), np.float32)), 0)
+    assert host(mean).shape == (4,) and np.isnan(host(mean)).all()
+
+
+# -- layout helpers (plain Python, run in every test process) ------------------------------------
+
+@pytest.mark.parametrize("seed", range(40))
+def test_strides3_matches_numpy_view(seed):
+    """device.strides3 finds a view exactly when NumPy's reshape(copy=False) does, with its strides."""
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(1, 5))
+    shape = tuple(int(s) for s in rng.integers(1, 4, ndim))
+    a = np.empty([s * int(rng.integers(1, 3)) for s in shape])
+    a = a[tuple(slice(None, None, int(rng.choice([1, 2, -1]))) for _ in shape)]
+    a = a[tuple(slice(0, s) for s in shape)].transpose(rng.permutation(ndim))
+    kept = tuple(sorted(int(k) for k in rng.choice(ndim, int(rng.integers(0, ndim + 1)), replace=False)))
+    plan = layout.make_plan(a.shape, a.strides, kept)
+    st3 = device.strides3(a.shape, a.strides, plan)
+    view = layout.view3(a, plan)
+    assert (st3 is None) == (view is None)
+    if view is not None:
+        for n, s, t in zip(view.shape, view.strides, st3):
+            assert n == 1 or s == t
+
+
+def test_cuda_backend_reports_why_it_is_unavailable():
+    """Without a GPU (and without the simulator) the backend says why, instead of failing later."""
+    if SIM:
+        pytest.skip("the simulator makes the backend available")
+    status = fbn.backends()["cuda"]
+    if status == "available":
+        pytest.skip("a CUDA GPU is present")
+    assert status and isinstance(status, str)

@@ -10,10 +10,15 @@ from .api import (batch_norm_backward, batch_norm_infer, batch_norm_train, batch
                   moments)
 from .dispatch import backend_for, backends, use_backend
 from .layer import BatchNorm
+from .merge import (GradSums, Moments, batch_norm_backward_from_sums, batch_norm_train_from_moments,
+                    merge_grad_sums, merge_moments, partial_grad_sums, partial_moments)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "moments", "batch_normalization", "batch_norm_train", "batch_norm_infer",
     "batch_norm_backward", "BatchNorm", "backend_for", "backends", "use_backend",
+    # synchronised batch norm (fastbn.merge)
+    "Moments", "GradSums", "partial_moments", "merge_moments", "batch_norm_train_from_moments",
+    "partial_grad_sums", "merge_grad_sums", "batch_norm_backward_from_sums",
 ]

@@ -59,6 +59,8 @@ def _affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
     if not isinstance(x, np.ndarray):  # device arrays (cuda family)
         return device.affine(bk, x3, plan, x, out, m, q, r, u3, p)
     y, y3, finish = _output(out, x, plan)
+    if y3.size == 0:  # nothing to write; kernels may assume non-empty input
+        return y
     if out is not None and not _separate(y3, x3, u3):
         tmp = np.empty(plan.shape3, dtype=x.dtype)
         bk.affine3(x3, m, q, r, tmp, u3, p)
@@ -278,8 +280,11 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     bk = _backend(fam, backend)
     x3 = layout.as3(x, plan)
     dy3 = layout.as3(dy, plan)
-    n = plan.count
-    doffset, s_dyxc = bk.dy_sums3(dy3, x3, mean)
+    n = max(plan.count, 1)  # count 0: dx is empty; avoid 0/0 below
+    if x3.size == 0:  # sums over no values; kernels may assume non-empty input
+        doffset, s_dyxc = np.zeros_like(mean), np.zeros_like(mean)
+    else:
+        doffset, s_dyxc = bk.dy_sums3(dy3, x3, mean)
     dscale = s_dyxc * invstd
     a = invstd if scale is None else scale * invstd
     b = -a * invstd * dscale / n

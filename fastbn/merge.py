@@ -1,0 +1,322 @@
+"""Mergeable batch-norm state: synchronised batch norm with your own all-reduce.
+
+Data-parallel workers each hold a shard of the batch (shards may differ in
+size, and may be empty).  Batch norm over the *whole* batch needs per-channel
+statistics of the concatenation; these functions split that into a local part,
+a tiny exchange the user does with whatever transport they have (MPI,
+``torch.distributed``, pipes), and a local apply::
+
+    # forward, on every worker (x: this worker's shard, channels on axis 1)
+    part = fbn.partial_moments(x, channel_axis=1)        # Moments, 3 x (C,)
+    parts = all_gather(part.pack())                      # (P, 3, C) float64
+    total = fbn.merge_moments(parts)                     # Moments of the whole batch
+    y, mean, invstd = fbn.batch_norm_train_from_moments(x, total, scale, offset)
+
+    # backward
+    g = fbn.partial_grad_sums(dy, x, mean, invstd)       # GradSums, 3 x (C,)
+    g = fbn.GradSums.unpack(all_reduce_sum(g.pack()))    # sums merge by addition
+    dx, dscale, doffset = fbn.batch_norm_backward_from_sums(dy, x, scale, mean, invstd, g)
+
+``y``/``dx`` equal the slices of single-process ``batch_norm_train`` /
+``batch_norm_backward`` on the concatenated batch, and ``mean``, ``invstd``,
+``dscale``, ``doffset`` are the global values on every worker; the shard
+sizes enter the merge as counts, so unequal shards are weighted correctly.
+
+Moments merge with Chan's formula (exact; never E[x^2] - E[x]^2), so they
+need an all-gather, not a sum.  With only an all-reduce(sum) available, use
+two: sum ``count`` and ``count*mean`` for the global mean ``M``, then sum
+``m2 + count*(mean - M)**2`` for the global ``m2``.
+
+Per-channel vectors here are float64 (exact counts up to 2**53) and live in
+host memory; the apply helpers take NumPy arrays.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import checks, dispatch, layout
+
+
+class Moments(NamedTuple):
+    """Per-channel partial moments of a shard: three float64 arrays of shape (C,).
+
+    ``count``: values per channel; ``mean``: their mean; ``m2``: the sum of
+    squared deviations from ``mean``.  An empty shard has count 0, mean 0, m2 0.
+    """
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def var(self, ddof=0):
+        """Per-channel variance ``m2 / (count - ddof)`` (NaN/inf where undefined)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.m2 / np.maximum(self.count - ddof, 0)
+
+    def pack(self):
+        """The three vectors stacked as one (3, C) float64 array, for transport."""
+        return np.stack([self.count, self.mean, self.m2]).astype(np.float64, copy=False)
+
+    @classmethod
+    def unpack(cls, a):
+        """Inverse of :meth:`pack`: a (3, C) array -> Moments."""
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 2 or a.shape[0] != 3:
+            raise ValueError(f"packed moments must have shape (3, C), got {a.shape}")
+        return cls(a[0].copy(), a[1].copy(), a[2].copy())
+
+
+class GradSums(NamedTuple):
+    """Per-channel backward sums of a shard: three float64 arrays of shape (C,).
+
+    ``count``: values per channel; ``sum_dy``: ``sum(dy)``; ``sum_dy_xhat``:
+    ``sum(dy * xhat)`` with ``xhat = (x - mean) * invstd`` for the *global*
+    mean and invstd.  They merge by plain addition; merged, ``sum_dy`` is
+    ``doffset`` and ``sum_dy_xhat`` is ``dscale``.
+    """
+    count: np.ndarray
+    sum_dy: np.ndarray
+    sum_dy_xhat: np.ndarray
+
+    def pack(self):
+        """The three vectors stacked as one (3, C) float64 array (all-reduce with sum)."""
+        return np.stack([self.count, self.sum_dy, self.sum_dy_xhat]).astype(np.float64, copy=False)
+
+    @classmethod
+    def unpack(cls, a):
+        """Inverse of :meth:`pack`: a (3, C) array -> GradSums."""
+        a = np.asarray(a, dtype=np.float64)
+        if a.ndim != 2 or a.shape[0] != 3:
+            raise ValueError(f"packed grad sums must have shape (3, C), got {a.shape}")
+        return cls(a[0].copy(), a[1].copy(), a[2].copy())
+
+
+# -- merging -------------------------------------------------------------------
+
+def merge_packed(p, axis):
+    """Merge packed partial moments along ``axis``: the one Chan merge of fastbn.
+
+    ``p`` has shape ``(3, ...)`` with ``p[0], p[1], p[2] = count, mean, m2``;
+    every partial along ``axis`` (an int or tuple of axes of ``p[0]``, i.e.
+    numbered without the leading 3) is merged into one.  Returns the packed
+    result with those axes kept at length 1.
+
+    The many-way form of Chan's formula: ``n = sum(n_i)``,
+    ``mean = s + sum(n_i * (mean_i - s)) / n`` (``s``: the mean of the largest
+    partial, so the sum only sees small deviations), ``m2 = sum(m2_i) +
+    sum(n_i * (mean_i - mean)**2)``.  Exact in exact arithmetic and
+    associative; partials with ``n_i == 0`` contribute nothing, whatever
+    their mean and m2 hold.  Used by :func:`merge_moments` and by the Dask
+    backend's tree reduction.
+    """
+    axis = tuple(a + 1 for a in ((axis,) if np.isscalar(axis) else axis))
+    n_i = p[0:1]
+    live = n_i > 0
+    mean_i = np.where(live, p[1:2], 0.0)
+    m2_i = np.where(live, p[2:3], 0.0)
+    n = n_i.sum(axis=axis, keepdims=True)
+    # s: per output element, the mean of the partial with the largest count.
+    k = len(axis)
+    flat_n = np.moveaxis(n_i, axis, range(-k, 0))
+    flat_m = np.moveaxis(mean_i, axis, range(-k, 0))
+    lead = flat_n.shape[:-k]
+    many = int(np.prod(flat_n.shape[-k:], dtype=np.int64))
+    if many == 0 or n.size == 0:
+        s = np.zeros_like(n)
+    else:
+        flat_n = flat_n.reshape(lead + (many,))
+        flat_m = flat_m.reshape(lead + (many,))
+        idx = np.argmax(flat_n, axis=-1)[..., None]
+        s = np.take_along_axis(flat_m, idx, axis=-1).reshape(n.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s + np.where(n > 0, (n_i * (mean_i - s)).sum(axis=axis, keepdims=True) / n, 0.0)
+    m2 = m2_i.sum(axis=axis, keepdims=True) + (n_i * (mean_i - mean) ** 2).sum(axis=axis, keepdims=True)
+    return np.concatenate([n, mean, m2], axis=0)
+
+
+def _stack(parts, cls, what):
+    """Parts (NamedTuples, (3, C) or (P, 3, C) arrays) -> one (P, 3, C) float64 array."""
+    if not parts:
+        raise ValueError(f"{what} needs at least one part")
+    blocks = []
+    for i, part in enumerate(parts):
+        a = part.pack() if isinstance(part, cls) else np.asarray(part, dtype=np.float64)
+        if a.ndim == 2:
+            a = a[None]
+        if a.ndim != 3 or a.shape[1] != 3:
+            raise ValueError(f"{what}: part {i} must be a {cls.__name__}, a packed (3, C) "
+                             f"array or a stacked (P, 3, C) array, got shape {a.shape}")
+        blocks.append(a)
+    if len({b.shape[2] for b in blocks}) != 1:
+        raise ValueError(f"{what}: parts have different channel counts "
+                         f"{sorted({b.shape[2] for b in blocks})}")
+    return np.concatenate(blocks, axis=0)
+
+
+def merge_moments(*parts):
+    """Merge partial moments of shards into the moments of their concatenation.
+
+    Each part is a :class:`Moments`, a packed (3, C) array (``Moments.pack()``)
+    or a stacked (P, 3, C) array (what an all-gather of packed parts gives).
+    Associative and commutative up to rounding; counts may differ and may be
+    zero.  Returns a :class:`Moments` of (C,) float64 vectors.
+    """
+    p = _stack(parts, Moments, "merge_moments")
+    merged = merge_packed(np.moveaxis(p, 1, 0), axis=0)[:, 0]
+    return Moments(merged[0], merged[1], merged[2])
+
+
+def merge_grad_sums(*parts):
+    """Add up :class:`GradSums` of shards (same part forms as :func:`merge_moments`)."""
+    s = _stack(parts, GradSums, "merge_grad_sums").sum(axis=0)
+    return GradSums(s[0], s[1], s[2])
+
+
+# -- local parts ---------------------------------------------------------------
+
+def _shard(x, channel_axis, name="x"):
+    x, fam = checks.data_array(x, name)
+    ax = checks.channel_axis(channel_axis, x.ndim)
+    return x, fam, ax, layout.make_plan(x.shape, x.strides, (ax,))
+
+
+def partial_moments(x, channel_axis=1, *, backend=None):
+    """Per-channel partial moments of one shard ``x``: a :class:`Moments`.
+
+    x: any shape with channels on ``channel_axis``; statistics over every
+    other axis, in one read of x by the chosen CPU backend.  An empty shard
+    (e.g. batch size 0) gives count 0, mean 0, m2 0.
+    """
+    x, fam, ax, plan = _shard(x, channel_axis)
+    C, n = x.shape[ax], plan.count
+    if n == 0 or C == 0:
+        z = np.zeros(C)
+        return Moments(z, z.copy(), z.copy())
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    mean, m2 = bk.moments3(layout.as3(x, plan))
+    return Moments(np.full(C, float(n)), _host(mean), _host(m2))
+
+
+def _host(v):
+    """A per-channel result as a host float64 NumPy array."""
+    if hasattr(v, "get"):          # CuPy
+        v = v.get()
+    elif hasattr(v, "copy_to_host"):  # Numba device array
+        v = v.copy_to_host()
+    return np.asarray(v, dtype=np.float64)
+
+
+def _moments_arg(m, C, name="moments"):
+    if isinstance(m, Moments):
+        m = m.pack()
+    m = np.asarray(m, dtype=np.float64)
+    if m.shape != (3, C):
+        raise ValueError(f"{name} must be a Moments of length-{C} vectors (or packed (3, {C})), "
+                         f"got shape {m.shape}")
+    return m
+
+
+def _apply(x, fam, plan, out, backend, m, q, r, u=None, p=None):
+    """``out = q*(x - m) + r (+ p*u)`` per channel, via the backend's affine3."""
+    from .api import _affine  # same output handling (out=, aliasing) as the public API
+    if fam != "numpy":
+        raise TypeError(f"the synchronised batch-norm helpers take NumPy arrays; x is a {fam} array")
+    out = checks.out_array(out, x, fam)
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    u3 = None if u is None else layout.as3(u, plan)
+    return _affine(bk, layout.as3(x, plan), plan, x, out, m, q, r, u3, p)
+
+
+def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channel_axis=1, eps=1e-5,
+                                  running_mean=None, running_var=None, momentum=0.1, out=None,
+                                  backend=None):
+    """Training-mode forward of a shard, with the merged moments of the whole batch.
+
+    ``moments``: :func:`merge_moments` of every worker's :func:`partial_moments`.
+    Returns ``(y, mean, invstd)`` exactly as ``batch_norm_train`` on the
+    concatenated batch would: ``y`` shaped like this shard, ``mean`` and
+    ``invstd = 1/sqrt(var + eps)`` (biased var) of length C.  Running
+    statistics, if given, are updated in place with the global statistics
+    (unbiased running variance from the global count), identically on every
+    worker.  A global count < 2 raises ValueError.
+    """
+    x, fam, ax, plan = _shard(x, channel_axis)
+    C = x.shape[ax]
+    pdt = checks.param_dtype(x.dtype)
+    n, mean, m2 = _moments_arg(moments, C)
+    scale = checks.vector(scale, "scale", C, fam)
+    offset = checks.vector(offset, "offset", C, fam)
+    eps = checks.scalar(eps, "eps", low=0.0)
+    momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
+    running_mean = checks.running(running_mean, "running_mean", C, fam, pdt)
+    running_var = checks.running(running_var, "running_var", C, fam, pdt)
+    if C and np.any(n < 2):
+        raise ValueError(f"batch_norm_train_from_moments needs more than 1 value per channel in "
+                         f"the whole batch to compute a variance; the merged count is {n.min():g}")
+    invstd = 1.0 / np.sqrt(m2 / n + eps)
+    q = invstd if scale is None else scale * invstd
+    r = np.zeros(C) if offset is None else offset
+    y = _apply(x, fam, plan, out, backend, mean, q, r)
+    if running_mean is not None:
+        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+    return y, mean.astype(pdt), invstd.astype(pdt)
+
+
+def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
+    """Per-channel backward sums of one shard: a :class:`GradSums`.
+
+    dy, x: this shard's upstream gradient and input (same shape and dtype);
+    mean, invstd: the *global* (C,) statistics the forward returned.
+    """
+    x, fam, ax, plan = _shard(x, channel_axis)
+    dy, _ = checks.data_array(dy, "dy", fam)
+    if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {tuple(dy.shape)} {dy.dtype}")
+    C = x.shape[ax]
+    mean = checks.vector(mean, "mean", C, fam, optional=False)
+    invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    if plan.count == 0 or C == 0:
+        z = np.zeros(C)
+        return GradSums(z, z.copy(), z.copy())
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    s_dy, s_dyxc = bk.dy_sums3(layout.as3(dy, plan), layout.as3(x, plan), mean)
+    return GradSums(np.full(C, float(plan.count)), _host(s_dy), _host(s_dyxc) * _host(invstd))
+
+
+def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_axis=1, out=None,
+                                  backend=None):
+    """Backward of a shard, with the merged :class:`GradSums` of the whole batch.
+
+    Returns ``(dx, dscale, doffset)`` as ``batch_norm_backward`` on the
+    concatenated batch would: ``dx`` shaped like this shard, ``dscale`` and
+    ``doffset`` the global (C,) gradients (the same on every worker, so no
+    further all-reduce of the parameter gradients is needed).
+    """
+    x, fam, ax, plan = _shard(x, channel_axis)
+    dy, _ = checks.data_array(dy, "dy", fam)
+    if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                         f"got {tuple(dy.shape)} {dy.dtype}")
+    C = x.shape[ax]
+    pdt = checks.param_dtype(x.dtype)
+    scale = checks.vector(scale, "scale", C, fam)
+    mean = checks.vector(mean, "mean", C, fam, optional=False)
+    invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    if isinstance(sums, GradSums):
+        sums = sums.pack()
+    sums = np.asarray(sums, dtype=np.float64)
+    if sums.shape != (3, C):
+        raise ValueError(f"sums must be a GradSums of length-{C} vectors (or packed (3, {C})), "
+                         f"got shape {sums.shape}")
+    n, doffset, dscale = sums
+    a = invstd if scale is None else scale * invstd
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = -a * invstd * dscale / n
+        c = -a * doffset / n
+    dx = _apply(x, fam, plan, out, backend, mean, b, c, dy, a)
+    return dx, dscale.astype(pdt), doffset.astype(pdt)

@@ -1,0 +1,737 @@
+"""``python -m fastbn bench``: fastbn against its peers and the bandwidth roofline.
+
+Batch norm moves a few bytes per flop, so the honest yardstick is the memory
+bandwidth measured *in the same run*: every case times, interleaved, fastbn,
+its peers (PyTorch CPU when importable, NumPy naive) and a 2-thread copy of
+the same number of bytes as ``x``.  With ``B`` = bytes of ``x`` and the copy
+moving ``2B`` (read + write) in ``t_copy``, the bandwidth is ``2B / t_copy``
+and the fraction of the roofline of a kernel that must move ``k*B`` bytes
+(training forward k=3, inference 2, backward 5) in ``t`` is
+``(k*B / bandwidth) / t``.  The copy pays the same write-allocate cost as an
+ordinary store, so a fraction near 1 is the practical limit.
+
+Timing: every callable is warmed up first (Numba compilation, page faults on
+preallocated outputs), then each repeat times a batch of ``number`` calls
+(``number`` chosen so a batch lasts a few ms; 1 for large arrays) for every
+runner of the case in turn, alternating the order between repeats so machine
+noise hits fastbn and the peers alike.  Min and median over repeats are
+reported; the roofline fraction uses the best copy of the case.
+
+Cases are the target rows of the CPU performance issue; ``--quick`` shrinks
+them for a smoke test.  ``--gpu`` / ``--dask`` hand over to
+``fastbn.bench_gpu.run_gpu(args)`` / ``fastbn.bench_dask.run_dask(args)``.
+"""
+
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-5
+_ROOF = {"train": 3, "fresh": 3, "infer": 2, "backward": 5}  # bytes moved, in units of B
+
+
+# -- cases ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on one case: ``kind`` is ``"frac"`` (fastbn's roofline fraction
+    >= goal), ``"time"`` (fastbn's time <= goal, in the case's unit) or
+    ``"ratio"`` (peer time / fastbn time >= goal, against ``peer``)."""
+    kind: str
+    goal: float
+    source: str             # where the goal comes from (issue)
+    peer: str = "torch"     # for kind "ratio": which peer's ratio
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row family of the table.  ``shape`` is used normally, ``quick_shape``
+    with ``--quick``; ``unit`` is how times are printed (``ms``, ``us``, ``s``)."""
+    title: str
+    mode: str               # train, fresh, infer, backward, import
+    shape: tuple
+    quick_shape: tuple
+    channel_axis: int = 1
+    dtype: str = "float32"
+    unit: str = "ms"
+    torch_threads: int = 0  # 0: as many as fastbn; 1: the single-thread peer (small calls)
+    targets: tuple = ()
+    suffix: str = ""
+
+    @property
+    def name(self):
+        """Name with the full-size shape (what ``--cases`` matches)."""
+        return self.label(False)
+
+    def label(self, quick):
+        shape = self.quick_shape if quick else self.shape
+        return f"{self.title} ({','.join(map(str, shape))}){self.suffix}"
+
+
+def _frac(goal, src="issue 5"):
+    return Target("frac", goal, src)
+
+
+CASES = (
+    Case("train NCHW", "train", (128, 64, 56, 56), (4, 8, 12, 12), 1,
+         targets=(_frac(0.80), _frac(0.6, "issue 2"), Target("ratio", 2.0, "issue 2"))),
+    Case("train NHWC", "train", (128, 56, 56, 64), (4, 12, 12, 8), -1,
+         targets=(_frac(0.80), _frac(0.6, "issue 2"), Target("ratio", 1.0, "issue 2"))),
+    Case("infer NCHW", "infer", (128, 64, 56, 56), (4, 8, 12, 12), 1,
+         targets=(_frac(0.85),)),
+    Case("infer NHWC", "infer", (128, 56, 56, 64), (4, 12, 12, 8), -1,
+         targets=(_frac(0.85),)),
+    Case("backward NCHW", "backward", (128, 64, 56, 56), (4, 8, 12, 12), 1,
+         targets=(_frac(0.75),)),
+    Case("backward NHWC", "backward", (128, 56, 56, 64), (4, 12, 12, 8), -1,
+         targets=(_frac(0.75),)),
+    Case("train NCHW", "train", (32, 64, 56, 56), (2, 8, 12, 12), 1,
+         targets=(_frac(0.5),), suffix=" L3-resident"),
+    Case("train NHWC", "train", (32, 56, 56, 64), (2, 12, 12, 8), -1,
+         targets=(_frac(0.5),), suffix=" L3-resident"),
+    Case("train", "train", (4096, 1024), (256, 64), -1,
+         targets=(_frac(0.6),), suffix=" over axis 0"),
+    Case("train", "train", (2500, 30), (250, 30), -1, unit="us",
+         torch_threads=1, targets=(Target("time", 15.0, "issue 5"),), suffix=" over axis 0"),
+    Case("train", "train", (16, 4), (16, 4), -1, unit="us",
+         torch_threads=1, targets=(Target("time", 5.0, "issue 5"),), suffix=" over axis 0, whole call"),
+    Case("fresh out NCHW", "fresh", (128, 64, 56, 56), (4, 8, 12, 12), 1,
+         targets=(Target("ratio", 1.0, "issue 5", "torch F.batch_norm"),)),
+    Case("fresh out NHWC", "fresh", (128, 56, 56, 64), (4, 12, 12, 8), -1,
+         targets=(Target("ratio", 1.0, "issue 5", "torch F.batch_norm"),)),
+    Case("train float64 NCHW", "train", (32, 64, 56, 56), (2, 8, 12, 12), 1,
+         dtype="float64", targets=(_frac(0.7),)),
+    Case("import + first train call, new process, NCHW", "import", (8, 16, 28, 28), (8, 16, 28, 28), 1,
+         unit="s", targets=(Target("time", 0.5, "issue 5"),)),
+)
+
+
+# -- command line ----------------------------------------------------------------
+
+def add_arguments(parser):
+    """Options of ``python -m fastbn bench``."""
+    parser.add_argument("--backend", default=None,
+                        help="fastbn CPU backend: numba, cython or numpy (default: the dispatcher's choice)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and few repeats: a smoke test, not a measurement")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed repeats per runner (default 7; 3 with --quick)")
+    parser.add_argument("--cases", default=None,
+                        help="run only cases whose name contains this substring (case-insensitive; "
+                             "several separated by '|', e.g. 'NCHW (128|(16,4)')")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for fastbn (Numba) and PyTorch (default: the CPUs this process may use)")
+    parser.add_argument("--settle", type=float, default=0.02, metavar="S",
+                        help="seconds of sleep before each timed batch, so the other OpenMP "
+                             "runtime's spinning threads are idle (default 0.02)")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out even if importable")
+    parser.add_argument("--no-naive", action="store_true", help="leave the NumPy naive peer out")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (with --gpu / --dask)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also run fastbn.bench_gpu.run_gpu(args) (CUDA; if that module exists)")
+    parser.add_argument("--dask", action="store_true",
+                        help="also run fastbn.bench_dask.run_dask(args) (if that module exists)")
+    return parser
+
+
+# -- timing ----------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    """One timed callable.  ``role``: ``fastbn``, ``peer`` or ``copy``.
+    ``before`` runs untimed before each batch (e.g. set PyTorch's thread count)."""
+    label: str
+    fn: object
+    role: str
+    before: object = None
+    threads: str = ""
+    number: int = 1
+    times: list = field(default_factory=list)   # seconds per call, one per repeat
+
+
+def _calibrate(r, warmup, min_batch):
+    if r.before:
+        r.before()
+    r.fn()                      # first call: compiles, faults in output pages
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        r.fn()
+    per = (time.perf_counter() - t0) / max(warmup, 1)
+    r.number = max(1, min(100_000, int(min_batch / max(per, 1e-9))))
+
+
+def measure(runners, repeat, warmup=2, min_batch=0.005, settle=0.0):
+    """Time every runner ``repeat`` times, interleaved; fills ``r.times`` (s per call).
+
+    ``settle`` seconds of sleep precede each timed batch.  Why: PyTorch and
+    Numba each bring their own OpenMP runtime (two libgomp copies), and a
+    libgomp worker spins for a few ms of CPU after every parallel region
+    (GOMP_SPINCOUNT).  On a 2-core machine, a batch started right after the
+    other runtime's call shares the cores with those spinning threads: a
+    systematic penalty (measured here: 6 ms for a tiny Numba copy after
+    torch, 20+ ms for a tiny torch call after Numba), not noise.
+    """
+    for r in runners:
+        _calibrate(r, warmup, min_batch)
+    gc_was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(repeat):
+            for r in (runners if i % 2 == 0 else runners[::-1]):
+                if r.before:
+                    r.before()
+                if settle:
+                    time.sleep(settle)
+                fn, n = r.fn, r.number
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                r.times.append((time.perf_counter() - t0) / n)
+    finally:
+        if gc_was:
+            gc.enable()
+    return runners
+
+
+# -- the environment: threads, torch, copy kernels -----------------------------------
+
+def _cpu_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Env:
+    """What this run uses: thread count, PyTorch (or None), the copy kernels."""
+
+    def __init__(self, args):
+        self.threads = args.threads or _cpu_count()
+        self.torch = None
+        if not args.no_torch:
+            try:
+                import torch
+                self.torch = torch
+            except ImportError:
+                pass
+        self.numba = None
+        try:
+            import numba
+            self.numba = numba
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        except Exception:  # noqa: BLE001 - no Numba: no Numba copy, fastbn uses another backend
+            self.numba = None
+        if self.torch is not None:
+            self.torch.set_num_threads(self.threads)
+        self._pcopy = None
+
+    def torch_threads(self, n):
+        torch = self.torch
+
+        def before():
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+        return before
+
+    def numba_copy(self):
+        """A parallel Numba copy kernel (compiled once per process), or None."""
+        if self._pcopy is None and self.numba is not None:
+            self._pcopy = _make_numba_copy(self.numba)
+        return self._pcopy or None
+
+    def copy_runners(self, nbytes):
+        """2-thread copies of ``nbytes``: PyTorch ``copy_`` and a Numba kernel where
+        available, else a single-thread ``np.copyto``."""
+        n = max(nbytes // 4, 1)
+        src = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+        dst = np.zeros_like(src)
+        out = []
+        if self.torch is not None:
+            ts, td = self.torch.from_numpy(src), self.torch.from_numpy(dst)
+            out.append(Runner("copy torch copy_", lambda: td.copy_(ts), "copy",
+                              self.torch_threads(self.threads), f"{self.threads}t"))
+        pcopy = self.numba_copy()
+        if pcopy is not None:
+            nt = self.numba.get_num_threads()
+            out.append(Runner("copy numba prange", lambda: pcopy(src, dst, nt), "copy",
+                              threads=f"{nt}t"))
+        if not out:
+            out.append(Runner("copy np.copyto", lambda: np.copyto(dst, src), "copy", threads="1t"))
+        return out
+
+
+def _make_numba_copy(numba):
+    """``copy(src, dst, nblocks)`` for 1-D arrays: one contiguous block per thread,
+    so each thread streams its own part (prefetch friendly).
+
+    The inner loop walks 1-D views from index 0: indexing ``dst[i]`` with
+    ``i`` running from ``lo`` kept LLVM from vectorising it (Numba's
+    negative-index wraparound), which ran at 9 GB/s instead of 33 GB/s here
+    and made every roofline fraction look > 1.
+    """
+    njit, prange = numba.njit, numba.prange
+    try:
+        @njit(parallel=True, nogil=True, cache=True)
+        def pcopy(src, dst, nblocks):
+            n = src.size
+            blk = (n + nblocks - 1) // nblocks
+            for t in prange(nblocks):
+                lo = min(n, t * blk)
+                hi = min(n, lo + blk)
+                s = src[lo:hi]
+                d = dst[lo:hi]
+                for i in range(s.size):
+                    d[i] = s[i]
+        a = np.zeros(16, np.float32)
+        pcopy(a, a.copy(), 2)
+        return pcopy
+    except Exception:  # noqa: BLE001 - a missing threading layer etc.: fall back
+        return False
+
+
+# -- data and callables ----------------------------------------------------------------
+
+def _reduced(ndim, ax):
+    return tuple(a for a in range(ndim) if a != ax)
+
+
+def _bshape(ndim, ax, C):
+    s = [1] * ndim
+    s[ax] = C
+    return tuple(s)
+
+
+class Data:
+    """Arrays of one case, built once: x (and dy), parameters, outputs."""
+
+    def __init__(self, shape, ax, dtype, backward):
+        rng = np.random.default_rng(0)
+        self.ax = ax % len(shape)
+        self.C = shape[self.ax]
+        dt = np.dtype(dtype)
+        self.x = rng.standard_normal(shape, dtype=dt) * 2 + 0.5
+        self.dy = rng.standard_normal(shape, dtype=dt) if backward else None
+        self.scale = (1 + 0.1 * rng.standard_normal(self.C)).astype(dt)
+        self.offset = (0.1 * rng.standard_normal(self.C)).astype(dt)
+        red = _reduced(len(shape), self.ax)
+        self.mean = self.x.mean(axis=red, dtype=np.float64).astype(dt)
+        self.var = self.x.var(axis=red, dtype=np.float64).astype(dt)
+        self.invstd = (1 / np.sqrt(self.var.astype(np.float64) + EPS)).astype(dt)
+        self.n = self.x.size // self.C
+
+    def out(self):
+        """A preallocated output, pre-faulted (its pages written once)."""
+        y = np.empty_like(self.x)
+        y.fill(0)
+        return y
+
+
+def fastbn_runner(case, d, backend):
+    import fastbn as fbn
+    ax = case.channel_axis
+    x, s, o = d.x, d.scale, d.offset
+    if case.mode == "train":
+        y = d.out()
+        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, out=y, backend=backend)  # noqa: E731
+    elif case.mode == "fresh":
+        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, backend=backend)  # noqa: E731
+    elif case.mode == "infer":
+        y, m, v = d.out(), d.mean, d.var
+        fn = lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=ax, eps=EPS, out=y,  # noqa: E731
+                                          backend=backend)
+    elif case.mode == "backward":
+        dx, dy, m, inv = d.out(), d.dy, d.mean, d.invstd
+        fn = lambda: fbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax, out=dx,  # noqa: E731
+                                             backend=backend)
+    else:
+        raise ValueError(case.mode)
+    label = "fastbn" + ("" if case.mode != "fresh" else " (no out=)")
+    return Runner(label, fn, "fastbn")
+
+
+def _nc(t, ax):
+    """A tensor view with the channel axis at dim 1 (channels_last strides for NHWC)."""
+    if ax == 1:
+        return t
+    perm = [0, ax] + [a for a in range(1, t.dim()) if a != ax]
+    return t.permute(*perm)
+
+
+def torch_runners(case, d, env):
+    """PyTorch peers of ``case`` sharing ``d``'s memory (torch.from_numpy)."""
+    torch = env.torch
+    nt = case.torch_threads or env.threads
+    before = env.torch_threads(nt)
+    ax = d.ax
+    x = _nc(torch.from_numpy(d.x), ax)
+    w, b = torch.from_numpy(d.scale), torch.from_numpy(d.offset)
+    pdt = w.dtype
+    sm, si = torch.empty(d.C, dtype=pdt), torch.empty(d.C, dtype=pdt)
+    ops = torch.ops.aten
+    th = f"{nt}t"
+    if case.mode == "train":
+        y = _nc(torch.from_numpy(d.out()), ax)
+        fn = lambda: ops.native_batch_norm.out(x, w, b, None, None, True, 0.1, EPS,  # noqa: E731
+                                               out=y, save_mean=sm, save_invstd=si)
+        return [Runner("torch native_batch_norm.out", fn, "peer", before, th)]
+    if case.mode == "fresh":
+        F = torch.nn.functional
+        fn = lambda: F.batch_norm(x, None, None, w, b, True, 0.1, EPS)  # noqa: E731
+        return [Runner("torch F.batch_norm", fn, "peer", before, th)]
+    if case.mode == "infer":
+        y = _nc(torch.from_numpy(d.out()), ax)
+        rm, rv = torch.from_numpy(d.mean), torch.from_numpy(d.var)
+        fn = lambda: ops.native_batch_norm.out(x, w, b, rm, rv, False, 0.1, EPS,  # noqa: E731
+                                               out=y, save_mean=sm, save_invstd=si)
+        return [Runner("torch native_batch_norm.out", fn, "peer", before, th)]
+    if case.mode == "backward":
+        dy = _nc(torch.from_numpy(d.dy), ax)
+        m, inv = torch.from_numpy(d.mean), torch.from_numpy(d.invstd)
+        dx = _nc(torch.from_numpy(d.out()), ax)
+        dw, db = torch.empty(d.C, dtype=pdt), torch.empty(d.C, dtype=pdt)
+        mask = [True, True, True]
+        f_out = lambda: ops.native_batch_norm_backward.out(  # noqa: E731
+            dy, x, w, None, None, m, inv, True, EPS, mask, out0=dx, out1=dw, out2=db)
+        f_new = lambda: ops.native_batch_norm_backward(dy, x, w, None, None, m, inv, True,  # noqa: E731
+                                                       EPS, mask)
+        return [Runner("torch native_batch_norm_backward.out", f_out, "peer", before, th),
+                Runner("torch native_batch_norm_backward", f_new, "peer", before, th)]
+    raise ValueError(case.mode)
+
+
+def naive_runner(case, d):
+    """NumPy naive: mean, var, normalize (allocating, one thread)."""
+    x, ax = d.x, d.ax
+    red = _reduced(x.ndim, ax)
+    bs = _bshape(x.ndim, ax, d.C)
+    s, o = d.scale.reshape(bs), d.offset.reshape(bs)
+    if case.mode in ("train", "fresh"):
+        def fn():
+            m = x.mean(axis=red, keepdims=True)
+            v = x.var(axis=red, keepdims=True)
+            return (x - m) / np.sqrt(v + EPS) * s + o
+    elif case.mode == "infer":
+        m, v = d.mean.reshape(bs), d.var.reshape(bs)
+
+        def fn():
+            return (x - m) / np.sqrt(v + EPS) * s + o
+    elif case.mode == "backward":
+        dy, m, inv, n = d.dy, d.mean.reshape(bs), d.invstd.reshape(bs), d.n
+
+        def fn():
+            xhat = (x - m) * inv
+            doff = dy.sum(axis=red, keepdims=True)
+            dscale = (dy * xhat).sum(axis=red, keepdims=True)
+            return s * inv / n * (n * dy - doff - xhat * dscale), dscale, doff
+    else:
+        raise ValueError(case.mode)
+    return Runner("numpy naive", fn, "peer", threads="1t")
+
+
+# -- one case -------------------------------------------------------------------------
+
+_UNIT = {"s": 1.0, "ms": 1e3, "us": 1e6}
+
+
+def _stats(times):
+    return (min(times), statistics.median(times)) if times else (math.nan, math.nan)
+
+
+def run_case(case, args, env, backend, repeat):
+    """Measure one (non-import) case; returns a result dict."""
+    shape = case.quick_shape if args.quick else case.shape
+    d = Data(shape, case.channel_axis, case.dtype, case.mode == "backward")
+    nbytes = d.x.nbytes
+    runners = [fastbn_runner(case, d, backend)]
+    if backend_name(backend) in ("numba", "cython") and env.numba is not None:
+        runners[0].threads = f"{env.numba.get_num_threads()}t"
+    if env.torch is not None:
+        runners += torch_runners(case, d, env)
+    if not args.no_naive and case.mode != "fresh" and (case.unit != "us" or not args.quick):
+        runners.append(naive_runner(case, d))
+    roof = _ROOF.get(case.mode) if case.unit == "ms" else None
+    if roof:
+        runners += env.copy_runners(nbytes)
+    small = case.unit == "us"
+    measure(runners, repeat * (3 if small else 1), warmup=(20 if small else 2),
+            min_batch=(0.001 if args.quick else 0.01 if small else 0.005), settle=args.settle)
+    copies = [r for r in runners if r.role == "copy"]
+    bw = max(2 * nbytes / min(r.times) for r in copies) if copies else None
+    rows = []
+    for r in runners:
+        tmin, tmed = _stats(r.times)
+        row = {"label": r.label, "role": r.role, "threads": r.threads, "number": r.number,
+               "min_s": tmin, "median_s": tmed, "times_s": r.times}
+        if bw and r.role != "copy":
+            t_roof = roof * nbytes / bw
+            row["frac_min"], row["frac_median"] = t_roof / tmin, t_roof / tmed
+        if r.role == "copy":
+            row["gbps_min"] = 2 * nbytes / tmin / 1e9
+        rows.append(row)
+    return {"case": case.label(args.quick), "mode": case.mode, "shape": list(shape), "dtype": case.dtype,
+            "unit": case.unit, "bytes": nbytes, "roofline_bytes": (roof * nbytes if roof else None),
+            "bandwidth_gbps": (bw / 1e9 if bw else None),
+            "bandwidth_from": (max(copies, key=lambda r: -min(r.times)).label if copies else None),
+            "runners": rows}
+
+
+_IMPORT_SCRIPT = """\
+import time
+t0 = time.perf_counter()
+import numpy as np
+{imp}
+t1 = time.perf_counter()
+x = np.random.default_rng(0).standard_normal({shape}, dtype=np.float32)
+t2 = time.perf_counter()
+{call}
+t3 = time.perf_counter()
+print("TIMES", t1 - t0, t3 - t2, (t1 - t0) + (t3 - t2))
+"""
+
+
+def _subprocess_time(script, env_vars):
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env_vars, timeout=300)
+    wall = time.perf_counter() - t0
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("TIMES")]
+    if res.returncode != 0 or not line:
+        raise RuntimeError(f"subprocess failed (rc {res.returncode}): {res.stderr[-2000:]}")
+    imp, call, total = (float(v) for v in line[-1].split()[1:])
+    return imp, call, total, wall
+
+
+def run_import_case(case, args, env, backend, repeat):
+    """Import + first call in a fresh interpreter (warm Numba cache): fastbn vs torch."""
+    shape = case.quick_shape if args.quick else case.shape
+    be = repr(backend)
+    scripts = {"fastbn": _IMPORT_SCRIPT.format(
+        imp="import fastbn as fbn", shape=shape,
+        call=f"fbn.batch_norm_train(x, channel_axis={case.channel_axis}, backend={be})")}
+    if env.torch is not None and not args.quick:  # importing torch takes seconds
+        scripts["torch F.batch_norm"] = _IMPORT_SCRIPT.format(
+            imp="import torch\nimport torch.nn.functional as F", shape=shape,
+            call="F.batch_norm(torch.from_numpy(x), None, None, training=True)")
+    env_vars = dict(os.environ)
+    # Warm-up processes: fill Numba's on-disk cache, page in the libraries.
+    for s in scripts.values():
+        _subprocess_time(s, env_vars)
+    res = {k: [] for k in scripts}
+    for i in range(repeat):
+        for k in (list(scripts) if i % 2 == 0 else list(scripts)[::-1]):
+            res[k].append(_subprocess_time(scripts[k], env_vars))
+    rows = []
+    for k, vals in res.items():
+        totals = [v[2] for v in vals]
+        tmin, tmed = _stats(totals)
+        rows.append({"label": k + " (import + first call)", "role": "fastbn" if k == "fastbn" else "peer",
+                     "threads": "", "number": 1, "min_s": tmin, "median_s": tmed, "times_s": totals,
+                     "import_s_median": statistics.median(v[0] for v in vals),
+                     "first_call_s_median": statistics.median(v[1] for v in vals),
+                     "process_wall_s_median": statistics.median(v[3] for v in vals)})
+    return {"case": case.label(args.quick), "mode": "import", "shape": list(shape), "dtype": case.dtype,
+            "unit": "s", "bytes": None, "roofline_bytes": None, "bandwidth_gbps": None,
+            "bandwidth_from": None, "runners": rows}
+
+
+# -- targets and printing ------------------------------------------------------------------
+
+def _fmt(v, unit):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    v = v * _UNIT[unit]
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def _pair(a, b, fmt="{:.2f}"):
+    if a is None:
+        return "—"
+    return f"{fmt.format(a)} / {fmt.format(b)}"
+
+
+def evaluate(result, case):
+    """Target verdicts of one case: list of dicts (text, value min/median, met)."""
+    rows = {r["label"]: r for r in result["runners"]}
+    fb = next(r for r in result["runners"] if r["role"] == "fastbn")
+    out = []
+    for t in case.targets:
+        if t.kind == "frac":
+            if "frac_min" not in fb:
+                continue
+            vals = (fb["frac_min"], fb["frac_median"])
+            met = [v >= t.goal for v in vals]
+            text = f">= {t.goal:g} of the {_ROOF[case.mode]}B roofline"
+            shown = _pair(*vals)
+        elif t.kind == "time":
+            vals = (fb["min_s"] * _UNIT[case.unit], fb["median_s"] * _UNIT[case.unit])
+            met = [v <= t.goal for v in vals]
+            text = f"<= {t.goal:g} {case.unit}"
+            shown = _pair(*vals, fmt="{:.3g}") + f" {case.unit}"
+        else:  # ratio against a peer
+            peer = next((r for label, r in rows.items() if label.startswith(t.peer) and r["role"] == "peer"),
+                        None)
+            if peer is None:
+                continue
+            vals = (peer["min_s"] / fb["min_s"], peer["median_s"] / fb["median_s"])
+            met = [v >= t.goal if t.goal > 1 else v > t.goal for v in vals]
+            text = (f"{t.goal:g}x faster than {peer['label']}" if t.goal > 1
+                    else f"faster than {peer['label']}")
+            shown = _pair(*vals) + " x"
+        verdict = "yes" if all(met) else ("min only" if met[0] else "no")
+        out.append({"case": result["case"], "target": text, "source": t.source, "value": shown,
+                    "met": verdict})
+    return out
+
+
+def table(results):
+    """The results as a markdown table (one row per fastbn/peer runner; copies summarised)."""
+    head = ("| case | runner | threads | unit | min | median | peer/fastbn (min / med) "
+            "| roofline fraction (min / med) | copy GB/s |")
+    lines = [head, "|" + "---|" * 9]
+    for res in results:
+        unit = res["unit"]
+        fb = next(r for r in res["runners"] if r["role"] == "fastbn")
+        gbps = f"{res['bandwidth_gbps']:.1f}" if res["bandwidth_gbps"] else "—"
+        for r in res["runners"]:
+            if r["role"] == "copy":
+                continue
+            ratio = ("—" if r["role"] == "fastbn" else
+                     _pair(r["min_s"] / fb["min_s"], r["median_s"] / fb["median_s"]))
+            frac = _pair(r.get("frac_min"), r.get("frac_median")) if "frac_min" in r else "—"
+            lines.append(f"| {res['case']} | {r['label']} | {r['threads'] or '—'} | {unit} "
+                         f"| {_fmt(r['min_s'], unit)} | {_fmt(r['median_s'], unit)} | {ratio} "
+                         f"| {frac} | {gbps} |")
+    return "\n".join(lines)
+
+
+def targets_table(verdicts):
+    lines = ["| case | target | source | fastbn (min / median) | met |", "|---|---|---|---|---|"]
+    for v in verdicts:
+        lines.append(f"| {v['case']} | {v['target']} | {v['source']} | {v['value']} | {v['met']} |")
+    return "\n".join(lines)
+
+
+def backend_name(backend):
+    if backend is not None:
+        return backend
+    import fastbn as fbn
+    return fbn.backend_for(np.zeros(1, np.float32))
+
+
+def describe_machine(env, backend):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    parts = [f"CPU: {cpu}, {_cpu_count()} usable CPUs; threads: {env.threads}",
+             f"numpy {np.__version__}"]
+    if env.numba is not None:
+        layer = "?"
+        try:
+            layer = env.numba.threading_layer()
+        except ValueError:
+            pass
+        parts.append(f"numba {env.numba.__version__} ({env.numba.get_num_threads()} threads, "
+                     f"layer {layer})")
+    parts.append(f"torch {env.torch.__version__} ({env.torch.get_num_threads()} threads)"
+                 if env.torch is not None else "torch: not installed (no torch peer)")
+    parts.append(f"fastbn backend: {backend_name(backend)}")
+    envs = [f"{k}={os.environ[k]}" for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+                                              "FASTBN_BACKEND") if k in os.environ]
+    if envs:
+        parts.append("env: " + " ".join(envs))
+    return "; ".join(parts)
+
+
+def select(cases, pattern):
+    if not pattern:
+        return list(cases)
+    pats = [p.strip().lower() for p in pattern.split("|") if p.strip()]
+    return [c for c in cases if any(p in c.name.lower() for p in pats)]
+
+
+def _optional(modname, func, args):
+    """Run ``fastbn.<modname>.<func>(args)`` if that module exists."""
+    try:
+        mod = importlib.import_module(f"fastbn.{modname}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"fastbn.{modname}":
+            raise
+        print(f"\n(fastbn.{modname} is not available: skipping {func})")
+        return 0
+    return getattr(mod, func)(args) or 0
+
+
+def run(args):
+    """Entry point of ``python -m fastbn bench``; prints the tables, returns 0."""
+    cases = select(CASES, args.cases)
+    if args.list:
+        for c in CASES:
+            print(f"{c.name:40s} {c.mode:9s} {c.dtype:8s} shape {c.shape}  quick {c.quick_shape}")
+        return 0
+    rc = 0
+    if not args.no_cpu and cases:
+        rc = run_cpu(cases, args)
+    if args.gpu:
+        rc = _optional("bench_gpu", "run_gpu", args) or rc
+    if args.dask:
+        rc = _optional("bench_dask", "run_dask", args) or rc
+    return rc
+
+
+def run_cpu(cases, args):
+    env = Env(args)
+    backend = args.backend
+    repeat = args.repeat or (3 if args.quick else 7)
+    results, verdicts = [], []
+    t_start = time.perf_counter()
+    for case in cases:
+        t0 = time.perf_counter()
+        if case.mode == "import":
+            res = run_import_case(case, args, env, backend, 1 if args.quick else min(repeat, 5))
+        else:
+            res = run_case(case, args, env, backend, repeat)
+        results.append(res)
+        verdicts += evaluate(res, case)
+        print(f"  {res['case']}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    quick = " (--quick: tiny sizes, NOT a measurement)" if args.quick else ""
+    print(f"\n## fastbn bench{quick}\n")
+    print(describe_machine(env, backend) + "\n")
+    print(f"Command: `python -m fastbn bench {' '.join(sys.argv[2:])}`".rstrip() + "; "
+          f"repeats: {repeat} (x3 for us cases); float32 unless the case says; out= preallocated "
+          "except 'fresh out'. Roofline: train 3B, infer 2B, backward 5B (B = bytes of x) at the "
+          "bandwidth of the best 2-thread copy of B bytes measured in the same case "
+          "(copy GB/s counts read + write).\n")
+    print(table(results))
+    if verdicts:
+        print("\n### Targets\n")
+        print(targets_table(verdicts))
+        met = sum(v["met"] == "yes" for v in verdicts)
+        print(f"\n{met} of {len(verdicts)} targets met (min and median); "
+              f"total bench time {time.perf_counter() - t_start:.0f} s.")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": describe_machine(env, backend), "quick": bool(args.quick),
+                       "repeat": repeat, "results": results, "targets": verdicts}, fh, indent=1)
+    return 0

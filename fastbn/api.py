@@ -191,6 +191,56 @@ def _train_args(x, scale, offset, channel_axis, eps, running_mean, running_var, 
     return x, fam, plan, pdt, scale, offset, eps, momentum, running_mean, running_var, out
 
 
+_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _small_vec(v, C, dt):
+    return v is None or (type(v) is np.ndarray and v.dtype == dt and v.shape == (C,)
+                         and v.flags.c_contiguous and v.flags.writeable)
+
+
+def _train_small(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
+                 backend):
+    """The fused one-call path for small C-contiguous NumPy inputs, or None.
+
+    Per-call overhead dominates small batches (an MLP layer is (batch, 30)).
+    Every precondition is checked with cheap identity/attribute tests; if any
+    fails this returns None and the general path runs (and raises on bad input).
+    """
+    if (type(x) is not np.ndarray or x.dtype not in _SMALL_DTYPES
+            or type(channel_axis) is not int or not x.flags.c_contiguous
+            or type(eps) is not float or type(momentum) is not float
+            or not (eps >= 0.0 and 0.0 <= momentum <= 1.0)):
+        return None
+    bk = dispatch.small_path_backend(backend)
+    ndim = x.ndim
+    if bk is None or x.size > bk.SMALL or not -ndim <= channel_axis < ndim:
+        return None
+    shape = x.shape
+    ax = channel_axis % ndim
+    C = shape[ax]
+    n = x.size // C if C else 0
+    dt = x.dtype
+    if (n < 2 or not (_small_vec(scale, C, dt) and _small_vec(offset, C, dt)
+                      and _small_vec(running_mean, C, dt) and _small_vec(running_var, C, dt))):
+        return None
+    if out is None:
+        out = np.empty_like(x)
+    elif not (type(out) is np.ndarray and out.dtype == dt and out.shape == shape
+              and out.flags.c_contiguous and out.flags.writeable
+              and (out is x or not np.may_share_memory(out, x))):
+        return None
+    outer = 1
+    for s in shape[:ax]:
+        outer *= s
+    shape3 = (outer, C, n // outer)
+    mean = np.empty(C, dt)
+    invstd = np.empty(C, dt)
+    bk.train_small3(x.reshape(shape3), scale, offset, eps, momentum, running_mean, running_var,
+                    out.reshape(shape3), mean, invstd)
+    return out, mean, invstd
+
+
 def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
                      running_var=None, momentum=0.1, out=None, backend=None):
     """Training-mode forward: normalise with the batch's per-channel statistics.
@@ -201,6 +251,10 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     statistics, if given, are updated in place with momentum (PyTorch
     convention, unbiased running variance).
     """
+    small = _train_small(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum,
+                         out, backend)
+    if small is not None:
+        return small
     if (dk := _dask(x, backend)) is not None:
         return dk.batch_norm_train(x, scale, offset, channel_axis=channel_axis, eps=eps,
                                    running_mean=running_mean, running_var=running_var,

@@ -128,6 +128,22 @@ def choose(family, backend=None):
                     + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
 
 
+def small_path_backend(backend=None):
+    """The Numba backend module if it serves this call (``backend`` or the
+    default choice for NumPy arrays) and has the fused small-input path
+    ``train_small3``; else None.  Cheap: one context-var and one environment
+    lookup."""
+    if backend is not None:
+        if backend != "numba":
+            return None
+    elif _override.get() not in (None, "numba") or os.environ.get("FASTBN_BACKEND", "numba") != "numba":
+        return None
+    mod = _loaded.get("numba")
+    if mod is None:
+        mod = _load("numba")
+    return mod if mod is not None and hasattr(mod, "train_small3") else None
+
+
 def module(name):
     """The loaded backend module ``name`` (which must be available)."""
     mod = _load(name)

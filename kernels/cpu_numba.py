@@ -31,7 +31,7 @@ CHUNK = 4096
 TILE = 16384
 #: Inputs smaller than this many values run the serial kernels: a parallel
 #: region's thread hand-off costs more than the work.
-SERIAL_BELOW = 1 << 16
+SERIAL_BELOW = 1 << 18
 
 
 @helper
@@ -299,3 +299,96 @@ def dy_sums3(dy3, x3, m):
     p2 = np.empty((units, C))
     run(_dy_sums_cl, par, dy3[:, :, 0], x3[:, :, 0], m, tpu, rows, p1, p2)
     return p1.sum(axis=0), p2.sum(axis=0)
+
+
+# -- small inputs: the whole training forward in one serial call --------------
+
+#: Largest input (values) that :func:`train_small3` takes.  Below this the
+#: work is a few microseconds and the per-call overhead of separate kernels
+#: (allocations, dispatch, NumPy on length-C vectors) would dominate.
+SMALL = 1 << 15
+
+
+@kernel
+def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):
+    O, C, I = x.shape
+    n = O * I
+    for c in range(C):
+        s = 0.0
+        for o in range(O):
+            xs = x[o, c]
+            for i in range(I):
+                s += np.float64(xs[i])
+        mu = s / n
+        q = 0.0
+        for o in range(O):
+            xs = x[o, c]
+            for i in range(I):
+                d = np.float64(xs[i]) - mu
+                q += d * d
+        inv = 1.0 / np.sqrt(q / n + eps)
+        a = inv if scale is None else np.float64(scale[c]) * inv
+        b = 0.0 if offset is None else np.float64(offset[c])
+        for o in range(O):
+            xs = x[o, c]
+            ys = out[o, c]
+            for i in range(I):
+                ys[i] = a * (np.float64(xs[i]) - mu) + b
+        mean_out[c] = mu
+        invstd_out[c] = inv
+        if rm is not None:
+            rm[c] = (1.0 - momentum) * rm[c] + momentum * mu
+        if rv is not None:
+            rv[c] = (1.0 - momentum) * rv[c] + momentum * (q / (n - 1))
+
+
+@kernel
+def _train_small_cl(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):
+    """Channels-last twin of _train_small: x (R, C), loops vectorised along C."""
+    R, C = x.shape
+    s = np.zeros(C)
+    q = np.zeros(C)
+    for r in range(R):
+        xr = x[r]
+        for c in range(C):
+            s[c] += np.float64(xr[c])
+    for c in range(C):
+        s[c] /= R
+    for r in range(R):
+        xr = x[r]
+        for c in range(C):
+            d = np.float64(xr[c]) - s[c]
+            q[c] += d * d
+    a = np.empty(C)
+    b = np.zeros(C)
+    for c in range(C):
+        inv = 1.0 / np.sqrt(q[c] / R + eps)
+        invstd_out[c] = inv
+        mean_out[c] = s[c]
+        a[c] = inv if scale is None else np.float64(scale[c]) * inv
+        if offset is not None:
+            b[c] = offset[c]
+        if rm is not None:
+            rm[c] = (1.0 - momentum) * rm[c] + momentum * s[c]
+        if rv is not None:
+            rv[c] = (1.0 - momentum) * rv[c] + momentum * (q[c] / (R - 1))
+    for r in range(R):
+        xr = x[r]
+        yr = out[r]
+        for c in range(C):
+            yr[c] = a[c] * (np.float64(xr[c]) - s[c]) + b[c]
+
+
+def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
+    """Fused training forward for inputs of at most SMALL values (serial, exact two-pass).
+
+    x3/out3 (outer, C, inner) float32/64 (out3 may be x3); scale/offset/rm/rv
+    None or (C,) arrays of x3's dtype; mean_out/invstd_out (C,) receive the
+    batch mean and 1/sqrt(var + eps).  Running statistics are updated in place.
+    """
+    O, C, I = x3.shape
+    if I == 1:
+        _train_small_cl.serial(x3.reshape(O, C), scale, offset, eps, momentum, rm, rv,
+                               out3.reshape(O, C), mean_out, invstd_out)
+    else:
+        _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)

@@ -1,0 +1,93 @@
+"""The bandwidth limit, measured like the kernels: copies of x's bytes, and
+fastbn's fraction of the roofline measured against a copy in the same process.
+
+``time_copy_*``: a copy of B bytes moves 2B (read + write).  The ``track_``
+benchmarks report ratios taken within one process (min of interleaved runs,
+``fastbn.bench.measure``), so they are far less sensitive to a busy machine
+than absolute times: ``track_bandwidth_gbps`` (2B / best copy time) and
+``track_roofline_fraction`` = (k*B / bandwidth) / best fastbn time with k = 3
+(train), 2 (infer), 5 (backward).
+"""
+
+import numpy as np
+
+from ._common import THREADS, check_params, copy_kernel, data, fbn, fill_normal, warm
+
+SIZES = ["S", "M", "L"]
+ELEMS = {"S": 131072, "M": 6422528, "L": 25690112}     # float32 values, as in _common.SHAPES
+
+
+class Copy:
+    params = [["float32"], SIZES]
+    param_names = ["dtype", "size"]
+    number = 1
+    repeat = (10, 40, 4.0)
+    rounds = 2
+    min_run_count = 5
+    warmup_time = 0.3
+    timeout = 120
+
+    def setup(self, dtype, size):
+        key = ("copy", dtype, size)
+        if getattr(self, "_key", None) != key:
+            self.src = fill_normal(np.empty(ELEMS[size], dtype))
+            self.dst = np.zeros_like(self.src)
+            self.kernel = copy_kernel()
+            self._key = key
+        if self.kernel is not None:
+            warm(key, lambda: self.kernel(self.src, self.dst, THREADS))
+
+    def time_copy_numba(self, dtype, size):
+        """Numba prange copy, one contiguous block per thread (THREADS threads)."""
+        self.kernel(self.src, self.dst, THREADS)
+
+    def time_copy_numpy(self, dtype, size):
+        """np.copyto: one thread."""
+        np.copyto(self.dst, self.src)
+
+    def track_bandwidth_gbps(self, dtype, size):
+        from fastbn.bench import Runner, measure
+        r = Runner("copy", lambda: self.kernel(self.src, self.dst, THREADS), "copy")
+        measure([r], repeat=15, warmup=2, min_batch=0.005)
+        return 2 * self.src.nbytes / min(r.times) / 1e9
+
+    track_bandwidth_gbps.unit = "GB/s"
+
+
+_ROOF = {"train": 3, "infer": 2, "backward": 5}
+
+
+class Roofline:
+    """fastbn's fraction of the bandwidth roofline, copy measured in the same process."""
+    params = [list(_ROOF), ["NCHW", "NHWC"], ["M", "L"]]
+    param_names = ["mode", "layout", "size"]
+    unit = "fraction"
+    timeout = 180
+
+    def setup(self, mode, layout, size):
+        check_params("float32", layout, size)
+        self.d = d = data("float32", layout, size, backward=(mode == "backward"))
+        calls = {
+            "train": lambda: fbn.batch_norm_train(d.x, d.scale, d.offset, channel_axis=d.axis, out=d.out),
+            "infer": lambda: fbn.batch_norm_infer(d.x, d.scale, d.offset, d.mean, d.var,
+                                                  channel_axis=d.axis, out=d.out),
+            "backward": lambda: fbn.batch_norm_backward(d.dy, d.x, d.scale, d.mean, d.invstd,
+                                                        channel_axis=d.axis, out=d.out),
+        }
+        self.call = calls[mode]
+        self.src = d.x.reshape(-1)
+        self.dst = np.zeros_like(self.src)
+        self.kernel = copy_kernel()
+        if self.kernel is None:
+            raise NotImplementedError("no Numba copy kernel (Numba unavailable)")
+        warm(("roof", mode, layout, size), self.call)
+
+    def track_roofline_fraction(self, mode, layout, size):
+        from fastbn.bench import Runner, measure
+        runs = [Runner("fastbn", self.call, "fastbn"),
+                Runner("copy", lambda: self.kernel(self.src, self.dst, THREADS), "copy")]
+        measure(runs, repeat=15, warmup=2, min_batch=0.005)
+        bandwidth = 2 * self.src.nbytes / min(runs[1].times)
+        return _ROOF[mode] * self.d.x.nbytes / bandwidth / min(runs[0].times)
+
+

@@ -44,7 +44,10 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
         return n_b, mean_b, m2_b
     delta = mean_b - mean_a
     frac = n_b / n
-    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
+    mean = mean_a + delta * frac
+    if not np.isfinite(delta):  # an inf mean: inf - inf would give NaN where NumPy gives inf
+        mean = mean_a * (1.0 - frac) + mean_b * frac
+    return n, mean, m2_a + m2_b + delta * delta * n_a * frac
 
 
 # -- moments ------------------------------------------------------------------
@@ -114,8 +117,11 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
             uq = pm2[u]
             for c in range(C):
                 delta = tm[c] - um[c]
-                um[c] += delta * frac
                 uq[c] += tq[c] + delta * delta * n_acc * frac
+                if np.isfinite(delta):
+                    um[c] += delta * frac
+                else:  # an inf mean (see _chan_merge)
+                    um[c] = um[c] * (1.0 - frac) + tm[c] * frac
             n_acc = n
 
 
@@ -306,7 +312,7 @@ def dy_sums3(dy3, x3, m):
 #: Largest input (values) that :func:`train_small3` takes.  Below this the
 #: work is a few microseconds and the per-call overhead of separate kernels
 #: (allocations, dispatch, NumPy on length-C vectors) would dominate.
-SMALL = 1 << 15
+SMALL = 1 << 17
 
 
 @kernel
@@ -342,41 +348,79 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
             rv[c] = (1.0 - momentum) * rv[c] + momentum * (q / (n - 1))
 
 
-@kernel
-def _train_small_cl(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):
-    """Channels-last twin of _train_small: x (R, C), loops vectorised along C."""
-    R, C = x.shape
+@helper
+def _widened_sums(xw, xr, shift, C):
+    """Per-channel sum of (x - shift[c]) and of its square over an (R, C) matrix given as
+    ``xw`` (R // k, k*C): k rows per wide row, so the inner loop is >= 64 long
+    even for C = 4, and ``xr`` (R % k, C), the rows left over.  shift: (C,)."""
+    W = xw.shape[1]
+    sw = np.zeros(W)
+    qw = np.zeros(W)
+    shw = np.empty(W)
+    for j in range(W):
+        shw[j] = shift[j % C]
+    for r in range(xw.shape[0]):
+        row = xw[r]
+        for j in range(W):
+            d = np.float64(row[j]) - shw[j]
+            sw[j] += d
+            qw[j] += d * d
     s = np.zeros(C)
     q = np.zeros(C)
-    for r in range(R):
-        xr = x[r]
+    for j in range(W):
+        s[j % C] += sw[j]
+        q[j % C] += qw[j]
+    for r in range(xr.shape[0]):
+        row = xr[r]
         for c in range(C):
-            s[c] += np.float64(xr[c])
-    for c in range(C):
-        s[c] /= R
-    for r in range(R):
-        xr = x[r]
-        for c in range(C):
-            d = np.float64(xr[c]) - s[c]
+            d = np.float64(row[c]) - shift[c]
+            s[c] += d
             q[c] += d * d
+    return s, q
+
+
+@kernel
+def _train_small_cl(xw, xr, scale, offset, eps, momentum, rm, rv, outw, outr, mean_out, invstd_out):
+    """Channels-last twin of _train_small on the widened view (see _widened_sums)."""
+    C = mean_out.size
+    W = xw.shape[1]
+    R = xw.shape[0] * (W // C) + xr.shape[0]
+    zero = np.zeros(C)
+    s, _ = _widened_sums(xw, xr, zero, C)
+    mu = s / R
+    # Second pass about the mean: exact two-pass variance.
+    s, q = _widened_sums(xw, xr, mu, C)
     a = np.empty(C)
     b = np.zeros(C)
     for c in range(C):
-        inv = 1.0 / np.sqrt(q[c] / R + eps)
+        var = (q[c] - s[c] * s[c] / R) / R
+        inv = 1.0 / np.sqrt(var + eps)
         invstd_out[c] = inv
-        mean_out[c] = s[c]
+        mean_out[c] = mu[c]
         a[c] = inv if scale is None else np.float64(scale[c]) * inv
         if offset is not None:
             b[c] = offset[c]
         if rm is not None:
-            rm[c] = (1.0 - momentum) * rm[c] + momentum * s[c]
+            rm[c] = (1.0 - momentum) * rm[c] + momentum * mu[c]
         if rv is not None:
-            rv[c] = (1.0 - momentum) * rv[c] + momentum * (q[c] / (R - 1))
-    for r in range(R):
-        xr = x[r]
-        yr = out[r]
+            rv[c] = (1.0 - momentum) * rv[c] + momentum * (var * R / (R - 1))
+    aw = np.empty(W)
+    bw = np.empty(W)
+    mw = np.empty(W)
+    for j in range(W):
+        aw[j] = a[j % C]
+        bw[j] = b[j % C]
+        mw[j] = mu[j % C]
+    for r in range(xw.shape[0]):
+        row = xw[r]
+        yr = outw[r]
+        for j in range(W):
+            yr[j] = aw[j] * (np.float64(row[j]) - mw[j]) + bw[j]
+    for r in range(xr.shape[0]):
+        row = xr[r]
+        yr = outr[r]
         for c in range(C):
-            yr[c] = a[c] * (np.float64(xr[c]) - s[c]) + b[c]
+            yr[c] = a[c] * (np.float64(row[c]) - mu[c]) + b[c]
 
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
@@ -388,7 +432,11 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     """
     O, C, I = x3.shape
     if I == 1:
-        _train_small_cl.serial(x3.reshape(O, C), scale, offset, eps, momentum, rm, rv,
-                               out3.reshape(O, C), mean_out, invstd_out)
+        k = max(1, -(-64 // max(C, 1)))  # rows per wide row
+        main = (O // k) * k
+        x2, y2 = x3.reshape(O, C), out3.reshape(O, C)
+        _train_small_cl.serial(x2[:main].reshape(O // k, k * C), x2[main:], scale, offset, eps,
+                               momentum, rm, rv, y2[:main].reshape(O // k, k * C), y2[main:],
+                               mean_out, invstd_out)
     else:
         _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)

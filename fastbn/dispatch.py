@@ -129,18 +129,17 @@ def choose(family, backend=None):
 
 
 def small_path_backend(backend=None):
-    """The Numba backend module if it serves this call (``backend`` or the
-    default choice for NumPy arrays) and has the fused small-input path
+    """The Numba or Cython backend module if it serves this call (``backend``
+    or the default choice for NumPy arrays) and has the fused small-input path
     ``train_small3``; else None.  Cheap: one context-var and one environment
     lookup."""
-    if backend is not None:
-        if backend != "numba":
-            return None
-    elif _override.get() not in (None, "numba") or os.environ.get("FASTBN_BACKEND", "numba") != "numba":
+    name = backend if backend is not None else (_override.get() or os.environ.get("FASTBN_BACKEND") or None)
+    if name is None:  # the default for NumPy arrays: numba, else cython
+        mod = _loaded.get("numba") or _load("numba") or _loaded.get("cython") or _load("cython")
+    elif name in ("numba", "cython"):
+        mod = _loaded.get(name) or _load(name)
+    else:
         return None
-    mod = _loaded.get("numba")
-    if mod is None:
-        mod = _load("numba")
     return mod if mod is not None and hasattr(mod, "train_small3") else None
 
 

@@ -1,0 +1,902 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Compiled kernels of the Cython backend (wrapped by ``fastbn.kernels.cpu_cython``).
+
+Every function works on the canonical view ``x`` of shape ``(O, C, I)``
+(outer, channels, inner) with arbitrary strides, in one of two loop nests:
+
+* ``*_cf`` (channels-first, ``I > 1``): work items are ``(o, c, chunk of I)``
+  runs, shared among the threads in memory order; the innermost loop walks
+  ``I``.  Reductions store one summary per run, merged per channel after.
+* ``*_cl`` (channels-last, ``I == 1``): work items are (row group, channel
+  block) tasks over tiles of rows of the ``(O, C)`` matrix; the innermost
+  loop walks ``C``.
+
+``train_small`` fuses a whole small training forward into one serial call.
+
+Element types are the fused ``real_t``: float32, float64, or float16 passed
+as its uint16 bit pattern (converted in C, below).  All arithmetic is float64.
+Statistics are two-pass per run/tile (the second pass re-reads it from
+L1/L2) merged with Chan's formula; each parallel task owns its partial
+results, so no accumulator is shared between threads, and the work split
+depends on the sizes only, so results do not depend on the thread count.
+The caller (the wrapper) validates shapes, strides and sizes: nothing here
+checks bounds.
+"""
+
+from cython.parallel cimport prange, threadid
+from libc.math cimport isfinite, sqrt
+from libc.stdlib cimport malloc, free
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int fbn_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int fbn_max_threads(void) { return 1; }
+    #endif
+
+    /* A 64-byte (cache line) aligned pointer into a block malloc'd 64 bytes
+       larger: per-thread scratch must not share a line with another thread's
+       (false sharing made two threads slower than one). */
+    static inline double* fbn_align64(void* raw) {
+        return (double*)(((uintptr_t)raw + 63) & ~(uintptr_t)63);
+    }
+
+    /* sum(g) and sum(g*(x - m)) over n contiguous values.  GCC vectorises two
+       float64 reductions in one loop only when told it may reorder them (an
+       OpenMP simd reduction: no -ffast-math, NaN still propagates). */
+    #define FBN_DY_SUMS(T, NAME)                                                  \
+    static inline void NAME(const T* g, const T* x, Py_ssize_t n, double m,   \
+                            double* s1, double* s2) {                         \
+        double a = 0.0, b = 0.0;                                              \
+        _Pragma("omp simd reduction(+:a,b)")                                  \
+        for (Py_ssize_t i = 0; i < n; i++) {                                  \
+            double gi = (double)g[i];                                         \
+            a += gi;                                                          \
+            b += gi * ((double)x[i] - m);                                     \
+        }                                                                     \
+        *s1 = a;                                                              \
+        *s2 = b;                                                              \
+    }
+    FBN_DY_SUMS(float, fbn_dy_sums_f32)
+    FBN_DY_SUMS(double, fbn_dy_sums_f64)
+
+    /* Two-pass mean and m2 of n contiguous values.  For float64 data the
+       second pass also sums the deviations ("corrected two-pass"): their mean
+       corrects the rounding of the first-pass mean, which for float64 data is
+       as coarse as the data (a constant run then gets m2 = 0 exactly; a
+       non-finite correction, from inf data, is not applied).  float32 and
+       float16 data sum exactly enough in float64 not to need it, and the
+       extra reduction would cost ~20% of the in-cache time. */
+    #define FBN_STATS(T, NAME, CORRECT)                                           \
+    static inline void NAME(const T* p, Py_ssize_t n, double* mean, double* m2) { \
+        double s = 0.0, c = 0.0, q = 0.0, mu, d;                              \
+        _Pragma("omp simd reduction(+:s)")                                    \
+        for (Py_ssize_t i = 0; i < n; i++) s += (double)p[i];                 \
+        mu = s / (double)n;                                                   \
+        if (CORRECT) {                                                        \
+            _Pragma("omp simd reduction(+:c,q)")                              \
+            for (Py_ssize_t i = 0; i < n; i++) {                              \
+                double e = (double)p[i] - mu;                                 \
+                c += e;                                                       \
+                q += e * e;                                                   \
+            }                                                                 \
+            d = c / (double)n;                                                \
+            *mean = (d - d == 0.0) ? mu + d : mu;                             \
+            *m2 = q - c * d;                                                  \
+        } else {                                                              \
+            _Pragma("omp simd reduction(+:q)")                                \
+            for (Py_ssize_t i = 0; i < n; i++) {                              \
+                double e = (double)p[i] - mu;                                 \
+                q += e * e;                                                   \
+            }                                                                 \
+            *mean = mu;                                                       \
+            *m2 = q;                                                          \
+        }                                                                     \
+    }
+    FBN_STATS(float, fbn_stats_f32, 0)
+    FBN_STATS(double, fbn_stats_f64, 1)
+
+    /* IEEE binary16 <-> binary64, exact / rounded once to nearest-even
+       (the algorithm of NumPy's npy_half_to_double / npy_double_to_half). */
+    static inline double fbn_h2d(uint16_t h) {
+        uint64_t sgn = ((uint64_t)(h & 0x8000u)) << 48, bits;
+        uint32_t e = h & 0x7c00u, m = h & 0x03ffu;
+        double v;
+        if (e == 0) {                      /* zero or subnormal: m * 2^-24 */
+            v = (double)m * 5.9604644775390625e-08;
+            memcpy(&bits, &v, 8);
+            bits |= sgn;
+        } else if (e == 0x7c00u) {         /* inf / nan, payload kept */
+            bits = sgn | 0x7ff0000000000000ULL | ((uint64_t)m << 42);
+        } else {
+            bits = sgn | (((uint64_t)(h & 0x7fffu) + 0xfc000u) << 42);
+        }
+        memcpy(&v, &bits, 8);
+        return v;
+    }
+
+    static inline uint16_t fbn_d2h(double d) {
+        uint64_t b, d_exp, d_sig;
+        uint16_t h_sgn, h_exp, h_sig;
+        memcpy(&b, &d, 8);
+        h_sgn = (uint16_t)((b & 0x8000000000000000ULL) >> 48);
+        d_exp = b & 0x7ff0000000000000ULL;
+        if (d_exp >= 0x40f0000000000000ULL) {            /* inf, nan, overflow */
+            if (d_exp == 0x7ff0000000000000ULL) {
+                d_sig = b & 0x000fffffffffffffULL;
+                if (d_sig != 0) {
+                    uint16_t r = (uint16_t)(0x7c00u + (d_sig >> 42));
+                    if (r == 0x7c00u) r++;                /* stay a nan */
+                    return (uint16_t)(h_sgn + r);
+                }
+            }
+            return (uint16_t)(h_sgn + 0x7c00u);
+        }
+        if (d_exp <= 0x3f00000000000000ULL) {            /* subnormal half or zero */
+            if (d_exp < 0x3e60000000000000ULL) return h_sgn;
+            d_exp >>= 52;
+            d_sig = 0x0010000000000000ULL + (b & 0x000fffffffffffffULL);
+            d_sig <<= (d_exp - 998);
+            if ((d_sig & 0x003fffffffffffffULL) != 0x0010000000000000ULL)
+                d_sig += 0x0010000000000000ULL;
+            h_sig = (uint16_t)(d_sig >> 53);
+            return (uint16_t)(h_sgn + h_sig);
+        }
+        h_exp = (uint16_t)((d_exp - 0x3f00000000000000ULL) >> 42);
+        d_sig = b & 0x000fffffffffffffULL;
+        if ((d_sig & 0x000007ffffffffffULL) != 0x0000020000000000ULL)
+            d_sig += 0x0000020000000000ULL;
+        h_sig = (uint16_t)(d_sig >> 42);
+        h_sig += h_exp;                                   /* a carry gives inf: correct */
+        return (uint16_t)(h_sgn + h_sig);
+    }
+    """
+    double* fbn_align64(void* raw) nogil
+    void fbn_stats_f32(const float* p, Py_ssize_t n, double* mean, double* m2) nogil
+    void fbn_stats_f64(const double* p, Py_ssize_t n, double* mean, double* m2) nogil
+    void fbn_dy_sums_f32(const float* g, const float* x, Py_ssize_t n, double m,
+                         double* s1, double* s2) nogil
+    void fbn_dy_sums_f64(const double* g, const double* x, Py_ssize_t n, double m,
+                         double* s1, double* s2) nogil
+    int fbn_max_threads() nogil
+    double fbn_h2d(unsigned short h) nogil
+    unsigned short fbn_d2h(double d) nogil
+
+
+ctypedef fused real_t:
+    float
+    double
+    unsigned short      # float16 bits
+
+
+# Unroll width of the contiguous reductions: independent float64 accumulators
+# let the compiler vectorise a sum it may not reassociate (no -ffast-math);
+# 16 (4 AVX2 vectors) hides the add latency, 8 does not.
+cdef enum:
+    U = 16
+    # Values per scheduling chunk of the channels-first loops.  Guided (not
+    # static) scheduling: on a shared machine one preempted thread must not
+    # hold the other at the end-of-loop barrier while work is left.
+    SCHED = 32768
+    # Run summaries merged in a parallel loop only from this many on: a
+    # parallel region costs a thread wake-up (a scheduler tick on a busy machine).
+    MERGE_PAR = 65536
+
+
+cdef inline Py_ssize_t pad8(Py_ssize_t n) noexcept nogil:
+    """n rounded up to whole cache lines of float64."""
+    return (n + 7) // 8 * 8
+
+
+def max_threads():
+    """OpenMP's thread count for a parallel region (1 without OpenMP)."""
+    return fbn_max_threads()
+
+
+# -- element access -----------------------------------------------------------
+
+cdef inline double ld(real_t v) noexcept nogil:
+    if real_t is float or real_t is double:
+        return v
+    else:
+        return fbn_h2d(v)
+
+
+cdef inline void st(real_t* dst, double v) noexcept nogil:
+    """Round the float64 ``v`` once to ``dst``'s type."""
+    if real_t is float:
+        dst[0] = <float>v
+    elif real_t is double:
+        dst[0] = v
+    else:
+        dst[0] = fbn_d2h(v)
+
+
+cdef inline void chan(double* n, double* mean, double* m2,
+                      double nb, double mb, double m2b) noexcept nogil:
+    """Merge the summary (nb, mb, m2b) into (n, mean, m2) (Chan et al.)."""
+    cdef double tot, d, frac
+    if nb == 0.0:
+        return
+    if n[0] == 0.0:
+        n[0] = nb
+        mean[0] = mb
+        m2[0] = m2b
+        return
+    tot = n[0] + nb
+    d = mb - mean[0]
+    frac = nb / tot
+    if isfinite(d):
+        mean[0] = mean[0] + d * frac
+    else:  # an inf mean: inf - inf in d would give NaN where NumPy gives inf
+        mean[0] = mean[0] * (1.0 - frac) + mb * frac
+    m2[0] = m2[0] + m2b + d * d * n[0] * frac
+    n[0] = tot
+
+
+# -- moments ------------------------------------------------------------------
+
+cdef void run_stats(const real_t* p, Py_ssize_t n, Py_ssize_t s,
+                    double* mean, double* m2) noexcept nogil:
+    """Two-pass mean and sum of squared deviations of n values at stride s
+    (contiguous float32/64: in C, above, where an OpenMP simd reduction lets
+    GCC vectorise without -ffast-math)."""
+    cdef double acc[U]
+    cdef double mu, tot, d
+    cdef Py_ssize_t b, i, j, n8 = n - n % U
+    if s == 1:
+        if real_t is float:
+            fbn_stats_f32(p, n, mean, m2)
+            return
+        elif real_t is double:
+            fbn_stats_f64(p, n, mean, m2)
+            return
+    for j in range(U):
+        acc[j] = 0.0
+    if s == 1:
+        for b in range(n8 // U):
+            i = b * U
+            for j in range(U):
+                acc[j] += ld(p[i + j])
+        for i in range(n8, n):
+            acc[0] += ld(p[i])
+    else:
+        for i in range(n):
+            acc[0] += ld(p[i * s])
+    tot = 0.0
+    for j in range(U):
+        tot += acc[j]
+    mu = tot / n
+    for j in range(U):
+        acc[j] = 0.0
+    if s == 1:
+        for b in range(n8 // U):
+            i = b * U
+            for j in range(U):
+                d = ld(p[i + j]) - mu
+                acc[j] += d * d
+        for i in range(n8, n):
+            d = ld(p[i]) - mu
+            acc[0] += d * d
+    else:
+        for i in range(n):
+            d = ld(p[i * s]) - mu
+            acc[0] += d * d
+    tot = 0.0
+    for j in range(U):
+        tot += acc[j]
+    mean[0] = mu
+    m2[0] = tot
+
+
+cdef void merge_runs(const double* pmean, const double* pm2, Py_ssize_t O, Py_ssize_t nk,
+                     Py_ssize_t I, Py_ssize_t chunk, double* mean, double* m2) noexcept nogil:
+    """Chan-merge one channel's O*nk run summaries (run j is chunk j % nk of a row)."""
+    cdef double n = 0.0, mu = 0.0, q = 0.0
+    cdef Py_ssize_t j
+    for j in range(O * nk):
+        chan(&n, &mu, &q, <double>min(chunk, I - (j % nk) * chunk), pmean[j], pm2[j])
+    mean[0] = mu
+    m2[0] = q
+
+
+def moments_cf(const real_t[:, :, :] x, double[::1] mean, double[::1] m2,
+               Py_ssize_t chunk, int nthreads):
+    """Per-channel mean and m2 of x (O, C, I).
+
+    I is cut in ``chunk``-long runs; the O*C*nk runs are taken in memory
+    order (so each thread streams through a contiguous part of x), each
+    run's two-pass (mean, m2) is stored, then merged per channel.
+    """
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t so, sc, si, nk, per, R, t, c, k, oc, o
+    cdef const real_t* base
+    cdef double* part
+    if O == 0 or C == 0 or I == 0:
+        return
+    base = &x[0, 0, 0]
+    so = x.strides[0] // sizeof(real_t)
+    sc = x.strides[1] // sizeof(real_t)
+    si = x.strides[2] // sizeof(real_t)
+    nk = (I + chunk - 1) // chunk
+    per = max(1, SCHED // min(chunk, I))
+    R = O * nk                   # runs per channel
+    part = <double*>malloc(C * R * 2 * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        for t in prange(O * C * nk, nogil=True, schedule="guided", chunksize=per,
+                        num_threads=nthreads):
+            oc = t // nk
+            k = t - oc * nk
+            o = oc // C
+            c = oc - o * C
+            run_stats(base + o * so + c * sc + k * chunk * si, min(chunk, I - k * chunk), si,
+                      part + c * R + o * nk + k, part + C * R + c * R + o * nk + k)
+        for c in prange(C, nogil=True, schedule="static",
+                        num_threads=nthreads if C > 1 and C * R >= MERGE_PAR else 1):
+            merge_runs(part + c * R, part + C * R + c * R, O, nk, I, chunk, &mean[c], &m2[c])
+    finally:
+        free(part)
+
+
+cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssize_t r0,
+                          Py_ssize_t r1, Py_ssize_t rows, Py_ssize_t nc, double* out_mean,
+                          double* out_m2, double* work) noexcept nogil:
+    """Rows r0..r1 of channels x[:, 0:nc] in tiles of ``rows`` -> out_mean/out_m2[0:nc].
+
+    work: 5*nc doubles of this thread's own scratch (the tile's mean, m2 and
+    sum of deviations, the running mean and m2), so the hot writes stay in
+    private cache lines.  For float64 data the sum of deviations corrects the
+    tile's mean and m2 for the rounding of its first-pass mean ("corrected
+    two-pass"): a constant channel gets m2 = 0, not the square of a rounding
+    error.  float32/float16 data sum exactly enough in float64 without it.
+    """
+    cdef Py_ssize_t r, j, t0, t1
+    cdef double n = 0.0, nb, tot, frac, d
+    cdef const real_t* pr
+    cdef double* tm = work
+    cdef double* tq = work + nc
+    cdef double* rm = work + 2 * nc
+    cdef double* rq = work + 3 * nc
+    cdef double* tc = work + 4 * nc
+    for j in range(nc):
+        rm[j] = 0.0
+        rq[j] = 0.0
+    t0 = r0
+    while t0 < r1:
+        t1 = min(t0 + rows, r1)
+        nb = <double>(t1 - t0)
+        for j in range(nc):
+            tm[j] = 0.0
+            tq[j] = 0.0
+            tc[j] = 0.0
+        for r in range(t0, t1):
+            pr = x + r * so
+            if sc == 1:
+                for j in range(nc):
+                    tm[j] += ld(pr[j])
+            else:
+                for j in range(nc):
+                    tm[j] += ld(pr[j * sc])
+        for j in range(nc):
+            tm[j] = tm[j] / nb
+        if real_t is double:      # corrected two-pass (see FBN_STATS)
+            for r in range(t0, t1):
+                pr = x + r * so
+                if sc == 1:
+                    for j in range(nc):
+                        d = ld(pr[j]) - tm[j]
+                        tc[j] += d
+                        tq[j] += d * d
+                else:
+                    for j in range(nc):
+                        d = ld(pr[j * sc]) - tm[j]
+                        tc[j] += d
+                        tq[j] += d * d
+            for j in range(nc):
+                tq[j] = tq[j] - tc[j] * tc[j] / nb
+                d = tc[j] / nb
+                if d - d == 0.0:  # finite: an inf channel keeps its inf mean, not NaN
+                    tm[j] = tm[j] + d
+        else:
+            for r in range(t0, t1):
+                pr = x + r * so
+                if sc == 1:
+                    for j in range(nc):
+                        d = ld(pr[j]) - tm[j]
+                        tq[j] += d * d
+                else:
+                    for j in range(nc):
+                        d = ld(pr[j * sc]) - tm[j]
+                        tq[j] += d * d
+        tot = n + nb
+        frac = nb / tot
+        for j in range(nc):
+            d = tm[j] - rm[j]
+            rq[j] = rq[j] + tq[j] + d * d * n * frac
+            if isfinite(d):
+                rm[j] = rm[j] + d * frac
+            else:  # an inf mean (see chan)
+                rm[j] = rm[j] * (1.0 - frac) + tm[j] * frac
+        n = tot
+        t0 = t1
+    for j in range(nc):
+        out_mean[j] = rm[j]
+        out_m2[j] = rq[j]
+
+
+def moments_cl(const real_t[:, :, :] x, double[::1] mean, double[::1] m2,
+               Py_ssize_t rows, Py_ssize_t cblock, Py_ssize_t groups, int nthreads):
+    """Per-channel mean and m2 of x (O, C, 1): the O rows are cut into tiles of
+    ``rows``, the tiles split among ``groups`` row groups, the channels into
+    blocks of ``cblock``; one parallel task per (row group, channel block)."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t so, sc, ntiles, ncb, t, g, c, Cp, S, G = groups
+    cdef const real_t* base
+    cdef void* raw
+    cdef double* pmean
+    cdef double* pm2
+    cdef double* scratch
+    cdef double* cnt
+    cdef double n, mu, q
+    if O == 0 or C == 0 or x.shape[2] == 0:
+        return
+    base = &x[0, 0, 0]
+    so = x.strides[0] // sizeof(real_t)
+    sc = x.strides[1] // sizeof(real_t)
+    ntiles = (O + rows - 1) // rows
+    ncb = (C + cblock - 1) // cblock
+    Cp = pad8(C)                  # partial rows padded to whole cache lines
+    S = pad8(5 * cblock)          # per-thread scratch, likewise
+    nthreads = max(nthreads, 1)
+    raw = malloc((2 * G * Cp + nthreads * S + G) * sizeof(double) + 64)
+    if raw == NULL:
+        raise MemoryError()
+    pmean = fbn_align64(raw)
+    pm2 = pmean + G * Cp
+    scratch = pm2 + G * Cp
+    cnt = scratch + nthreads * S
+    try:
+        for g in range(G):
+            cnt[g] = <double>(min((g + 1) * ntiles // G * rows, O) - min(g * ntiles // G * rows, O))
+        for t in prange(G * ncb, nogil=True, schedule="dynamic", num_threads=nthreads):
+            task_moments_cl(base + (t % ncb) * cblock * sc, so, sc,
+                            min((t // ncb) * ntiles // G * rows, O),
+                            min((t // ncb + 1) * ntiles // G * rows, O), rows,
+                            min(cblock, C - (t % ncb) * cblock),
+                            pmean + (t // ncb) * Cp + (t % ncb) * cblock,
+                            pm2 + (t // ncb) * Cp + (t % ncb) * cblock,
+                            scratch + threadid() * S)
+        with nogil:
+            for c in range(C):
+                n = 0.0
+                mu = 0.0
+                q = 0.0
+                for g in range(G):
+                    chan(&n, &mu, &q, cnt[g], pmean[g * Cp + c], pm2[g * Cp + c])
+                mean[c] = mu
+                m2[c] = q
+    finally:
+        free(raw)
+
+
+# -- elementwise: out = q*(x - m) + r (+ p*u) ---------------------------------
+
+cdef void run_affine(const real_t* px, Py_ssize_t sx, real_t* po, Py_ssize_t so,
+                     const real_t* pu, Py_ssize_t su, Py_ssize_t n,
+                     double m, double q, double r, double p) noexcept nogil:
+    """One run of n values of one channel; pu == NULL: no u term."""
+    cdef Py_ssize_t i
+    if pu == NULL:
+        if sx == 1 and so == 1:
+            for i in range(n):
+                st(po + i, q * (ld(px[i]) - m) + r)
+        else:
+            for i in range(n):
+                st(po + i * so, q * (ld(px[i * sx]) - m) + r)
+    else:
+        if sx == 1 and so == 1 and su == 1:
+            for i in range(n):
+                st(po + i, q * (ld(px[i]) - m) + r + p * ld(pu[i]))
+        else:
+            for i in range(n):
+                st(po + i * so, q * (ld(px[i * sx]) - m) + r + p * ld(pu[i * su]))
+
+
+def affine_cf(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :] u,
+              const double[::1] m, const double[::1] q, const double[::1] r,
+              const double[::1] p, Py_ssize_t chunk, int nthreads):
+    """out = q*(x - m) + r (+ p*u) for x, out, u (O, C, I), u may be None;
+    parallel over (o, c, chunk of I) runs.  out may be x itself."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t nk, per, t, k, o, c, i0, oc
+    cdef Py_ssize_t x0, x1, x2, o0, o1, o2, u0 = 0, u1 = 0, u2 = 0
+    cdef const real_t* bx
+    cdef const real_t* bu = NULL
+    cdef real_t* bo
+    cdef double pc
+    if O == 0 or C == 0 or I == 0:
+        return
+    bx = &x[0, 0, 0]
+    bo = &out[0, 0, 0]
+    x0 = x.strides[0] // sizeof(real_t)
+    x1 = x.strides[1] // sizeof(real_t)
+    x2 = x.strides[2] // sizeof(real_t)
+    o0 = out.strides[0] // sizeof(real_t)
+    o1 = out.strides[1] // sizeof(real_t)
+    o2 = out.strides[2] // sizeof(real_t)
+    if u is not None:
+        bu = &u[0, 0, 0]
+        u0 = u.strides[0] // sizeof(real_t)
+        u1 = u.strides[1] // sizeof(real_t)
+        u2 = u.strides[2] // sizeof(real_t)
+    nk = (I + chunk - 1) // chunk
+    per = max(1, SCHED // min(chunk, I))
+    for t in prange(O * C * nk, nogil=True, schedule="guided", chunksize=per,
+                    num_threads=nthreads):
+        oc = t // nk
+        k = t - oc * nk
+        o = oc // C
+        c = oc - o * C
+        i0 = k * chunk
+        if bu == NULL:
+            pc = 0.0
+            run_affine(bx + o * x0 + c * x1 + i0 * x2, x2, bo + o * o0 + c * o1 + i0 * o2, o2,
+                       NULL, 0, min(chunk, I - i0), m[c], q[c], r[c], pc)
+        else:
+            pc = p[c]
+            run_affine(bx + o * x0 + c * x1 + i0 * x2, x2, bo + o * o0 + c * o1 + i0 * o2, o2,
+                       bu + o * u0 + c * u1 + i0 * u2, u2, min(chunk, I - i0),
+                       m[c], q[c], r[c], pc)
+
+
+cdef void rows_affine(const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
+                      real_t* po, Py_ssize_t o0, Py_ssize_t o1,
+                      const real_t* pu, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t r0,
+                      Py_ssize_t nrows, Py_ssize_t c0, Py_ssize_t C, const double* m,
+                      const double* q, const double* r, const double* p) noexcept nogil:
+    """Rows r0 .. r0+nrows, channels c0 .. c0+C; pu == NULL: no u term."""
+    cdef Py_ssize_t row, j
+    cdef const real_t* xr
+    cdef const real_t* ur
+    cdef real_t* orow
+    px = px + r0 * x0 + c0 * x1
+    po = po + r0 * o0 + c0 * o1
+    m = m + c0
+    q = q + c0
+    r = r + c0
+    if pu != NULL:
+        pu = pu + r0 * u0 + c0 * u1
+        p = p + c0
+    for row in range(nrows):
+        xr = px + row * x0
+        orow = po + row * o0
+        if pu == NULL:
+            if x1 == 1 and o1 == 1:
+                for j in range(C):
+                    st(orow + j, q[j] * (ld(xr[j]) - m[j]) + r[j])
+            else:
+                for j in range(C):
+                    st(orow + j * o1, q[j] * (ld(xr[j * x1]) - m[j]) + r[j])
+        else:
+            ur = pu + row * u0
+            if x1 == 1 and o1 == 1 and u1 == 1:
+                for j in range(C):
+                    st(orow + j, q[j] * (ld(xr[j]) - m[j]) + r[j] + p[j] * ld(ur[j]))
+            else:
+                for j in range(C):
+                    st(orow + j * o1, q[j] * (ld(xr[j * x1]) - m[j]) + r[j] + p[j] * ld(ur[j * u1]))
+
+
+def affine_cl(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :] u,
+              const double[::1] m, const double[::1] q, const double[::1] r,
+              const double[::1] p, Py_ssize_t rows, Py_ssize_t cblock, int nthreads):
+    """out = q*(x - m) + r (+ p*u) for x, out, u (O, C, 1), u may be None;
+    parallel over tiles of ``rows`` rows x ``cblock`` channels.  out may be x."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t t, r0, c0, ncb, x0, x1, o0, o1, u0 = 0, u1 = 0
+    cdef const real_t* bx
+    cdef const real_t* bu = NULL
+    cdef real_t* bo
+    cdef const double* pp = NULL
+    if O == 0 or C == 0 or x.shape[2] == 0:
+        return
+    bx = &x[0, 0, 0]
+    bo = &out[0, 0, 0]
+    x0 = x.strides[0] // sizeof(real_t)
+    x1 = x.strides[1] // sizeof(real_t)
+    o0 = out.strides[0] // sizeof(real_t)
+    o1 = out.strides[1] // sizeof(real_t)
+    if u is not None:
+        bu = &u[0, 0, 0]
+        u0 = u.strides[0] // sizeof(real_t)
+        u1 = u.strides[1] // sizeof(real_t)
+        pp = &p[0]
+    ncb = (C + cblock - 1) // cblock
+    for t in prange((O + rows - 1) // rows * ncb, nogil=True, schedule="guided",
+                    num_threads=nthreads):
+        r0 = t // ncb * rows
+        c0 = (t % ncb) * cblock
+        rows_affine(bx, x0, x1, bo, o0, o1, bu, u0, u1, r0, min(rows, O - r0),
+                    c0, min(cblock, C - c0), &m[0], &q[0], &r[0], pp)
+
+
+# -- backward sums: sum(dy), sum(dy*(x - m)) ----------------------------------
+
+cdef void run_dy_sums(const real_t* pg, Py_ssize_t sg, const real_t* px, Py_ssize_t sx,
+                      Py_ssize_t n, double m, double* s1, double* s2) noexcept nogil:
+    """s1 = sum(g), s2 = sum(g*(x - m)) over one run of n values."""
+    cdef double a1[U]
+    cdef double a2[U]
+    cdef double g
+    cdef Py_ssize_t b, i, j, n8 = n - n % U
+    if sg == 1 and sx == 1:
+        if real_t is float:
+            fbn_dy_sums_f32(pg, px, n, m, s1, s2)
+            return
+        elif real_t is double:
+            fbn_dy_sums_f64(pg, px, n, m, s1, s2)
+            return
+    for j in range(U):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    if sg == 1 and sx == 1:
+        # float16: two loops of one reduction each (the run is in L1/L2 for
+        # the second): GCC does not vectorise two reductions in one loop.
+        for b in range(n8 // U):
+            i = b * U
+            for j in range(U):
+                a1[j] += ld(pg[i + j])
+        for b in range(n8 // U):
+            i = b * U
+            for j in range(U):
+                a2[j] += ld(pg[i + j]) * (ld(px[i + j]) - m)
+        for i in range(n8, n):
+            g = ld(pg[i])
+            a1[0] += g
+            a2[0] += g * (ld(px[i]) - m)
+    else:
+        for i in range(n):
+            g = ld(pg[i * sg])
+            a1[0] += g
+            a2[0] += g * (ld(px[i * sx]) - m)
+    s1[0] = 0.0
+    s2[0] = 0.0
+    for j in range(U):
+        s1[0] += a1[j]
+        s2[0] += a2[j]
+
+
+cdef void sum_runs(const double* p1, const double* p2, Py_ssize_t R,
+                   double* s1, double* s2) noexcept nogil:
+    cdef double a = 0.0, b = 0.0
+    cdef Py_ssize_t j
+    for j in range(R):
+        a += p1[j]
+        b += p2[j]
+    s1[0] = a
+    s2[0] = b
+
+
+def dy_sums_cf(const real_t[:, :, :] dy, const real_t[:, :, :] x, const double[::1] m,
+               double[::1] sum_dy, double[::1] sum_dy_xc, Py_ssize_t chunk, int nthreads):
+    """Per-channel sum(dy) and sum(dy*(x - m)) for dy, x (O, C, I); runs as moments_cf."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t g0, g1, g2, x0, x1, x2, nk, per, R, t, c, k, oc, o
+    cdef const real_t* bg
+    cdef const real_t* bx
+    cdef double* part
+    if O == 0 or C == 0 or I == 0:
+        return
+    bg = &dy[0, 0, 0]
+    bx = &x[0, 0, 0]
+    g0 = dy.strides[0] // sizeof(real_t)
+    g1 = dy.strides[1] // sizeof(real_t)
+    g2 = dy.strides[2] // sizeof(real_t)
+    x0 = x.strides[0] // sizeof(real_t)
+    x1 = x.strides[1] // sizeof(real_t)
+    x2 = x.strides[2] // sizeof(real_t)
+    nk = (I + chunk - 1) // chunk
+    per = max(1, SCHED // min(chunk, I))
+    R = O * nk
+    part = <double*>malloc(C * R * 2 * sizeof(double))
+    if part == NULL:
+        raise MemoryError()
+    try:
+        for t in prange(O * C * nk, nogil=True, schedule="guided", chunksize=per,
+                        num_threads=nthreads):
+            oc = t // nk
+            k = t - oc * nk
+            o = oc // C
+            c = oc - o * C
+            run_dy_sums(bg + o * g0 + c * g1 + k * chunk * g2, g2,
+                        bx + o * x0 + c * x1 + k * chunk * x2, x2,
+                        min(chunk, I - k * chunk), m[c],
+                        part + c * R + o * nk + k, part + C * R + c * R + o * nk + k)
+        for c in prange(C, nogil=True, schedule="static",
+                        num_threads=nthreads if C > 1 and C * R >= MERGE_PAR else 1):
+            sum_runs(part + c * R, part + C * R + c * R, R, &sum_dy[c], &sum_dy_xc[c])
+    finally:
+        free(part)
+
+
+cdef void task_dy_sums_cl(const real_t* pg, Py_ssize_t g0, Py_ssize_t g1,
+                          const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
+                          Py_ssize_t nrows, Py_ssize_t nc, const double* m,
+                          double* out1, double* out2, double* work) noexcept nogil:
+    """Sums over nrows rows of nc channels -> out1/out2[0:nc]; work: 2*nc
+    doubles of this thread's own scratch (private cache lines for the hot writes)."""
+    cdef Py_ssize_t row, j
+    cdef const real_t* gr
+    cdef const real_t* xr
+    cdef double g
+    cdef double* s1 = work
+    cdef double* s2 = work + nc
+    for j in range(nc):
+        s1[j] = 0.0
+        s2[j] = 0.0
+    for row in range(nrows):
+        gr = pg + row * g0
+        xr = px + row * x0
+        if g1 == 1 and x1 == 1:
+            for j in range(nc):
+                g = ld(gr[j])
+                s1[j] += g
+                s2[j] += g * (ld(xr[j]) - m[j])
+        else:
+            for j in range(nc):
+                g = ld(gr[j * g1])
+                s1[j] += g
+                s2[j] += g * (ld(xr[j * x1]) - m[j])
+    for j in range(nc):
+        out1[j] = s1[j]
+        out2[j] = s2[j]
+
+
+def dy_sums_cl(const real_t[:, :, :] dy, const real_t[:, :, :] x, const double[::1] m,
+               double[::1] sum_dy, double[::1] sum_dy_xc,
+               Py_ssize_t rows, Py_ssize_t cblock, Py_ssize_t groups, int nthreads):
+    """Per-channel sum(dy) and sum(dy*(x - m)) for dy, x (O, C, 1); tasks as moments_cl."""
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t g0, g1, x0, x1, ntiles, ncb, t, g, c, r0, r1, c0, Cp, S, G = groups
+    cdef const real_t* bg
+    cdef const real_t* bx
+    cdef void* raw
+    cdef double* p1
+    cdef double* p2
+    cdef double* scratch
+    cdef double a, b
+    if O == 0 or C == 0 or x.shape[2] == 0:
+        return
+    bg = &dy[0, 0, 0]
+    bx = &x[0, 0, 0]
+    g0 = dy.strides[0] // sizeof(real_t)
+    g1 = dy.strides[1] // sizeof(real_t)
+    x0 = x.strides[0] // sizeof(real_t)
+    x1 = x.strides[1] // sizeof(real_t)
+    ntiles = (O + rows - 1) // rows
+    ncb = (C + cblock - 1) // cblock
+    Cp = pad8(C)
+    S = pad8(2 * cblock)
+    nthreads = max(nthreads, 1)
+    raw = malloc((2 * G * Cp + nthreads * S) * sizeof(double) + 64)
+    if raw == NULL:
+        raise MemoryError()
+    p1 = fbn_align64(raw)
+    p2 = p1 + G * Cp
+    scratch = p2 + G * Cp
+    try:
+        for t in prange(G * ncb, nogil=True, schedule="dynamic", num_threads=nthreads):
+            r0 = min((t // ncb) * ntiles // G * rows, O)
+            r1 = min((t // ncb + 1) * ntiles // G * rows, O)
+            c0 = (t % ncb) * cblock
+            task_dy_sums_cl(bg + r0 * g0 + c0 * g1, g0, g1, bx + r0 * x0 + c0 * x1, x0, x1,
+                            r1 - r0, min(cblock, C - c0), &m[c0],
+                            p1 + (t // ncb) * Cp + c0, p2 + (t // ncb) * Cp + c0,
+                            scratch + threadid() * S)
+        with nogil:
+            for c in range(C):
+                a = 0.0
+                b = 0.0
+                for g in range(G):
+                    a = a + p1[g * Cp + c]
+                    b = b + p2[g * Cp + c]
+                sum_dy[c] = a
+                sum_dy_xc[c] = b
+    finally:
+        free(raw)
+
+
+# -- small inputs: the whole training forward in one serial call ----------------
+
+ctypedef fused flt_t:
+    float
+    double
+
+
+def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1] offset,
+                double eps, double momentum, flt_t[::1] rm, flt_t[::1] rv,
+                flt_t[:, :, :] out, flt_t[::1] mean_out, flt_t[::1] invstd_out,
+                Py_ssize_t chunk, Py_ssize_t rows):
+    """Fused training forward for a small x (O, C, I), serial, one call.
+
+    Same per-run / per-tile two-pass statistics and the same elementwise pass
+    as the parallel kernels (so the same numbers), without their per-call
+    Python work.  scale/offset/rm/rv may be None; out may be x.
+    """
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t so, sc, si, oo, oc_, oi, nk, k, o, c, L
+    cdef const flt_t* bx
+    cdef flt_t* bo
+    cdef void* raw
+    cdef double* mean
+    cdef double* m2
+    cdef double* a
+    cdef double* b
+    cdef double* zero
+    cdef double n, cnt, mu, q, inv, bm = 0.0, bq = 0.0
+    cdef bint has_scale = scale is not None, has_offset = offset is not None
+    cdef bint has_rm = rm is not None, has_rv = rv is not None
+    if O == 0 or C == 0 or I == 0:
+        raise ValueError("train_small: empty input")
+    bx = &x[0, 0, 0]
+    bo = &out[0, 0, 0]
+    so = x.strides[0] // sizeof(flt_t)
+    sc = x.strides[1] // sizeof(flt_t)
+    si = x.strides[2] // sizeof(flt_t)
+    oo = out.strides[0] // sizeof(flt_t)
+    oc_ = out.strides[1] // sizeof(flt_t)
+    oi = out.strides[2] // sizeof(flt_t)
+    n = <double>(O * I)
+    raw = malloc((10 * pad8(C)) * sizeof(double) + 64)
+    if raw == NULL:
+        raise MemoryError()
+    mean = fbn_align64(raw)
+    m2 = mean + pad8(C)
+    a = m2 + pad8(C)
+    b = a + pad8(C)
+    zero = b + pad8(C)          # then 5*C of scratch for task_moments_cl
+    try:
+        with nogil:
+            if I == 1:
+                task_moments_cl(bx, so, sc, 0, O, rows, C, mean, m2, zero + pad8(C))
+            else:
+                nk = (I + chunk - 1) // chunk
+                for c in range(C):
+                    cnt = 0.0
+                    mu = 0.0
+                    q = 0.0
+                    for o in range(O):
+                        for k in range(nk):
+                            L = min(chunk, I - k * chunk)
+                            run_stats(bx + o * so + c * sc + k * chunk * si, L, si, &bm, &bq)
+                            chan(&cnt, &mu, &q, <double>L, bm, bq)
+                    mean[c] = mu
+                    m2[c] = q
+            for c in range(C):
+                inv = 1.0 / sqrt(m2[c] / n + eps)
+                a[c] = inv * scale[c] if has_scale else inv
+                b[c] = offset[c] if has_offset else 0.0
+                zero[c] = 0.0
+                mean_out[c] = <flt_t>mean[c]
+                invstd_out[c] = <flt_t>inv
+                if has_rm:
+                    rm[c] = <flt_t>((1.0 - momentum) * rm[c] + momentum * mean[c])
+                if has_rv:
+                    rv[c] = <flt_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / (n - 1.0)))
+            if I == 1:
+                rows_affine(bx, so, sc, bo, oo, oc_, <const flt_t*>NULL, 0, 0, 0, O, 0, C,
+                            mean, a, b, zero)
+            else:
+                for o in range(O):
+                    for c in range(C):
+                        run_affine(bx + o * so + c * sc, si, bo + o * oo + c * oc_, oi,
+                                   <const flt_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0)
+    finally:
+        free(raw)

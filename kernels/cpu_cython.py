@@ -1,0 +1,258 @@
+"""Compiled Cython CPU backend ("cython"): the fallback when Numba is absent.
+
+Same primitives and algorithms as ``cpu_numba`` (see ``kernels/__init__.py``),
+ahead-of-time compiled in ``_cython_kernels.pyx`` (OpenMP ``prange``, no GIL,
+no JIT latency).  This module only prepares arguments: it picks the loop nest
+for the canonical ``(O, C, I)`` view, sizes the parallel work split, passes
+float16 as its uint16 bit pattern (converted in C), and copies the rare arrays
+whose strides a typed memoryview cannot take (unaligned, or not a multiple of
+the item size).
+
+Work split (all of it a function of the shape only, so results are the same
+for any thread count):
+
+* ``I > 1`` (NCHW): ``I`` is cut in ``CHUNK``-long runs, and the threads
+  share the ``O * C * ceil(I / CHUNK)`` runs in memory order (so C = 1 still
+  fills every core and each thread streams through one part of memory); each
+  run's summary is kept and merged per channel.
+* ``I == 1`` (NHWC, (N, C)): tiles of ``TILE // C`` rows (a tile is re-read
+  from L2 for the second statistics pass), grouped into row groups, times
+  blocks of ``CBLOCK`` channels.
+* ``1 < I <= FOLD_MAX`` (e.g. NCHW with 7x7 images): viewed as
+  ``(O, C*I, 1)`` and run channels-last, then the ``I`` sub-columns of each
+  channel are merged (Chan) here.  Short runs would cost more in per-run
+  summaries than in data; where the ``(C, I)`` block is not evenly strided,
+  the reductions fold a contiguous copy.
+"""
+
+import math
+import os
+
+import numpy as np
+
+try:
+    from . import _cython_kernels as _ck
+    _IMPORT_ERROR = None
+except ImportError as exc:  # not compiled (no compiler at install time)
+    _ck = None
+    _IMPORT_ERROR = exc
+
+NAME = "cython"
+FAMILIES = ("numpy",)
+
+#: Values per channels-first run: 16 KiB of float32, re-read from L1.
+CHUNK = 4096
+#: Values per channels-last tile (rows x channels); 64 KiB of float32 fits L2.
+TILE = 16384
+#: Channels per channels-last block (bounds the per-task scratch).
+CBLOCK = 2048
+#: Target values per channels-last reduction task.
+TASK = 1 << 16
+#: At least this many reduction tasks when the data allows (C = 1 too).
+MIN_TASKS = 8
+#: At most this many row groups (partials are groups x C float64 values) ...
+MAX_GROUPS = 256
+#: ... and at most this many partial values in all.
+MAX_PARTIALS = 1 << 22
+#: Channels-first inputs with I up to this are folded to channels-last.
+FOLD_MAX = 64
+#: Inputs smaller than this many values run on one thread: a parallel
+#: region's thread hand-off costs more than the work.
+SERIAL_BELOW = 1 << 16
+
+
+#: True in a process made by fork(): GNU OpenMP (libgomp) cannot start a
+#: thread team in a child forked after the parent ran a parallel region (ours
+#: or Numba's "omp" layer) -- it hangs -- so there the kernels run serially.
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def unavailable_reason():
+    """None if the compiled extension loaded, else why not."""
+    if _ck is None:
+        return f"compiled extension fastbn.kernels._cython_kernels not built ({_IMPORT_ERROR})"
+    return None
+
+
+# -- argument preparation -------------------------------------------------------
+
+def _needs_copy(a):
+    """True if a typed memoryview cannot take ``a``'s memory as it is."""
+    return not a.flags.aligned or any(s % a.itemsize for s in a.strides)
+
+
+def _kview(a):
+    """``a`` as the typed memoryviews take it: float16 as uint16 bits; an
+    unaligned array or one with strides that are not whole items copied."""
+    if a.dtype == np.float16:
+        a = a.view(np.uint16)
+    if _needs_copy(a):
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _vec(v):
+    return None if v is None else np.ascontiguousarray(v, dtype=np.float64)
+
+
+def _threads(size):
+    return 1 if size < SERIAL_BELOW or _forked else _ck.max_threads()
+
+
+def _fold(*arrays, copy=False):
+    """(O, C, I) arrays as (O, C*I, 1) views, or None if any cannot be viewed
+    so; with ``copy``, such an array is folded from a contiguous copy instead."""
+    out = []
+    for a in arrays:
+        if a is None:
+            out.append(None)
+            continue
+        O, C, I = a.shape
+        try:
+            out.append(a.reshape((O, C * I, 1), copy=False))
+        except ValueError:
+            if not copy:
+                return None
+            out.append(np.ascontiguousarray(a).reshape((O, C * I, 1)))
+    return out
+
+
+def _foldable(x3):
+    return 1 < x3.shape[2] <= FOLD_MAX
+
+
+def _cl_split(O, C):
+    """(rows per tile, channels per block, row groups) for the channels-last nests."""
+    cb = max(1, min(C, CBLOCK))
+    rows = max(1, TILE // cb)
+    ntiles = (O + rows - 1) // rows
+    ncb = (C + cb - 1) // cb
+    want = max(math.ceil(O * C / TASK), math.ceil(MIN_TASKS / ncb))
+    groups = min(ntiles, MAX_GROUPS, max(1, MAX_PARTIALS // C), want)
+    return rows, cb, max(1, groups)
+
+
+# -- primitives -----------------------------------------------------------------
+
+def _moments_kernel(x3):
+    O, C, I = x3.shape
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    xk = _kview(x3)
+    nt = _threads(x3.size)
+    if I > 1:
+        _ck.moments_cf(xk, mean, m2, CHUNK, nt)
+    else:
+        rows, cb, groups = _cl_split(O, C)
+        _ck.moments_cl(xk, mean, m2, rows, cb, groups, nt)
+    return mean, m2
+
+
+def moments3(x3):
+    """(outer, C, inner) -> per-channel (mean, m2), float64."""
+    O, C, I = x3.shape
+    if O * I == 0:
+        return np.full(C, np.nan), np.zeros(C)
+    if C == 0:
+        return np.empty(0), np.empty(0)
+    folded = _fold(x3, copy=True) if _foldable(x3) else None
+    if folded is None:
+        return _moments_kernel(x3)
+    # Per-(c, i) column statistics over O rows each, then Chan's merge of I
+    # equal-count summaries: m2 = sum m2_i + O * sum (mean_i - mean)^2.
+    mean_ci, m2_ci = _moments_kernel(folded[0])
+    mean_ci = mean_ci.reshape(C, I)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN data: NaN, as the kernels
+        mean = mean_ci.mean(axis=1)
+        m2 = m2_ci.reshape(C, I).sum(axis=1) + O * ((mean_ci - mean[:, None]) ** 2).sum(axis=1)
+    return mean, m2
+
+
+def affine3(x3, m, q, r, out3, u3=None, p=None):
+    """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64, rounded once;
+    ``out3`` may be ``x3`` itself."""
+    if x3.size == 0:
+        return out3
+    O, C, I = x3.shape
+    m, q, r, p = _vec(m), _vec(q), _vec(r), _vec(p)
+    if u3 is not None and p is None:
+        raise ValueError("affine3: p is required with u3")
+    x, out, u = x3, out3, u3
+    if _foldable(x3):
+        folded = _fold(x3, out3, u3)
+        if folded is not None:
+            x, out, u = folded
+            m, q, r = np.repeat(m, I), np.repeat(q, I), np.repeat(r, I)
+            p = None if p is None else np.repeat(p, I)
+    xk = _kview(x)
+    uk = None if u is None else _kview(u)
+    copied = _needs_copy(out)
+    # An out the memoryviews cannot take is written through a temporary.
+    ok = _kview(np.empty(out.shape, dtype=out.dtype) if copied else out)
+    nt = _threads(x.size)
+    if x.shape[2] > 1:
+        _ck.affine_cf(xk, ok, uk, m, q, r, p, CHUNK, nt)
+    else:
+        cb = min(x.shape[1], CBLOCK)
+        _ck.affine_cl(xk, ok, uk, m, q, r, p, max(1, TILE // cb), cb, nt)
+    if copied:
+        out[...] = ok.view(out.dtype)
+    return out3
+
+
+def _dy_sums_kernel(dy3, x3, m):
+    O, C, I = x3.shape
+    s1 = np.empty(C)
+    s2 = np.empty(C)
+    gk, xk = _kview(dy3), _kview(x3)
+    if gk.dtype != xk.dtype:
+        raise TypeError(f"dy_sums3: dy {dy3.dtype} and x {x3.dtype} differ")
+    nt = _threads(x3.size)
+    if I > 1:
+        _ck.dy_sums_cf(gk, xk, m, s1, s2, CHUNK, nt)
+    else:
+        rows, cb, groups = _cl_split(O, C)
+        _ck.dy_sums_cl(gk, xk, m, s1, s2, rows, cb, groups, nt)
+    return s1, s2
+
+
+def dy_sums3(dy3, x3, m):
+    """Per-channel (sum(dy), sum(dy*(x - m))), float64."""
+    O, C, I = x3.shape
+    m = _vec(m)
+    if x3.size == 0:
+        return np.zeros(C), np.zeros(C)
+    folded = _fold(dy3, x3, copy=True) if _foldable(x3) else None
+    if folded is None:
+        return _dy_sums_kernel(dy3, x3, m)
+    s1, s2 = _dy_sums_kernel(folded[0], folded[1], np.repeat(m, I))
+    return s1.reshape(C, I).sum(axis=1), s2.reshape(C, I).sum(axis=1)
+
+
+# -- small inputs: the whole training forward in one serial call ----------------
+
+#: Largest input (values) that :func:`train_small3` takes: below it the work is
+#: microseconds and the per-call Python work of separate kernels dominates.
+SMALL = 1 << 15
+
+
+def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
+    """Fused training forward for inputs of at most SMALL values (serial).
+
+    Same contract as ``cpu_numba.train_small3``: x3/out3 (outer, C, inner)
+    float32/64 (out3 may be x3); scale/offset/rm/rv None or (C,) contiguous
+    arrays of x3's dtype; mean_out/invstd_out (C,) receive the batch mean and
+    1/sqrt(var + eps); running statistics are updated in place.
+    """
+    C = x3.shape[1]
+    _ck.train_small(x3, scale, offset, float(eps), float(momentum), rm, rv, out3, mean_out,
+                    invstd_out, CHUNK, max(1, TILE // max(C, 1)))

@@ -154,7 +154,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
     out = checks.out_array(out, x, fam)
     bk = _backend(fam, backend)
     kept = tuple(a for a in range(x.ndim)
-                 if any(p is not None and p.shape[a] > 1 for p in params.values()))
+                 # != 1, not > 1: a parameter of length 0 (x empty there) varies too
+                 if any(p is not None and p.shape[a] != 1 for p in params.values()))
     plan = layout.make_plan(x.shape, x.strides, kept)
 
     def per_channel(v, default):

@@ -130,7 +130,12 @@ def merge_packed(p, axis):
         s = np.take_along_axis(flat_m, idx, axis=-1).reshape(n.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = s + np.where(n > 0, (n_i * (mean_i - s)).sum(axis=axis, keepdims=True) / n, 0.0)
-    m2 = m2_i.sum(axis=axis, keepdims=True) + (n_i * (mean_i - mean) ** 2).sum(axis=axis, keepdims=True)
+        # An inf partial mean makes inf - inf above; the plain weighted sum gives what
+        # NumPy's mean gives (inf, or NaN for +inf with -inf).
+        plain = (n_i * mean_i).sum(axis=axis, keepdims=True) / n
+        mean = np.where(np.isfinite(mean) | (n == 0), mean, plain)
+        m2 = (m2_i.sum(axis=axis, keepdims=True)
+              + (n_i * (mean_i - mean) ** 2).sum(axis=axis, keepdims=True))
     return np.concatenate([n, mean, m2], axis=0)
 
 

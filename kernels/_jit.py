@@ -3,8 +3,11 @@
 Every knob that changes machine code is read here from the environment, once:
 
 ``FASTBN_FASTMATH``
-    Comma-separated LLVM fast-math flags (default ``reassoc,contract,arcp``).
-    ``reassoc`` is what lets LLVM vectorise float reductions.  ``nnan``/``ninf``
+    Comma-separated LLVM fast-math flags (default ``reassoc,contract``).
+    ``reassoc`` is what lets LLVM vectorise float reductions.  ``arcp`` is left
+    out: it turns ``s / n`` into ``s * (1/n)``, so the mean of a constant
+    channel was off by an ulp (var != 0); the kernels divide once per chunk,
+    so exact division costs nothing.  ``nnan``/``ninf``
     are refused: they would let the compiler drop NaN propagation, and a NaN in
     one channel must give NaN statistics for that channel.
 ``FASTBN_CACHE`` (``0`` disables on-disk caching of compiled kernels)
@@ -27,7 +30,7 @@ import numba
 from numba.core import caching
 
 _ALLOWED_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
-_DEFAULT_FASTMATH = "reassoc,contract,arcp"
+_DEFAULT_FASTMATH = "reassoc,contract"
 
 
 def _fastmath_flags():
@@ -57,14 +60,33 @@ def _writable(path):
         return False
 
 
+def _private_temp_dir(name):
+    """``<temp dir>/name``, made 0700, or None if it is not ours alone.
+
+    The temp dir is shared: a directory someone else made there (or one others
+    can write) could hold cached machine code that would run in this process.
+    """
+    try:
+        path = os.path.join(tempfile.gettempdir(), name)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:  # no usable temp dir at all (FileNotFoundError)
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != uid or st.st_mode & 0o022:
+        return None
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def cache_dir():
     """The directory fastbn's compiled kernels are cached in, or None.
 
     First writable of: ``$FASTBN_CACHE_DIR``, ``$NUMBA_CACHE_DIR/fastbn``, the
     package's ``__pycache__``, ``$XDG_CACHE_HOME/fastbn`` (``~/.cache``), and a
-    per-user directory under the system temp dir.  A read-only install with an
-    unwritable HOME thus still caches (in /tmp) instead of failing at import.
+    private (0700, ours) per-user directory under the system temp dir.  A
+    read-only install with an unwritable HOME thus still caches (in /tmp)
+    instead of failing at import; with nowhere to write, kernels compile uncached.
     """
     candidates = []
     if os.environ.get("FASTBN_CACHE_DIR"):
@@ -75,9 +97,9 @@ def cache_dir():
     xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     candidates.append(os.path.join(xdg, "fastbn"))
     uid = os.getuid() if hasattr(os, "getuid") else "user"
-    candidates.append(os.path.join(tempfile.gettempdir(), f"fastbn-cache-{uid}"))
+    candidates.append(_private_temp_dir(f"fastbn-cache-{uid}"))
     for path in candidates:
-        if _writable(path):
+        if path is not None and _writable(path):
             return path
     return None
 
@@ -181,14 +203,25 @@ def _threading_layer():
     return _layer_checked
 
 
+_pool_pid = None  # the process whose thread pool the parallel kernels use
+
+
 def run(kern, parallel, *args):
     """Call ``kern.parallel(*args)`` if ``parallel`` else ``kern.serial(*args)``.
 
     Parallel calls are serialised under the workqueue layer.  If no thread-safe
     layer loads at all (no OpenMP, no TBB), fall back to Numba's default choice.
     """
+    global _pool_pid
     if not parallel:
         return kern.serial(*args)
+    pid = os.getpid()
+    if _pool_pid != pid:
+        if _pool_pid is not None:
+            # A forked child: GNU OpenMP's pool belongs to the parent and hangs
+            # or aborts here, so the child runs every kernel serially.
+            return kern.serial(*args)
+        _pool_pid = pid
     layer = _threading_layer()
     if layer is not None and layer != "workqueue":
         return kern.parallel(*args)

@@ -129,7 +129,10 @@ if cuda is not None:
         n = na + nb
         d = mb - ma
         f = nb / n
-        return n, ma + d * f, qa + qb + d * d * na * f
+        m = ma + d * f
+        if not math.isfinite(d):  # an inf mean: inf - inf would give NaN where NumPy gives inf
+            m = ma * (1.0 - f) + mb * f
+        return n, m, qa + qb + d * d * na * f
 
     @_dev
     def _partial(cnt, k, s1, s2):
@@ -202,6 +205,8 @@ if cuda is not None:
             i = j - c * inner
             cnt = (o1 - o + TY - 1) // TY
             k = zero + x[o, c, i]
+            if not math.isfinite(k):  # an inf pivot would turn every value into NaN
+                k = zero
             s1 = zero
             s2 = zero
             while o + 3 * TY < o1:
@@ -252,6 +257,8 @@ if cuda is not None:
                 o = kk // inner
                 i = kk - o * inner
                 k = zero + x[o, c, i]
+                if not math.isfinite(k):  # an inf pivot would turn every value into NaN
+                    k = zero
                 s1 = zero
                 s2 = zero
                 while kk + 3 * nt < end:

@@ -31,6 +31,25 @@ if _HERE not in sys.path:
 
 CPU_BACKENDS = ("numba", "cython", "numpy")
 
+# Hypothesis profiles for the property tests (tests/test_properties.py).
+# "ci" (the default): a quick sample per test; under CI (CI set in the
+# environment) the examples are derandomized, so a submission is never failed
+# by a newly drawn case, while local runs draw new ones every time.
+# "thorough": >= 10k cases per backend in all; ``pytest --hypothesis-profile=thorough``.
+try:
+    from hypothesis import HealthCheck, settings as _hsettings
+except ImportError:  # hypothesis is a test extra; the property tests skip without it
+    _hsettings = None
+if _hsettings is not None:
+    _quiet = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+              HealthCheck.data_too_large]
+    _hsettings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,
+                                derandomize=bool(os.environ.get("CI")),
+                                suppress_health_check=_quiet)
+    _hsettings.register_profile("thorough", max_examples=1300, deadline=None, print_blob=True,
+                                suppress_health_check=_quiet)
+    _hsettings.load_profile("ci")  # --hypothesis-profile=NAME (applied after this) wins
+
 #: Memory layouts of test data: C order, Fortran order, a strided view with gaps
 #: (``base[..., 1:-1, ::2]``), and a view with every stride negative.
 MEMORY = ("C", "F", "sliced", "negstride")

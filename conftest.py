@@ -13,6 +13,10 @@ import sys
 
 _ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+# Subprocesses the tests start (``python -c``, ``python -m fastbn``) would put
+# their working directory -- often this root -- first on sys.path too;
+# PYTHONSAFEPATH (Python >= 3.11) stops that for every child.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 _stale = sys.modules.get("fastbn")
 if _stale is not None and not hasattr(_stale, "kernels") and "fastbn.kernels" not in sys.modules:

@@ -55,15 +55,25 @@ class Moments(NamedTuple):
 
     def pack(self):
         """The three vectors stacked as one (3, C) float64 array, for transport."""
-        return np.stack([self.count, self.mean, self.m2]).astype(np.float64, copy=False)
+        return _pack(self)
 
     @classmethod
     def unpack(cls, a):
         """Inverse of :meth:`pack`: a (3, C) array -> Moments."""
-        a = np.asarray(a, dtype=np.float64)
-        if a.ndim != 2 or a.shape[0] != 3:
-            raise ValueError(f"packed moments must have shape (3, C), got {a.shape}")
-        return cls(a[0].copy(), a[1].copy(), a[2].copy())
+        return _unpack(cls, a, "packed moments")
+
+
+def _pack(parts):
+    """A summary's three (C,) vectors stacked as one (3, C) float64 array."""
+    return np.stack(list(parts)).astype(np.float64, copy=False)
+
+
+def _unpack(cls, a, what):
+    """Inverse of _pack: a (3, C) array -> ``cls`` with copies of its rows."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != 3:
+        raise ValueError(f"{what} must have shape (3, C), got {a.shape}")
+    return cls(a[0].copy(), a[1].copy(), a[2].copy())
 
 
 class GradSums(NamedTuple):
@@ -80,15 +90,12 @@ class GradSums(NamedTuple):
 
     def pack(self):
         """The three vectors stacked as one (3, C) float64 array (all-reduce with sum)."""
-        return np.stack([self.count, self.sum_dy, self.sum_dy_xhat]).astype(np.float64, copy=False)
+        return _pack(self)
 
     @classmethod
     def unpack(cls, a):
         """Inverse of :meth:`pack`: a (3, C) array -> GradSums."""
-        a = np.asarray(a, dtype=np.float64)
-        if a.ndim != 2 or a.shape[0] != 3:
-            raise ValueError(f"packed grad sums must have shape (3, C), got {a.shape}")
-        return cls(a[0].copy(), a[1].copy(), a[2].copy())
+        return _unpack(cls, a, "packed grad sums")
 
 
 # -- merging -------------------------------------------------------------------

@@ -26,6 +26,20 @@ def _describe(v):
     return f"{type(v).__name__} {v!r}"[:120]
 
 
+def _family_array(v, fam, name, expected):
+    """``v`` as an array object of its family ``fam``: ``np.asarray`` for host
+    objects that are not ndarrays (lists, scalars, memoryviews), a CuPy/Numba
+    view for other CUDA objects (e.g. a torch CUDA tensor)."""
+    if fam == "numpy" and not isinstance(v, np.ndarray):
+        try:
+            return np.asarray(v)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be {expected}, got {_describe(v)}") from exc
+    if fam == "cuda":
+        return device.asarray(v)
+    return v
+
+
 def data_array(x, name, family=None):
     """``x`` as an array of its family with a float16/32/64 dtype, ndim >= 1 where needed.
 
@@ -38,13 +52,7 @@ def data_array(x, name, family=None):
     if family is not None and fam != family:
         raise TypeError(f"{name} is a {fam} array but the other arrays of this call are {family} "
                         "arrays; move them to the same device first")
-    if fam == "numpy" and not isinstance(x, np.ndarray):
-        try:
-            x = np.asarray(x)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} must be an array of floats, got {_describe(x)}") from exc
-    elif fam == "cuda":  # e.g. a torch CUDA tensor -> a CuPy (or Numba) view
-        x = device.asarray(x)
+    x = _family_array(x, fam, name, "an array of floats")
     dt = getattr(x, "dtype", None)
     if dt is None or np.dtype(dt) not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {_describe(x)}")
@@ -86,13 +94,7 @@ def vector(v, name, length, family, *, optional=True):
     if fam != family:
         raise TypeError(f"{name} is a {fam} array but x is a {family} array; "
                         "move it to the same device first")
-    if fam == "numpy" and not isinstance(v, np.ndarray):
-        try:
-            v = np.asarray(v)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} must be a 1-D float array, got {_describe(v)}") from exc
-    elif fam == "cuda":
-        v = device.asarray(v)
+    v = _family_array(v, fam, name, "a 1-D float array")
     dt = getattr(v, "dtype", None)
     if dt is None or np.dtype(dt).kind != "f":
         raise TypeError(f"{name} must be a float array, got {_describe(v)}")

@@ -218,14 +218,16 @@ def _host(v):
     return np.asarray(v, dtype=np.float64)
 
 
-def _moments_arg(m, C, name="moments"):
-    if isinstance(m, Moments):
-        m = m.pack()
-    m = np.asarray(m, dtype=np.float64)
-    if m.shape != (3, C):
-        raise ValueError(f"{name} must be a Moments of length-{C} vectors (or packed (3, {C})), "
-                         f"got shape {m.shape}")
-    return m
+def _packed_arg(v, kind, C, name):
+    """A ``kind`` (Moments or GradSums) of length-C vectors, or its packed (3, C)
+    form, as the packed float64 array."""
+    if isinstance(v, kind):
+        v = v.pack()
+    v = np.asarray(v, dtype=np.float64)
+    if v.shape != (3, C):
+        raise ValueError(f"{name} must be a {kind.__name__} of length-{C} vectors "
+                         f"(or packed (3, {C})), got shape {v.shape}")
+    return v
 
 
 def _apply(x, fam, plan, out, backend, m, q, r, u=None, p=None):
@@ -257,7 +259,7 @@ def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channe
     x, fam, ax, plan = _shard(x, channel_axis)
     C = x.shape[ax]
     pdt = checks.param_dtype(x.dtype)
-    n, mean, m2 = _moments_arg(moments, C)
+    n, mean, m2 = _packed_arg(moments, Moments, C, "moments")
     scale = checks.vector(scale, "scale", C, fam)
     offset = checks.vector(offset, "offset", C, fam)
     eps = checks.scalar(eps, "eps", low=0.0)
@@ -319,13 +321,7 @@ def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_a
     scale = checks.vector(scale, "scale", C, fam)
     mean = checks.vector(mean, "mean", C, fam, optional=False)
     invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
-    if isinstance(sums, GradSums):
-        sums = sums.pack()
-    sums = np.asarray(sums, dtype=np.float64)
-    if sums.shape != (3, C):
-        raise ValueError(f"sums must be a GradSums of length-{C} vectors (or packed (3, {C})), "
-                         f"got shape {sums.shape}")
-    n, doffset, dscale = sums
+    n, doffset, dscale = _packed_arg(sums, GradSums, C, "sums")
     a = invstd if scale is None else scale * invstd
     with np.errstate(divide="ignore", invalid="ignore"):
         b = -a * invstd * dscale / n

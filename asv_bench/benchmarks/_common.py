@@ -55,6 +55,13 @@ DTYPES = ["float16", "float32", "float64"]
 LAYOUTS = ["NCHW", "NHWC", "NC"]
 SIZES = ["S", "M", "L"]
 
+#: ``FASTBN_ASV_SMOKE=1``: a smoke run (CI, tests/test_asv_smoke.py).  The
+#: parameter grids stay the same -- every benchmark and every combination
+#: still runs its ``setup`` and body -- but the S/M/L arrays are tiny (below),
+#: so ``asv run --quick`` costs process start-ups, not data.  Its numbers
+#: measure nothing; never record results with it set.
+SMOKE = os.environ.get("FASTBN_ASV_SMOKE", "").strip() not in ("", "0")
+
 #: Same element count per size in every layout: S 131 072 (0.5 MB float32,
 #: L2-resident), M 6.4 M (26 MB, fits the 32 MB L3), L 25.7 M (103 MB, DRAM).
 SHAPES = {
@@ -62,6 +69,15 @@ SHAPES = {
     "NHWC": {"S": (8, 32, 32, 16), "M": (32, 56, 56, 64), "L": (128, 56, 56, 64)},
     "NC": {"S": (128, 1024), "M": (6272, 1024), "L": (25088, 1024)},
 }
+if SMOKE:
+    # S 1 024 values (fused small-input path), M 16 384 (serial kernels),
+    # L 294 912 (1.2 MB float32: above the Numba backend's SERIAL_BELOW, so the
+    # parallel kernels run too).
+    SHAPES = {
+        "NCHW": {"S": (2, 8, 8, 8), "M": (4, 16, 16, 16), "L": (8, 16, 48, 48)},
+        "NHWC": {"S": (2, 8, 8, 8), "M": (4, 16, 16, 16), "L": (8, 48, 48, 16)},
+        "NC": {"S": (128, 8), "M": (1024, 16), "L": (18432, 16)},
+    }
 CHANNEL_AXIS = {"NCHW": 1, "NHWC": -1, "NC": -1}
 EPS = 1e-5
 
@@ -173,6 +189,6 @@ def copy_kernel():
     return _make_numba_copy(numba) or None
 
 
-__all__ = ["fbn", "np", "BACKEND", "THREADS", "DTYPES", "LAYOUTS", "SIZES", "SHAPES", "EPS", "GRID", "DTYPE_GRID",
+__all__ = ["fbn", "np", "BACKEND", "THREADS", "SMOKE", "DTYPES", "LAYOUTS", "SIZES", "SHAPES", "EPS", "GRID", "DTYPE_GRID",
            "Data", "data",
            "warm", "Grid", "check_params", "fill_normal", "copy_kernel"]

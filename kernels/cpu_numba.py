@@ -19,6 +19,7 @@ Elementwise passes evaluate in float64 and round once to the output dtype.
 import numpy as np
 from numba import prange
 
+from . import _stream
 from ._jit import helper, kernel, run
 
 NAME = "numba"
@@ -295,6 +296,82 @@ def _affine_cl(x, m, q, r, out, u, p):
                     yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c] + p[c] * np.float64(ur[c])
 
 
+# Streaming-store variants (see _stream): float32 output, mean folded into r.
+
+@helper
+def _stream_run(x, y, u, qt, rt, pt, P, f0, f1):
+    """y[f] = qt[k]*x[f] + rt[k] (+ pt[k]*u[f]), k = f % P, for f0 <= f < f1 of flat
+    contiguous float32 arrays: ordinary stores up to y's next line, streaming
+    stores for whole lines, ordinary stores for the rest."""
+    a = f0 + min(_stream.lead(y, f0), f1 - f0)
+    nv = (f1 - a) // _stream.V
+    k = f0 % P
+    for f in range(f0, a):
+        y[f] = qt[k] * np.float64(x[f]) + rt[k] + (0.0 if u is None else pt[k] * np.float64(u[f]))
+        k = k + 1 if k + 1 < P else 0
+    _stream.stream_fma(x, y, u, qt, rt, pt, P, a, nv, k)
+    k = (k + nv * _stream.V) % P
+    for f in range(a + nv * _stream.V, f1):
+        y[f] = qt[k] * np.float64(x[f]) + rt[k] + (0.0 if u is None else pt[k] * np.float64(u[f]))
+        k = k + 1 if k + 1 < P else 0
+
+
+@kernel
+def _affine_cf_stream(x, out, u, qt, rt, pt, chunk, group):
+    """Channels-first runs; qt/rt/pt (C, 2V): per channel, period V."""
+    O, C, I = x.shape
+    nk = (I + chunk - 1) // chunk
+    units = O * C * nk
+    for g in prange((units + group - 1) // group):  # one fence per group of units
+        for t in range(g * group, min(units, (g + 1) * group)):
+            o, c, i0, i1 = _unit(t, nk, C, I, chunk)
+            if u is None:
+                _stream_run(x[o, c], out[o, c], None, qt[c], rt[c], pt[c], _stream.V, i0, i1)
+            else:
+                _stream_run(x[o, c], out[o, c], u[o, c], qt[c], rt[c], pt[c], _stream.V, i0, i1)
+        _stream.fence()
+
+
+@kernel
+def _affine_flat_stream(x, out, u, qt, rt, pt, P, block):
+    """A C-contiguous (R, C) matrix as flat arrays, in blocks of ``block`` values."""
+    n = x.size
+    for b in prange((n + block - 1) // block):
+        _stream_run(x, out, u, qt, rt, pt, P, b * block, min(n, (b + 1) * block))
+        _stream.fence()
+
+
+#: Outputs of at least this many bytes are written with streaming stores.  Smaller
+#: ones may still be in cache when the next layer reads them; streaming would
+#: send them to memory.
+STREAM_FROM = 1 << 25
+#: Channels-first units per sfence.
+STREAM_GROUP = 16
+
+
+def _streamable(out3, *arrays):
+    """Streaming stores apply: float32, big, x86, and unit stride along the runs."""
+    if out3.dtype != np.float32 or out3.nbytes < STREAM_FROM or not _stream.AVAILABLE:
+        return False
+    if out3.shape[2] > 1:
+        return all(a is None or a.strides[2] == 4 for a in (out3,) + arrays)
+    return all(a is None or a[:, :, 0].flags.c_contiguous for a in (out3,) + arrays)
+
+
+def _affine_stream(x3, q, r, out3, u3, p, par):
+    """The folded affine pass (mean already in r) with streaming stores."""
+    C = x3.shape[1]
+    p = q if p is None else p  # unused when u3 is None; the kernel wants an array
+    if x3.shape[2] > 1:
+        qt, rt, pt = (np.repeat(v[:, None], 2 * _stream.V, axis=1) for v in (q, r, p))
+        run(_affine_cf_stream, par, x3, out3, u3, qt, rt, pt, CHUNK, STREAM_GROUP)
+    else:
+        P = _stream.period(C)
+        qt, rt, pt = _stream.tables([q, r, p], P)
+        flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731  (views: C-contiguous)
+        run(_affine_flat_stream, par, flat(x3), flat(out3), flat(u3), qt, rt, pt, P, TILE)
+
+
 def affine3(x3, m, q, r, out3, u3=None, p=None):
     """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64; out3 may be x3."""
     dst = out3.astype(np.float32) if out3.dtype == np.float16 else out3
@@ -311,7 +388,9 @@ def affine3(x3, m, q, r, out3, u3=None, p=None):
             r = r - qm
             m = None
     par = x3.size >= SERIAL_BELOW
-    if x3.shape[2] > 1:
+    if m is None and _streamable(dst, x3, u3):
+        _affine_stream(x3, q, r, dst, u3, p, par)
+    elif x3.shape[2] > 1:
         run(_affine_cf, par, x3, m, q, r, dst, u3, p, CHUNK)
     else:
         run(_affine_cl, par, x3[:, :, 0], m, q, r, dst[:, :, 0],

@@ -1,7 +1,7 @@
 """Streaming (non-temporal) stores for the elementwise pass, as Numba intrinsics.
 
 An ordinary store first reads the destination cache line (write-allocate), so
-``y = q*x + r`` over a 103 MB array moves 3B bytes, not 2B.  A non-temporal
+``y = q*(x - m) + r`` over a 103 MB array moves 3B bytes, not 2B.  A non-temporal
 store writes whole lines straight to memory.  Measured here in C (2 threads,
 103 MB float32): ordinary stores 5.5 ms, streaming stores 3.6-3.9 ms.
 
@@ -11,15 +11,16 @@ loop itself: ``V`` values per step (one 64-byte line), loads unaligned, stores
 64-byte aligned.  :func:`lead` tells the caller how many values to write with
 ordinary code before the destination reaches a line boundary.
 
-The per-value parameters come from *periodic tables*: ``q[k]``, ``r[k]``
-(and ``p[k]``), float64, where ``k`` runs through ``0..P-1`` and wraps, and each
+``y = q*(x - m) + r (+ p*u)`` in float64, rounded once, as in the ordinary
+kernels.  The per-value parameters come from *periodic tables*: ``m[k]``, ``q[k]``,
+``r[k]`` (and ``p[k]``), float64, where ``k`` runs through ``0..P-1`` and wraps, and each
 table has ``P + V`` entries (``t[j] = t[j % P]``) so that a vector read at any
 ``k < P`` stays in bounds.  A channels-first run (one channel) is ``P = V``
 copies of one value; a channels-last row block of C channels is ``P`` = a
 multiple of C that is >= V.  See :func:`period`.
 
-Only float32 data: float16 is computed through a float32 buffer, and float64
-outputs keep ``q*(x - m) + r`` with ordinary stores (see cpu_numba.affine3).
+Only float32 data (float16 is computed through a float32 buffer); float64
+outputs use ordinary stores.
 """
 
 import platform
@@ -69,24 +70,23 @@ def lead(typingctx, y, f0):
 
 
 @intrinsic
-def stream_fma(typingctx, x, y, u, q, r, p, P, f0, nvec, k0):
-    """y[f] = q[k]*x[f] + r[k] (+ p[k]*u[f]) for f in f0 .. f0 + nvec*V - 1, k = (k0 + f - f0) % P,
+def stream_fma(typingctx, x, y, u, m, q, r, p, P, f0, nvec, k0):
+    """y[f] = q[k]*(x[f] - m[k]) + r[k] (+ p[k]*u[f]) for f in f0 .. f0 + nvec*V - 1, k = (k0 + f - f0) % P,
     in float64, rounded to float32, with streaming stores.
 
     x, y, u: flat contiguous float32 arrays (u may be None, then p is ignored);
-    &y[f0] must be 64-byte aligned (see :func:`lead`).  q, r, p: float64
+    &y[f0] must be 64-byte aligned (see :func:`lead`).  m, q, r, p: float64
     tables of P + V entries (see module doc); P >= V.  Call :func:`fence`
     after the last one.
     """
     with_u = not isinstance(u, types.NoneType)
-    sig = types.void(x, y, u, q, r, p, types.intp, types.intp, types.intp, types.intp)
+    sig = types.void(x, y, u, m, q, r, p, types.intp, types.intp, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        xa, ya, ua, qa, ra, pa, Pv, f0v, nv, k0v = args
-        tys = signature.args
-        data = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
-                for t, a in zip(tys[:6], args[:6])]
-        xp, yp, up, qp, rp, pp = data
+        Pv, f0v, nv, k0v = args[7:]
+        xp, yp, up, mp, qp, rp, pp = [
+            context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
+            for t, a in zip(signature.args[:7], args[:7])]
         f32, f64, i64 = ir.FloatType(), ir.DoubleType(), ir.IntType(64)
         vf, vd = ir.VectorType(f32, V), ir.VectorType(f64, V)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
@@ -97,8 +97,8 @@ def stream_fma(typingctx, x, y, u, q, r, p, P, f0, nvec, k0):
         with cgutils.for_range(builder, nv) as loop:
             f = builder.add(f0v, builder.mul(loop.index, ir.Constant(i64, V)))
             k = builder.load(k_ptr)
-            xv = builder.fpext(_load(builder, xp, f, vf, 4), vd)
-            acc = builder.call(fma, [xv, _load(builder, qp, k, vd, 8), _load(builder, rp, k, vd, 8)])
+            xc = builder.fsub(builder.fpext(_load(builder, xp, f, vf, 4), vd), _load(builder, mp, k, vd, 8))
+            acc = builder.call(fma, [xc, _load(builder, qp, k, vd, 8), _load(builder, rp, k, vd, 8)])
             if with_u:
                 uv = builder.fpext(_load(builder, up, f, vf, 4), vd)
                 acc = builder.call(fma, [uv, _load(builder, pp, k, vd, 8), acc])

@@ -247,29 +247,19 @@ def _affine_cf(x, m, q, r, out, u, p, chunk):
     nk = (I + chunk - 1) // chunk
     for t in prange(O * C * nk):
         o, c, i0, i1 = _unit(t, nk, C, I, chunk)
+        mc = m[c]
         qc = q[c]
         rc = r[c]
         xs = x[o, c, i0:i1]
         ys = out[o, c, i0:i1]
-        if m is None:  # mean folded into r (see affine3)
-            if u is None:
-                for i in range(xs.size):
-                    ys[i] = qc * np.float64(xs[i]) + rc
-            else:
-                pc = p[c]
-                us = u[o, c, i0:i1]
-                for i in range(xs.size):
-                    ys[i] = qc * np.float64(xs[i]) + rc + pc * np.float64(us[i])
+        if u is None:
+            for i in range(xs.size):
+                ys[i] = qc * (np.float64(xs[i]) - mc) + rc
         else:
-            mc = m[c]
-            if u is None:
-                for i in range(xs.size):
-                    ys[i] = qc * (np.float64(xs[i]) - mc) + rc
-            else:
-                pc = p[c]
-                us = u[o, c, i0:i1]
-                for i in range(xs.size):
-                    ys[i] = qc * (np.float64(xs[i]) - mc) + rc + pc * np.float64(us[i])
+            pc = p[c]
+            us = u[o, c, i0:i1]
+            for i in range(xs.size):
+                ys[i] = qc * (np.float64(xs[i]) - mc) + rc + pc * np.float64(us[i])
 
 
 @kernel
@@ -278,47 +268,40 @@ def _affine_cl(x, m, q, r, out, u, p):
     for row in prange(R):
         xr = x[row]
         yr = out[row]
-        if m is None:  # mean folded into r (see affine3)
-            if u is None:
-                for c in range(C):
-                    yr[c] = q[c] * np.float64(xr[c]) + r[c]
-            else:
-                ur = u[row]
-                for c in range(C):
-                    yr[c] = q[c] * np.float64(xr[c]) + r[c] + p[c] * np.float64(ur[c])
+        if u is None:
+            for c in range(C):
+                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
         else:
-            if u is None:
-                for c in range(C):
-                    yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
-            else:
-                ur = u[row]
-                for c in range(C):
-                    yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c] + p[c] * np.float64(ur[c])
+            ur = u[row]
+            for c in range(C):
+                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c] + p[c] * np.float64(ur[c])
 
 
-# Streaming-store variants (see _stream): float32 output, mean folded into r.
+# Streaming-store variants (see _stream): float32 output.
 
 @helper
-def _stream_run(x, y, u, qt, rt, pt, P, f0, f1):
-    """y[f] = qt[k]*x[f] + rt[k] (+ pt[k]*u[f]), k = f % P, for f0 <= f < f1 of flat
-    contiguous float32 arrays: ordinary stores up to y's next line, streaming
+def _stream_run(x, y, u, mt, qt, rt, pt, P, f0, f1):
+    """y[f] = qt[k]*(x[f] - mt[k]) + rt[k] (+ pt[k]*u[f]), k = f % P, for f0 <= f < f1 of
+    flat contiguous float32 arrays: ordinary stores up to y's next line, streaming
     stores for whole lines, ordinary stores for the rest."""
     a = f0 + min(_stream.lead(y, f0), f1 - f0)
     nv = (f1 - a) // _stream.V
     k = f0 % P
     for f in range(f0, a):
-        y[f] = qt[k] * np.float64(x[f]) + rt[k] + (0.0 if u is None else pt[k] * np.float64(u[f]))
+        y[f] = (qt[k] * (np.float64(x[f]) - mt[k]) + rt[k]
+                + (0.0 if u is None else pt[k] * np.float64(u[f])))
         k = k + 1 if k + 1 < P else 0
-    _stream.stream_fma(x, y, u, qt, rt, pt, P, a, nv, k)
+    _stream.stream_fma(x, y, u, mt, qt, rt, pt, P, a, nv, k)
     k = (k + nv * _stream.V) % P
     for f in range(a + nv * _stream.V, f1):
-        y[f] = qt[k] * np.float64(x[f]) + rt[k] + (0.0 if u is None else pt[k] * np.float64(u[f]))
+        y[f] = (qt[k] * (np.float64(x[f]) - mt[k]) + rt[k]
+                + (0.0 if u is None else pt[k] * np.float64(u[f])))
         k = k + 1 if k + 1 < P else 0
 
 
 @kernel
-def _affine_cf_stream(x, out, u, qt, rt, pt, chunk, group):
-    """Channels-first runs; qt/rt/pt (C, 2V): per channel, period V."""
+def _affine_cf_stream(x, out, u, mt, qt, rt, pt, chunk, group):
+    """Channels-first runs; mt/qt/rt/pt (C, 2V): per channel, period V."""
     O, C, I = x.shape
     nk = (I + chunk - 1) // chunk
     units = O * C * nk
@@ -326,18 +309,19 @@ def _affine_cf_stream(x, out, u, qt, rt, pt, chunk, group):
         for t in range(g * group, min(units, (g + 1) * group)):
             o, c, i0, i1 = _unit(t, nk, C, I, chunk)
             if u is None:
-                _stream_run(x[o, c], out[o, c], None, qt[c], rt[c], pt[c], _stream.V, i0, i1)
+                _stream_run(x[o, c], out[o, c], None, mt[c], qt[c], rt[c], pt[c], _stream.V, i0, i1)
             else:
-                _stream_run(x[o, c], out[o, c], u[o, c], qt[c], rt[c], pt[c], _stream.V, i0, i1)
+                _stream_run(x[o, c], out[o, c], u[o, c], mt[c], qt[c], rt[c], pt[c], _stream.V,
+                            i0, i1)
         _stream.fence()
 
 
 @kernel
-def _affine_flat_stream(x, out, u, qt, rt, pt, P, block):
+def _affine_flat_stream(x, out, u, mt, qt, rt, pt, P, block):
     """A C-contiguous (R, C) matrix as flat arrays, in blocks of ``block`` values."""
     n = x.size
     for b in prange((n + block - 1) // block):
-        _stream_run(x, out, u, qt, rt, pt, P, b * block, min(n, (b + 1) * block))
+        _stream_run(x, out, u, mt, qt, rt, pt, P, b * block, min(n, (b + 1) * block))
         _stream.fence()
 
 
@@ -358,38 +342,27 @@ def _streamable(out3, *arrays):
     return all(a is None or a[:, :, 0].flags.c_contiguous for a in (out3,) + arrays)
 
 
-def _affine_stream(x3, q, r, out3, u3, p, par):
-    """The folded affine pass (mean already in r) with streaming stores."""
+def _affine_stream(x3, m, q, r, out3, u3, p, par):
+    """affine3 with streaming stores (float32 out3, see _streamable)."""
     C = x3.shape[1]
     p = q if p is None else p  # unused when u3 is None; the kernel wants an array
     if x3.shape[2] > 1:
-        qt, rt, pt = (np.repeat(v[:, None], 2 * _stream.V, axis=1) for v in (q, r, p))
-        run(_affine_cf_stream, par, x3, out3, u3, qt, rt, pt, CHUNK, STREAM_GROUP)
+        mt, qt, rt, pt = (np.repeat(v[:, None], 2 * _stream.V, axis=1) for v in (m, q, r, p))
+        run(_affine_cf_stream, par, x3, out3, u3, mt, qt, rt, pt, CHUNK, STREAM_GROUP)
     else:
         P = _stream.period(C)
-        qt, rt, pt = _stream.tables([q, r, p], P)
+        mt, qt, rt, pt = _stream.tables([m, q, r, p], P)
         flat = lambda a: None if a is None else a.reshape(-1)  # noqa: E731  (views: C-contiguous)
-        run(_affine_flat_stream, par, flat(x3), flat(out3), flat(u3), qt, rt, pt, P, TILE)
+        run(_affine_flat_stream, par, flat(x3), flat(out3), flat(u3), mt, qt, rt, pt, P, TILE)
 
 
 def affine3(x3, m, q, r, out3, u3=None, p=None):
     """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64; out3 may be x3."""
     dst = out3.astype(np.float32) if out3.dtype == np.float16 else out3
     x3, u3 = _upcast(x3), _upcast(u3)
-    if out3.dtype != np.float64:
-        # q*x + (r - q*m): one FMA per value, one fewer stream ((4096, 1024): 0.93 -> 0.65 ms).
-        # Its float64 rounding error, ~1e-16*|q*m|, is below a float32 output's half-ulp
-        # whenever |m|/std < 1e8 -- float32 data cannot resolve a larger ratio.
-        # float64 outputs keep q*(x - m) + r, which stays exact to the last bits, and so
-        # does any call with an inf/NaN q or m (inf*x - inf would turn +-inf into NaN).
-        with np.errstate(invalid="ignore", over="ignore"):
-            qm = q * m
-        if np.isfinite(qm).all():
-            r = r - qm
-            m = None
     par = x3.size >= SERIAL_BELOW
-    if m is None and _streamable(dst, x3, u3):
-        _affine_stream(x3, q, r, dst, u3, p, par)
+    if _streamable(dst, x3, u3):
+        _affine_stream(x3, m, q, r, dst, u3, p, par)
     elif x3.shape[2] > 1:
         run(_affine_cf, par, x3, m, q, r, dst, u3, p, CHUNK)
     else:
@@ -553,10 +526,8 @@ def _widened_sums(xw, xr, shift, C):
 
 
 @kernel
-def _train_small_cl(xw, xr, scale, offset, eps, momentum, rm, rv, outw, outr, mean_out, invstd_out,
-                    fold):
+def _train_small_cl(xw, xr, scale, offset, eps, momentum, rm, rv, outw, outr, mean_out, invstd_out):
     """Channels-last twin of _train_small on the widened view (see _widened_sums).
-    fold: the output is float32 (see below).
 
     Statistics in one pass, shifted by the first row (see _shift): the second
     read of a 300 KB MLP batch cost as much as the rest of the call."""
@@ -583,14 +554,6 @@ def _train_small_cl(xw, xr, scale, offset, eps, momentum, rm, rv, outw, outr, me
             rm[c] = (1.0 - momentum) * rm[c] + momentum * mu[c]
         if rv is not None:
             rv[c] = (1.0 - momentum) * rv[c] + momentum * (m2 / (R - 1))
-    # float32 output: y = a*x + (b - a*mu), one FMA per value (see affine3 for why
-    # that is exact enough); float64 output, or an inf/NaN a*mu: a*(x - mu) + b.
-    for c in range(C):
-        fold = fold and np.isfinite(a[c] * mu[c])
-    for c in range(C):
-        if fold:
-            b[c] -= a[c] * mu[c]
-            mu[c] = 0.0
     aw = np.empty(W)
     bw = np.empty(W)
     mw = np.empty(W)
@@ -598,18 +561,11 @@ def _train_small_cl(xw, xr, scale, offset, eps, momentum, rm, rv, outw, outr, me
         aw[j] = a[j % C]
         bw[j] = b[j % C]
         mw[j] = mu[j % C]
-    if fold:
-        for r in range(xw.shape[0]):
-            row = xw[r]
-            yr = outw[r]
-            for j in range(W):
-                yr[j] = aw[j] * np.float64(row[j]) + bw[j]
-    else:
-        for r in range(xw.shape[0]):
-            row = xw[r]
-            yr = outw[r]
-            for j in range(W):
-                yr[j] = aw[j] * (np.float64(row[j]) - mw[j]) + bw[j]
+    for r in range(xw.shape[0]):
+        row = xw[r]
+        yr = outw[r]
+        for j in range(W):
+            yr[j] = aw[j] * (np.float64(row[j]) - mw[j]) + bw[j]
     for r in range(xr.shape[0]):
         row = xr[r]
         yr = outr[r]
@@ -641,6 +597,6 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
         x2, y2 = x3.reshape(O, C), out3.reshape(O, C)
         _train_small_cl.serial(x2[:main].reshape(O // k, k * C), x2[main:], scale, offset, eps,
                                momentum, rm, rv, y2[:main].reshape(O // k, k * C), y2[main:],
-                               mean_out, invstd_out, out3.dtype != np.float64)
+                               mean_out, invstd_out)
     else:
         _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)

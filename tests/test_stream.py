@@ -116,3 +116,19 @@ def test_not_streamed_below_threshold_or_float64(monkeypatch, rng):
     monkeypatch.setattr(cpu_numba, "STREAM_FROM", 0)
     fbn.batch_norm_train(x.astype(np.float64), backend="numba")  # float64 keeps q*(x - m) + r
     assert calls == []
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 6, 41), 1), ((37, 6), -1)])
+def test_special_values_like_ordinary_stores(streamed, monkeypatch, rng, shape, axis):
+    """inf/NaN in x or in a channel's parameters: the same outputs as the ordinary kernels."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    x.flat[[0, 7, 20, 33]] = [np.inf, -np.inf, np.nan, 1e38]
+    mean = np.array([0, np.inf, 0, 1, -np.inf, 0], np.float32)
+    var = np.array([1, 1, np.inf, np.nan, 1, 0], np.float32)
+    scale = np.array([1, 2, 3, np.inf, 1, 0], np.float32)
+    with np.errstate(all="ignore"):
+        a = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=axis, eps=0.0, backend="numba")
+        assert streamed
+        monkeypatch.setattr(cpu_numba, "STREAM_FROM", 1 << 62)
+        b = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=axis, eps=0.0, backend="numba")
+    np.testing.assert_array_equal(a, b)

@@ -1,6 +1,6 @@
 """The streaming-store elementwise pass (kernels/_stream.py via cpu_numba.affine3).
 
-It only runs for outputs of >= STREAM_FROM bytes (32 MiB); here the threshold is
+It only runs for big outputs (STREAM_FROM, STREAM_FROM_CL); here the thresholds are
 lowered to 0 so small odd-sized arrays take it, and every call checks that it
 did (a spy on ``_affine_stream``).  Results are compared with the float64
 oracle and with the ordinary kernels.
@@ -27,6 +27,7 @@ def streamed(monkeypatch):
         calls.append(args[0].shape)
         return real(*args)
     monkeypatch.setattr(cpu_numba, "STREAM_FROM", 0)
+    monkeypatch.setattr(cpu_numba, "STREAM_FROM_CL", 0)
     monkeypatch.setattr(cpu_numba, "SMALL", 0)  # training forward through affine3 too
     monkeypatch.setattr(cpu_numba, "_affine_stream", spy)
     return calls
@@ -69,6 +70,7 @@ def test_same_as_ordinary_stores(streamed, monkeypatch, rng, shape, axis):
     a = fbn.batch_norm_infer(x, None, None, mean, var, channel_axis=axis, backend="numba")
     assert streamed
     monkeypatch.setattr(cpu_numba, "STREAM_FROM", 1 << 62)
+    monkeypatch.setattr(cpu_numba, "STREAM_FROM_CL", 1 << 62)
     b = fbn.batch_norm_infer(x, None, None, mean, var, channel_axis=axis, backend="numba")
     assert len(streamed) == 1
     np.testing.assert_array_max_ulp(a, b, maxulp=1)
@@ -114,6 +116,7 @@ def test_not_streamed_below_threshold_or_float64(monkeypatch, rng):
     x = rng.standard_normal((4, 3, 50)).astype(np.float32)
     fbn.batch_norm_train(x, backend="numba")  # 2.4 KB < STREAM_FROM
     monkeypatch.setattr(cpu_numba, "STREAM_FROM", 0)
+    monkeypatch.setattr(cpu_numba, "STREAM_FROM_CL", 0)
     fbn.batch_norm_train(x.astype(np.float64), backend="numba")  # float64 keeps q*(x - m) + r
     assert calls == []
 
@@ -130,5 +133,6 @@ def test_special_values_like_ordinary_stores(streamed, monkeypatch, rng, shape, 
         a = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=axis, eps=0.0, backend="numba")
         assert streamed
         monkeypatch.setattr(cpu_numba, "STREAM_FROM", 1 << 62)
+        monkeypatch.setattr(cpu_numba, "STREAM_FROM_CL", 1 << 62)
         b = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=axis, eps=0.0, backend="numba")
     np.testing.assert_array_equal(a, b)

@@ -89,7 +89,7 @@ def _unit(t, nk, C, I, chunk):
 
 @kernel
 def _moments_cf(x, chunk, pmean, pm2):
-    """x (O, C, I): two-pass moments of each chunk -> pmean/pm2[c, o*nk + k]."""
+    """x (O, C, I): one-pass shifted moments of each chunk -> pmean/pm2[o*nk + k, c]."""
     O, C, I = x.shape
     nk = (I + chunk - 1) // chunk
     for t in prange(O * C * nk):
@@ -102,7 +102,7 @@ def _moments_cf(x, chunk, pmean, pm2):
             d = np.float64(xs[i]) - x0
             s += d
             q += d * d
-        pmean[c, o * nk + t % nk], pm2[c, o * nk + t % nk] = _shifted_moments(x0, s, q, xs.size)
+        pmean[o * nk + t % nk, c], pm2[o * nk + t % nk, c] = _shifted_moments(x0, s, q, xs.size)
 
 
 @helper
@@ -180,16 +180,35 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
 
 @kernel
 def _merge_partials(pmean, pm2, counts, mean, m2):
-    """Chan-merge partials pmean/pm2 (C, U) with counts (U,) -> mean, m2 (C,)."""
-    C, U = pmean.shape
-    for c in prange(C):
-        n = 0.0
-        mu = 0.0
-        q = 0.0
-        for u in range(U):
-            n, mu, q = _chan_merge(n, mu, q, counts[u], pmean[c, u], pm2[c, u])
-        mean[c] = mu
-        m2[c] = q
+    """Merge partials pmean/pm2 (U, C) with counts (U,) -> mean, m2 (C,).
+
+    Two vectorised sweeps over units instead of U-1 Chan merges per channel
+    (each with a division; (4096, 1024): 0.2 of 0.6 ms): mean = s + sum(w_u *
+    (mean_u - s)), w_u = n_u / n, shifted by the first unit's mean s so that a
+    constant channel stays exact; then m2 = sum(m2_u + n_u*(mean_u - mean)^2).
+    An inf unit mean gives an inf mean (NaN for +inf and -inf) and a NaN m2, as NumPy."""
+    U, C = pmean.shape
+    n = 0.0
+    for u in range(U):
+        n += counts[u]
+    p0 = pmean[0]
+    for c in range(C):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    for u in range(U):
+        w = counts[u] / n
+        pu = pmean[u]
+        for c in range(C):
+            mean[c] += w * (pu[c] - _shift(p0[c]))
+    for c in range(C):
+        mean[c] += _shift(p0[c])
+    for u in range(U):
+        nu = counts[u]
+        pu = pmean[u]
+        qu = pm2[u]
+        for c in range(C):
+            d = pu[c] - mean[c]
+            m2[c] += qu[c] + nu * d * d
 
 
 def _cf_units(shape3):
@@ -223,8 +242,8 @@ def moments3(x3):
     par = x3.size >= SERIAL_BELOW
     if I > 1:
         nk, counts = _cf_units(x3.shape)
-        pmean = np.empty((C, O * nk))
-        pm2 = np.empty((C, O * nk))
+        pmean = np.empty((O * nk, C))
+        pm2 = np.empty((O * nk, C))
         run(_moments_cf, par, x3, CHUNK, pmean, pm2)
     else:
         x2 = x3[:, :, 0]
@@ -234,10 +253,9 @@ def moments3(x3):
         run(_moments_cl, par, x2, rows, tpu, pmean, pm2, np.empty((units, 3, C)))
         starts = np.arange(units) * tpu * rows
         counts = (np.minimum(starts + tpu * rows, O) - starts).astype(np.float64)
-        pmean, pm2 = pmean.T, pm2.T
     mean = np.empty(C)
     m2 = np.empty(C)
-    run(_merge_partials, par and C > 1, pmean, pm2, counts, mean, m2)
+    _merge_partials.serial(pmean, pm2, counts, mean, m2)
     return mean, m2
 
 

@@ -8,7 +8,8 @@ axes 0 and 2 are reduced over.  NCHW becomes ``(N, C, H*W)``, NHWC becomes
 
 ``moments3(x3) -> (mean, m2)``
     Per-channel mean and sum of squared deviations ``m2`` (float64), computed in
-    one read of ``x3`` with chunked two-pass sums merged by Chan's formula.
+    one read of ``x3``: per-chunk sums (shifted or two-pass, per backend) whose
+    partial (count, mean, m2) are merged exactly.
 ``affine3(x3, m, q, r, out3, u3=None, p=None)``
     ``out3 = q*(x3 - m) + r  (+ p*u3)`` per channel, evaluated in float64 and
     rounded once to ``out3``'s dtype.  ``out3`` may be ``x3`` itself.  The

@@ -9,11 +9,13 @@ own loop nests to vectorise:
   rows of the ``(outer, C)`` matrix; the innermost loop walks ``C``.
 
 Both split the data into many units rather than one per channel, so C = 1 or
-C = 3 still keeps every core busy.  Statistics are two-pass per chunk in
-float64 (the second pass reads the chunk from L1/L2) and the chunks' partial
-``(count, mean, m2)`` are merged with Chan's formula: exact where E[x^2] -
-E[x]^2 would cancel, and no shared accumulator is ever written by two threads.
-Elementwise passes evaluate in float64 and round once to the output dtype.
+C = 3 still keeps every core busy.  Statistics are one pass per unit in
+float64, shifted by one of the unit's own values (see the moments section), and
+the units' partial ``(count, mean, m2)`` are merged exactly (_merge_partials):
+no E[x^2] - E[x]^2 cancellation, and no shared accumulator is ever written by
+two threads.  Elementwise passes evaluate ``q*(x - m) + r`` in float64 and
+round once to the output dtype; big float32 outputs are written with streaming
+stores (_stream.py), which skip the read of the destination.
 """
 
 import math

@@ -1,7 +1,8 @@
 """The bandwidth limit, measured like the kernels: copies of x's bytes, and
 fastbn's fraction of the roofline measured against a copy in the same process.
 
-``time_copy_*``: a copy of B bytes moves 2B (read + write).  The ``track_``
+``time_copy_*``: a copy of B bytes moves 2B (read + write); an ordinary store
+also reads the destination line first, a streaming one does not.  The ``track_``
 benchmarks report ratios taken within one process (min of interleaved runs,
 ``fastbn.bench.measure``), so they are far less sensitive to a busy machine
 than absolute times: ``track_bandwidth_gbps`` (2B / best copy time) and
@@ -19,6 +20,12 @@ SIZES = ["S", "M", "L"]
 #: float32 values per size, as in _common.SHAPES: S 131 072, M 6 422 528, L 25 690 112
 #: (tiny under FASTBN_ASV_SMOKE).
 ELEMS = {s: math.prod(SHAPES["NC"][s]) for s in SIZES}
+
+
+def _streaming_copy():
+    """fastbn.bench's streaming-store copy, or None (not x86, no Numba backend)."""
+    from fastbn.bench import _streaming_copy as make
+    return make()
 
 
 class Copy:
@@ -58,6 +65,32 @@ class Copy:
     track_bandwidth_gbps.unit = "GB/s"
 
 
+class StreamingCopy:
+    """A copy with streaming (non-temporal) stores: no write-allocate read of dst."""
+    params = Copy.params
+    param_names = Copy.param_names
+    number = 1
+    repeat = (10, 40, 4.0)
+    rounds = 2
+    min_run_count = 5
+    warmup_time = 0.3
+    timeout = 120
+
+    def setup(self, dtype, size):
+        self.scopy = _streaming_copy()
+        if self.scopy is None:
+            raise NotImplementedError("streaming stores are x86-only")
+        key = ("stream", dtype, size)
+        if getattr(self, "_key", None) != key:
+            self.src = fill_normal(np.empty(ELEMS[size], dtype))
+            self.dst = np.zeros_like(self.src)
+            self._key = key
+        warm(key, lambda: self.scopy(self.src, self.dst))
+
+    def time_copy_streaming(self, dtype, size):
+        self.scopy(self.src, self.dst)
+
+
 _ROOF = {"train": 3, "infer": 2, "backward": 5}
 
 
@@ -87,11 +120,16 @@ class Roofline:
         warm(("roof", mode, layout, size), self.call)
 
     def track_roofline_fraction(self, mode, layout, size):
+        """Against the faster of an ordinary and a streaming-store copy (fastbn streams
+        big float32 outputs, so the ordinary copy alone would flatter it)."""
         from fastbn.bench import Runner, measure
         runs = [Runner("fastbn", self.call, "fastbn"),
                 Runner("copy", lambda: self.kernel(self.src, self.dst, THREADS), "copy")]
+        scopy = _streaming_copy()
+        if scopy is not None:
+            runs.append(Runner("streaming copy", lambda: scopy(self.src, self.dst), "copy"))
         measure(runs, repeat=15, warmup=2, min_batch=0.005)
-        bandwidth = 2 * self.src.nbytes / min(runs[1].times)
+        bandwidth = 2 * self.src.nbytes / min(min(r.times) for r in runs[1:])
         return _ROOF[mode] * self.d.x.nbytes / bandwidth / min(runs[0].times)
 
 

@@ -39,6 +39,53 @@ cdef extern from *:
     static int fbn_max_threads(void) { return 1; }
     #endif
 
+    /* Streaming (non-temporal) stores for float32 outputs (see _stream.py for
+       why): y[i] = q[i*ps]*(x[i] - m[i*ps]) + r[i*ps] (+ p[i*ps]*u[i]) in
+       float64, rounded once, for i < n; ps = 0 (one channel's run) or 1 (a
+       row of channels).  Ordinary stores up to y's first 16-byte boundary and
+       for the tail; the same values as the ordinary loops, bit for bit. */
+    #if defined(__SSE__) || defined(__x86_64__) || defined(_M_X64)
+    #include <immintrin.h>
+    #define FBN_STREAM 1
+    #define FBN_AFF(i) (q[(i) * ps] * ((double)x[i] - m[(i) * ps]) + r[(i) * ps])
+    static inline void fbn_stream_affine_f32(const float* x, float* y, const float* u,
+                                             Py_ssize_t n, Py_ssize_t ps, const double* m,
+                                             const double* q, const double* r,
+                                             const double* p) {
+        Py_ssize_t i = 0;
+        Py_ssize_t head = ((uintptr_t)y & 3) ? n : (Py_ssize_t)((16 - ((uintptr_t)y & 15)) & 15) / 4;
+        if (head > n) head = n;
+        if (u == NULL) {
+            for (; i < head; i++) y[i] = (float)FBN_AFF(i);
+            for (; i + 4 <= n; i += 4) {
+                float v[4];
+                for (int k = 0; k < 4; k++) v[k] = (float)FBN_AFF(i + k);
+                _mm_stream_ps(y + i, _mm_loadu_ps(v));
+            }
+            for (; i < n; i++) y[i] = (float)FBN_AFF(i);
+        } else {
+            for (; i < head; i++) y[i] = (float)(FBN_AFF(i) + p[i * ps] * (double)u[i]);
+            for (; i + 4 <= n; i += 4) {
+                float v[4];
+                for (int k = 0; k < 4; k++)
+                    v[k] = (float)(FBN_AFF(i + k) + p[(i + k) * ps] * (double)u[i + k]);
+                _mm_stream_ps(y + i, _mm_loadu_ps(v));
+            }
+            for (; i < n; i++) y[i] = (float)(FBN_AFF(i) + p[i * ps] * (double)u[i]);
+        }
+    }
+    /* Streaming stores are weakly ordered: each task fences after its last one,
+       before the parallel region's end lets anyone read the output. */
+    static inline void fbn_sfence(void) { _mm_sfence(); }
+    #else
+    static inline void fbn_sfence(void) {}
+    #define FBN_STREAM 0
+    static inline void fbn_stream_affine_f32(const float* x, float* y, const float* u,
+                                             Py_ssize_t n, Py_ssize_t ps, const double* m,
+                                             const double* q, const double* r,
+                                             const double* p) {}
+    #endif
+
     /* A 64-byte (cache line) aligned pointer into a block malloc'd 64 bytes
        larger: per-thread scratch must not share a line with another thread's
        (false sharing made two threads slower than one). */
@@ -164,6 +211,11 @@ cdef extern from *:
     void fbn_dy_sums_f64(const double* g, const double* x, Py_ssize_t n, double m,
                          double* s1, double* s2) nogil
     int fbn_max_threads() nogil
+    int FBN_STREAM
+    void fbn_stream_affine_f32(const float* x, float* y, const float* u, Py_ssize_t n,
+                               Py_ssize_t ps, const double* m, const double* q,
+                               const double* r, const double* p) nogil
+    void fbn_sfence() nogil
     double fbn_h2d(unsigned short h) nogil
     unsigned short fbn_d2h(double d) nogil
 
@@ -196,6 +248,11 @@ cdef inline Py_ssize_t pad8(Py_ssize_t n) noexcept nogil:
 def max_threads():
     """OpenMP's thread count for a parallel region (1 without OpenMP)."""
     return fbn_max_threads()
+
+
+def has_stream():
+    """True if this build writes with streaming stores (x86)."""
+    return FBN_STREAM == 1
 
 
 # -- element access -----------------------------------------------------------
@@ -490,9 +547,15 @@ def moments_cl(const real_t[:, :, :] x, double[::1] mean, double[::1] m2,
 
 cdef void run_affine(const real_t* px, Py_ssize_t sx, real_t* po, Py_ssize_t so,
                      const real_t* pu, Py_ssize_t su, Py_ssize_t n,
-                     double m, double q, double r, double p) noexcept nogil:
-    """One run of n values of one channel; pu == NULL: no u term."""
+                     double m, double q, double r, double p, int stream) noexcept nogil:
+    """One run of n values of one channel; pu == NULL: no u term; stream: write
+    contiguous float32 runs with streaming stores."""
     cdef Py_ssize_t i
+    if real_t is float:
+        if stream and sx == 1 and so == 1 and (pu == NULL or su == 1):
+            fbn_stream_affine_f32(px, po, pu, n, 0, &m, &q, &r, &p)
+            fbn_sfence()
+            return
     if pu == NULL:
         if sx == 1 and so == 1:
             for i in range(n):
@@ -511,9 +574,10 @@ cdef void run_affine(const real_t* px, Py_ssize_t sx, real_t* po, Py_ssize_t so,
 
 def affine_cf(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :] u,
               const double[::1] m, const double[::1] q, const double[::1] r,
-              const double[::1] p, Py_ssize_t chunk, int nthreads):
+              const double[::1] p, Py_ssize_t chunk, int nthreads, int stream=0):
     """out = q*(x - m) + r (+ p*u) for x, out, u (O, C, I), u may be None;
-    parallel over (o, c, chunk of I) runs.  out may be x itself."""
+    parallel over (o, c, chunk of I) runs.  out may be x itself.  stream:
+    streaming stores for float32 (see fbn_stream_affine_f32)."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t nk, per, t, k, o, c, i0, oc
     cdef Py_ssize_t x0, x1, x2, o0, o1, o2, u0 = 0, u1 = 0, u2 = 0
@@ -548,20 +612,22 @@ def affine_cf(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :
         if bu == NULL:
             pc = 0.0
             run_affine(bx + o * x0 + c * x1 + i0 * x2, x2, bo + o * o0 + c * o1 + i0 * o2, o2,
-                       NULL, 0, min(chunk, I - i0), m[c], q[c], r[c], pc)
+                       NULL, 0, min(chunk, I - i0), m[c], q[c], r[c], pc, stream)
         else:
             pc = p[c]
             run_affine(bx + o * x0 + c * x1 + i0 * x2, x2, bo + o * o0 + c * o1 + i0 * o2, o2,
                        bu + o * u0 + c * u1 + i0 * u2, u2, min(chunk, I - i0),
-                       m[c], q[c], r[c], pc)
+                       m[c], q[c], r[c], pc, stream)
 
 
 cdef void rows_affine(const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
                       real_t* po, Py_ssize_t o0, Py_ssize_t o1,
                       const real_t* pu, Py_ssize_t u0, Py_ssize_t u1, Py_ssize_t r0,
                       Py_ssize_t nrows, Py_ssize_t c0, Py_ssize_t C, const double* m,
-                      const double* q, const double* r, const double* p) noexcept nogil:
-    """Rows r0 .. r0+nrows, channels c0 .. c0+C; pu == NULL: no u term."""
+                      const double* q, const double* r, const double* p,
+                      int stream) noexcept nogil:
+    """Rows r0 .. r0+nrows, channels c0 .. c0+C; pu == NULL: no u term; stream:
+    streaming stores for contiguous float32 rows."""
     cdef Py_ssize_t row, j
     cdef const real_t* xr
     cdef const real_t* ur
@@ -574,6 +640,13 @@ cdef void rows_affine(const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
     if pu != NULL:
         pu = pu + r0 * u0 + c0 * u1
         p = p + c0
+    if real_t is float:
+        if stream and x1 == 1 and o1 == 1 and (pu == NULL or u1 == 1):
+            for row in range(nrows):
+                fbn_stream_affine_f32(px + row * x0, po + row * o0,
+                                      NULL if pu == NULL else pu + row * u0, C, 1, m, q, r, p)
+            fbn_sfence()
+            return
     for row in range(nrows):
         xr = px + row * x0
         orow = po + row * o0
@@ -596,9 +669,11 @@ cdef void rows_affine(const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
 
 def affine_cl(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :] u,
               const double[::1] m, const double[::1] q, const double[::1] r,
-              const double[::1] p, Py_ssize_t rows, Py_ssize_t cblock, int nthreads):
+              const double[::1] p, Py_ssize_t rows, Py_ssize_t cblock, int nthreads,
+              int stream=0):
     """out = q*(x - m) + r (+ p*u) for x, out, u (O, C, 1), u may be None;
-    parallel over tiles of ``rows`` rows x ``cblock`` channels.  out may be x."""
+    parallel over tiles of ``rows`` rows x ``cblock`` channels.  out may be x.
+    stream: streaming stores for float32 (see fbn_stream_affine_f32)."""
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t t, r0, c0, ncb, x0, x1, o0, o1, u0 = 0, u1 = 0
     cdef const real_t* bx
@@ -624,7 +699,7 @@ def affine_cl(const real_t[:, :, :] x, real_t[:, :, :] out, const real_t[:, :, :
         r0 = t // ncb * rows
         c0 = (t % ncb) * cblock
         rows_affine(bx, x0, x1, bo, o0, o1, bu, u0, u1, r0, min(rows, O - r0),
-                    c0, min(cblock, C - c0), &m[0], &q[0], &r[0], pp)
+                    c0, min(cblock, C - c0), &m[0], &q[0], &r[0], pp, stream)
 
 
 # -- backward sums: sum(dy), sum(dy*(x - m)) ----------------------------------
@@ -892,11 +967,11 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
                     rv[c] = <flt_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / (n - 1.0)))
             if I == 1:
                 rows_affine(bx, so, sc, bo, oo, oc_, <const flt_t*>NULL, 0, 0, 0, O, 0, C,
-                            mean, a, b, zero)
+                            mean, a, b, zero, 0)
             else:
                 for o in range(O):
                     for c in range(C):
                         run_affine(bx + o * so + c * sc, si, bo + o * oo + c * oc_, oi,
-                                   <const flt_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0)
+                                   <const flt_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0, 0)
     finally:
         free(raw)

@@ -177,6 +177,19 @@ def moments3(x3):
     return mean, m2
 
 
+#: Streaming stores (as in cpu_numba, same thresholds and reasons) for float32
+#: outputs of at least this many bytes: channels-first, channels-last.
+STREAM_FROM = 64 << 20
+STREAM_FROM_CL = 16 << 20
+
+
+def _streamable(out, channels_first):
+    """Write ``out`` (the kernel's view) with streaming stores?  The kernels
+    also require unit stride along each run, else they store normally."""
+    return (out.dtype == np.float32 and _ck.has_stream()
+            and out.nbytes >= (STREAM_FROM if channels_first else STREAM_FROM_CL))
+
+
 def affine3(x3, m, q, r, out3, u3=None, p=None):
     """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64, rounded once;
     ``out3`` may be ``x3`` itself."""
@@ -199,11 +212,12 @@ def affine3(x3, m, q, r, out3, u3=None, p=None):
     # An out the memoryviews cannot take is written through a temporary.
     ok = _kview(np.empty(out.shape, dtype=out.dtype) if copied else out)
     nt = _threads(x.size)
+    stream = int(_streamable(ok, x.shape[2] > 1))
     if x.shape[2] > 1:
-        _ck.affine_cf(xk, ok, uk, m, q, r, p, CHUNK, nt)
+        _ck.affine_cf(xk, ok, uk, m, q, r, p, CHUNK, nt, stream)
     else:
         cb = min(x.shape[1], CBLOCK)
-        _ck.affine_cl(xk, ok, uk, m, q, r, p, max(1, TILE // cb), cb, nt)
+        _ck.affine_cl(xk, ok, uk, m, q, r, p, max(1, TILE // cb), cb, nt, stream)
     if copied:
         out[...] = ok.view(out.dtype)
     return out3

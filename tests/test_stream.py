@@ -136,3 +136,70 @@ def test_special_values_like_ordinary_stores(streamed, monkeypatch, rng, shape, 
         monkeypatch.setattr(cpu_numba, "STREAM_FROM_CL", 1 << 62)
         b = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=axis, eps=0.0, backend="numba")
     np.testing.assert_array_equal(a, b)
+
+
+# -- the Cython fallback's streaming stores (fbn_stream_affine_f32) ------------
+
+@pytest.fixture
+def cython_streamed(monkeypatch):
+    """Cython thresholds lowered to 0; yields the list of _streamable verdicts."""
+    cy = pytest.importorskip("fastbn.kernels.cpu_cython")
+    if cy.unavailable_reason() is not None or not cy._ck.has_stream():
+        pytest.skip("Cython extension without streaming stores")
+    verdicts = []
+    real = cy._streamable
+
+    def spy(*args):
+        verdicts.append(real(*args))
+        return verdicts[-1]
+    monkeypatch.setattr(cy, "STREAM_FROM", 0)
+    monkeypatch.setattr(cy, "STREAM_FROM_CL", 0)
+    monkeypatch.setattr(cy, "_streamable", spy)
+    return cy, verdicts
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_cython_streaming_equals_ordinary_stores(cython_streamed, monkeypatch, rng, shape, axis):
+    """Bit-identical to the ordinary stores (same float64 expression, rounded once),
+    and equal to the oracle, for inference and backward."""
+    cy, verdicts = cython_streamed
+    x = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    scale, mean = rng.uniform(0.5, 2, C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    var, invstd = rng.uniform(0.5, 2, C).astype(np.float32), rng.uniform(0.5, 2, C).astype(np.float32)
+
+    def both():
+        return (fbn.batch_norm_infer(x, scale, mean, mean, var, channel_axis=axis, backend="cython"),
+                fbn.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=axis,
+                                        backend="cython")[0])
+    y, dx = both()
+    assert verdicts and all(verdicts), "every elementwise pass streamed"
+    ref.assert_close(y, ref.batch_norm_infer(x, scale, mean, mean, var, axis), "infer y")
+    ref.assert_close(dx, ref.batch_norm_backward(dy, x, scale, mean, invstd, axis)[0], "dx")
+    monkeypatch.setattr(cy, "STREAM_FROM", 1 << 62)
+    monkeypatch.setattr(cy, "STREAM_FROM_CL", 1 << 62)
+    y2, dx2 = both()
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(dx, dx2)
+
+
+@pytest.mark.parametrize("offset_bytes", [0, 4, 8, 12])
+def test_cython_streaming_alignments_in_place(cython_streamed, rng, offset_bytes):
+    cy, verdicts = cython_streamed
+    shape = (4, 3, 53)
+    n = int(np.prod(shape))
+    buf = np.zeros(n * 4 + 256, np.uint8)
+    start = (-buf.ctypes.data) % 64 + offset_bytes
+    x = buf[start:start + n * 4].view(np.float32).reshape(shape)
+    x[...] = rng.standard_normal(shape)
+    x0 = x.copy()
+    guard = buf.copy()
+    scale = np.array([1.0, 2.0, 3.0], np.float32)
+    fbn.batch_norm_infer(x, scale, None, np.zeros(3, np.float32), np.ones(3, np.float32),
+                         channel_axis=1, eps=0.0, out=x, backend="cython")
+    assert verdicts and all(verdicts)
+    np.testing.assert_allclose(x, x0 * scale[None, :, None], rtol=1e-6)
+    outside = np.ones(buf.size, bool)
+    outside[start:start + n * 4] = False
+    assert np.array_equal(buf[outside], guard[outside])

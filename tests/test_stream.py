@@ -203,3 +203,31 @@ def test_cython_streaming_alignments_in_place(cython_streamed, rng, offset_bytes
     outside = np.ones(buf.size, bool)
     outside[start:start + n * 4] = False
     assert np.array_equal(buf[outside], guard[outside])
+
+
+@pytest.mark.parametrize("backend", ["numba", "cython"])
+def test_streaming_from_threads(streamed, monkeypatch, rng, backend):
+    """Concurrent streamed calls (parallel kernels entered from 4 threads) give the
+    serial results."""
+    import concurrent.futures
+    if backend == "cython":
+        cy = pytest.importorskip("fastbn.kernels.cpu_cython")
+        if cy.unavailable_reason() is not None:
+            pytest.skip(cy.unavailable_reason())
+        monkeypatch.setattr(cy, "STREAM_FROM", 0)
+        monkeypatch.setattr(cy, "STREAM_FROM_CL", 0)
+    xs = [rng.standard_normal((6, 5, 301)).astype(np.float32) for _ in range(8)]
+    xs += [rng.standard_normal((700, 24)).astype(np.float32) for _ in range(8)]
+
+    def call(x):
+        ax = 1 if x.ndim == 3 else -1
+        C = x.shape[ax]
+        return fbn.batch_norm_infer(x, None, None, np.zeros(C, np.float32), np.full(C, 4.0, np.float32),
+                                    channel_axis=ax, eps=0.0, backend=backend)
+    expected = [call(x) for x in xs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            for got, want in zip(pool.map(call, xs), expected):
+                np.testing.assert_array_equal(got, want)
+    for x, want in zip(xs, expected):
+        np.testing.assert_allclose(want, x / 2, rtol=1e-6)

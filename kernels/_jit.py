@@ -16,7 +16,8 @@ Every knob that changes machine code is read here from the environment, once:
 Numba's on-disk cache is keyed by function name, source file and signature,
 not by compile flags, so a kernel compiled with other flags (serial vs.
 parallel, another fast-math set) could load stale machine code.  Each compiled
-variant therefore gets its own function name carrying the flag key.
+variant therefore gets its own function name carrying the flag key, which also
+hashes the intrinsic modules' source (see _INTRINSIC_SOURCES).
 """
 
 import functools
@@ -46,9 +47,25 @@ def _fastmath_flags():
 
 FASTMATH = _fastmath_flags()
 CACHE = os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")
-FLAG_KEY = hashlib.sha1(",".join(sorted(FASTMATH)).encode()).hexdigest()[:8]
-
 _KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+#: Modules whose code is compiled into the kernels as intrinsics.  Numba
+#: invalidates a cached kernel when the kernel's own source file changes, not
+#: when one of these does, so their source is part of the cache key.
+_INTRINSIC_SOURCES = ("_stream.py", "_rowsums.py")
+
+
+def _flag_key():
+    h = hashlib.sha1(",".join(sorted(FASTMATH)).encode())
+    for name in _INTRINSIC_SOURCES:
+        try:
+            with open(os.path.join(_KERNEL_DIR, name), "rb") as f:
+                h.update(f.read())
+        except OSError:  # not shipped: nothing of it can be compiled in either
+            pass
+    return h.hexdigest()[:8]
+
+
+FLAG_KEY = _flag_key()
 
 
 def _writable(path):

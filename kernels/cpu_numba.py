@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import prange
 
-from . import _stream
+from . import _rowsums, _stream
 from ._jit import helper, kernel, run
 
 NAME = "numba"
@@ -138,8 +138,11 @@ def _shifted_row_sums(x, r0, r1, shift, s, q):
 
 
 @kernel
-def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
+def _moments_cl(x, rows, tpu, pmean, pm2, scratch, groups):
     """x (R, C): unit u merges row tiles [u*tpu, (u+1)*tpu) -> pmean/pm2[u, :].
+
+    groups: _rowsums.groups(C, x) -- 1..4 sums each tile with the register
+    kernel for that row width, 0 with _shifted_row_sums.
 
     scratch (U, 3, C) holds each unit's current tile mean, m2 and shift.
     """
@@ -163,7 +166,16 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch):
                 ts[c] = _shift(x0[c])
                 tm[c] = 0.0
                 tq[c] = 0.0
-            _shifted_row_sums(x, r0, r1, ts, tm, tq)
+            if groups == 4:
+                _rowsums.row_sums4(x, r0, r1, ts, tm, tq)
+            elif groups == 3:
+                _rowsums.row_sums3(x, r0, r1, ts, tm, tq)
+            elif groups == 2:
+                _rowsums.row_sums2(x, r0, r1, ts, tm, tq)
+            elif groups == 1:
+                _rowsums.row_sums1(x, r0, r1, ts, tm, tq)
+            else:
+                _shifted_row_sums(x, r0, r1, ts, tm, tq)
             for c in range(C):
                 tm[c], tq[c] = _shifted_moments(ts[c], tm[c], tq[c], nb)
             n = n_acc + nb
@@ -252,7 +264,8 @@ def moments3(x3):
         rows, tpu, units = _cl_units(O, C, par)
         pmean = np.empty((units, C))
         pm2 = np.empty((units, C))
-        run(_moments_cl, par, x2, rows, tpu, pmean, pm2, np.empty((units, 3, C)))
+        run(_moments_cl, par, x2, rows, tpu, pmean, pm2, np.empty((units, 3, C)),
+            _rowsums.groups(C, x2))
         starts = np.arange(units) * tpu * rows
         counts = (np.minimum(starts + tpu * rows, O) - starts).astype(np.float64)
     mean = np.empty(C)

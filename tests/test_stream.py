@@ -76,9 +76,13 @@ def test_same_as_ordinary_stores(streamed, monkeypatch, rng, shape, axis):
     np.testing.assert_array_max_ulp(a, b, maxulp=1)
 
 
-@pytest.mark.parametrize("offset_bytes", [0, 4, 8, 60])
-def test_alignments_and_in_place(streamed, rng, offset_bytes):
+@pytest.mark.parametrize("backend,fixture", [("numba", "streamed"), ("cython", "cython_streamed")])
+@pytest.mark.parametrize("offset_bytes", [0, 4, 8, 12, 60])
+def test_alignments_and_in_place(request, rng, offset_bytes, backend, fixture):
     """Output starting anywhere in a line (and in place, out=x) is written exactly once."""
+    streamed = request.getfixturevalue(fixture)
+    if backend == "cython":
+        streamed = streamed[1]  # the verdicts
     shape = (4, 3, 53)
     n = int(np.prod(shape))
     buf = np.zeros(n * 4 + 256, np.uint8)
@@ -90,8 +94,8 @@ def test_alignments_and_in_place(streamed, rng, offset_bytes):
     mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
     scale = np.array([1.0, 2.0, 3.0], np.float32)
     out = fbn.batch_norm_infer(x, scale, None, mean, var, channel_axis=1, eps=0.0, out=x,
-                               backend="numba")
-    assert out is x and streamed
+                               backend=backend)
+    assert out is x and streamed and all(streamed)
     np.testing.assert_allclose(x, x0 * scale[None, :, None], rtol=1e-6)
     outside = np.ones(buf.size, bool)
     outside[start:start + n * 4] = False
@@ -182,27 +186,6 @@ def test_cython_streaming_equals_ordinary_stores(cython_streamed, monkeypatch, r
     y2, dx2 = both()
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(dx, dx2)
-
-
-@pytest.mark.parametrize("offset_bytes", [0, 4, 8, 12])
-def test_cython_streaming_alignments_in_place(cython_streamed, rng, offset_bytes):
-    cy, verdicts = cython_streamed
-    shape = (4, 3, 53)
-    n = int(np.prod(shape))
-    buf = np.zeros(n * 4 + 256, np.uint8)
-    start = (-buf.ctypes.data) % 64 + offset_bytes
-    x = buf[start:start + n * 4].view(np.float32).reshape(shape)
-    x[...] = rng.standard_normal(shape)
-    x0 = x.copy()
-    guard = buf.copy()
-    scale = np.array([1.0, 2.0, 3.0], np.float32)
-    fbn.batch_norm_infer(x, scale, None, np.zeros(3, np.float32), np.ones(3, np.float32),
-                         channel_axis=1, eps=0.0, out=x, backend="cython")
-    assert verdicts and all(verdicts)
-    np.testing.assert_allclose(x, x0 * scale[None, :, None], rtol=1e-6)
-    outside = np.ones(buf.size, bool)
-    outside[start:start + n * 4] = False
-    assert np.array_equal(buf[outside], guard[outside])
 
 
 @pytest.mark.parametrize("backend", ["numba", "cython"])

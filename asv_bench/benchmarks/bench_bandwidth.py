@@ -28,7 +28,8 @@ def _streaming_copy():
     return make()
 
 
-class Copy:
+class _CopyCase:
+    """Timing settings and the src/dst arrays (built once per process) of the copies."""
     params = [["float32"], SIZES]
     param_names = ["dtype", "size"]
     number = 1
@@ -38,13 +39,19 @@ class Copy:
     warmup_time = 0.3
     timeout = 120
 
-    def setup(self, dtype, size):
-        key = ("copy", dtype, size)
+    def _arrays(self, dtype, size):
+        key = (type(self).__name__, dtype, size)
         if getattr(self, "_key", None) != key:
             self.src = fill_normal(np.empty(ELEMS[size], dtype))
             self.dst = np.zeros_like(self.src)
-            self.kernel = copy_kernel()
             self._key = key
+        return key
+
+
+class Copy(_CopyCase):
+    def setup(self, dtype, size):
+        key = self._arrays(dtype, size)
+        self.kernel = copy_kernel()
         if self.kernel is not None:
             warm(key, lambda: self.kernel(self.src, self.dst, THREADS))
 
@@ -65,26 +72,14 @@ class Copy:
     track_bandwidth_gbps.unit = "GB/s"
 
 
-class StreamingCopy:
+class StreamingCopy(_CopyCase):
     """A copy with streaming (non-temporal) stores: no write-allocate read of dst."""
-    params = Copy.params
-    param_names = Copy.param_names
-    number = 1
-    repeat = (10, 40, 4.0)
-    rounds = 2
-    min_run_count = 5
-    warmup_time = 0.3
-    timeout = 120
 
     def setup(self, dtype, size):
         self.scopy = _streaming_copy()
         if self.scopy is None:
             raise NotImplementedError("streaming stores are x86-only")
-        key = ("stream", dtype, size)
-        if getattr(self, "_key", None) != key:
-            self.src = fill_normal(np.empty(ELEMS[size], dtype))
-            self.dst = np.zeros_like(self.src)
-            self._key = key
+        key = self._arrays(dtype, size)
         warm(key, lambda: self.scopy(self.src, self.dst))
 
     def time_copy_streaming(self, dtype, size):

@@ -41,22 +41,6 @@ TILE = 65536
 SERIAL_BELOW = 1 << 18
 
 
-@helper
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two partial (count, mean, m2) summaries (counts as float64)."""
-    n = n_a + n_b
-    if n_b == 0.0:
-        return n_a, mean_a, m2_a
-    if n_a == 0.0:
-        return n_b, mean_b, m2_b
-    delta = mean_b - mean_a
-    frac = n_b / n
-    mean = mean_a + delta * frac
-    if not np.isfinite(delta):  # an inf mean: inf - inf would give NaN where NumPy gives inf
-        mean = mean_a * (1.0 - frac) + mean_b * frac
-    return n, mean, m2_a + m2_b + delta * delta * n_a * frac
-
-
 # -- moments ------------------------------------------------------------------
 # Each chunk is summed in one pass as d = x - x0, shifted by one of its own
 # values x0, in float64: m2 = sum(d^2) - sum(d)^2/n.  As x0 is a sample,
@@ -187,7 +171,7 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch, groups):
                 uq[c] += tq[c] + delta * delta * n_acc * frac
                 if np.isfinite(delta):
                     um[c] += delta * frac
-                else:  # an inf mean (see _chan_merge)
+                else:  # an inf mean: inf - inf would give NaN where NumPy gives inf
                     um[c] = um[c] * (1.0 - frac) + tm[c] * frac
             n_acc = n
 
@@ -205,17 +189,18 @@ def _merge_partials(pmean, pm2, counts, mean, m2):
     n = 0.0
     for u in range(U):
         n += counts[u]
-    p0 = pmean[0]
+    s = np.empty(C)
     for c in range(C):
+        s[c] = _shift(pmean[0, c])
         mean[c] = 0.0
         m2[c] = 0.0
     for u in range(U):
         w = counts[u] / n
         pu = pmean[u]
         for c in range(C):
-            mean[c] += w * (pu[c] - _shift(p0[c]))
+            mean[c] += w * (pu[c] - s[c])
     for c in range(C):
-        mean[c] += _shift(p0[c])
+        mean[c] += s[c]
     for u in range(U):
         nu = counts[u]
         pu = pmean[u]

@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from ._common import SHAPES, THREADS, check_params, copy_kernel, data, fbn, fill_normal, warm
+from ._common import (SHAPES, THREADS, Grid, check_params, copy_kernel, data, fbn, fill_normal,
+                      warm)
 
 SIZES = ["S", "M", "L"]
 #: float32 values per size, as in _common.SHAPES: S 131 072, M 6 422 528, L 25 690 112
@@ -28,15 +29,11 @@ def _streaming_copy():
     return make()
 
 
-class _CopyCase:
-    """Timing settings and the src/dst arrays (built once per process) of the copies."""
+class _CopyCase(Grid):
+    """The copies: Grid's timing settings over dtype x size, and src/dst arrays
+    built once per process."""
     params = [["float32"], SIZES]
     param_names = ["dtype", "size"]
-    number = 1
-    repeat = (10, 40, 4.0)
-    rounds = 2
-    min_run_count = 5
-    warmup_time = 0.3
     timeout = 120
 
     def _arrays(self, dtype, size):

@@ -14,6 +14,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._stream import fma_f64, vector_load
+
 #: Channels per vector.
 LANES = 16
 #: Row widths (in vectors of LANES channels) with a register kernel.
@@ -45,17 +47,12 @@ def _make(G):
             elt = context.get_data_type(xt.dtype)
             f64 = ir.DoubleType()
             vx, vd = ir.VectorType(elt, LANES), ir.VectorType(f64, LANES)
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
-                                                 f"llvm.fma.v{LANES}f64")
+            fma = fma_f64(builder, LANES)
             i8p = ir.IntType(8).as_pointer()
             esize = context.get_abi_sizeof(elt)
 
-            def vload(ptr, idx, vty, align):
-                return builder.load(builder.bitcast(builder.gep(ptr, [idx]), vty.as_pointer()),
-                                    align=align)
-
             idx = [ir.Constant(ir.IntType(64), LANES * g) for g in range(G)]
-            sh = [vload(sp, idx[g], vd, 8) for g in range(G)]
+            sh = [vector_load(builder, sp, idx[g], vd, 8) for g in range(G)]
             acc_s = [cgutils.alloca_once_value(builder, ir.Constant(vd, None)) for _ in range(G)]
             acc_q = [cgutils.alloca_once_value(builder, ir.Constant(vd, None)) for _ in range(G)]
             with cgutils.for_range(builder, builder.sub(r1v, r0v)) as loop:
@@ -63,7 +60,7 @@ def _make(G):
                 row = builder.bitcast(builder.gep(builder.bitcast(xa.data, i8p),
                                                   [builder.mul(r, row_bytes)]), elt.as_pointer())
                 for g in range(G):
-                    v = vload(row, idx[g], vx, esize)
+                    v = vector_load(builder, row, idx[g], vx, esize)
                     d = builder.fsub(v if elt == f64 else builder.fpext(v, vd), sh[g])
                     builder.store(builder.fadd(builder.load(acc_s[g]), d), acc_s[g])
                     builder.store(builder.call(fma, [d, d, builder.load(acc_q[g])]), acc_q[g])

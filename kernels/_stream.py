@@ -89,19 +89,20 @@ def stream_fma(typingctx, x, y, u, m, q, r, p, P, f0, nvec, k0):
             for t, a in zip(signature.args[:7], args[:7])]
         f32, f64, i64 = ir.FloatType(), ir.DoubleType(), ir.IntType(64)
         vf, vd = ir.VectorType(f32, V), ir.VectorType(f64, V)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
-                                             f"llvm.fma.v{V}f64")
+        fma = fma_f64(builder, V)
         nt = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
 
         k_ptr = cgutils.alloca_once_value(builder, k0v)
         with cgutils.for_range(builder, nv) as loop:
             f = builder.add(f0v, builder.mul(loop.index, ir.Constant(i64, V)))
             k = builder.load(k_ptr)
-            xc = builder.fsub(builder.fpext(_load(builder, xp, f, vf, 4), vd), _load(builder, mp, k, vd, 8))
-            acc = builder.call(fma, [xc, _load(builder, qp, k, vd, 8), _load(builder, rp, k, vd, 8)])
+            xc = builder.fsub(builder.fpext(vector_load(builder, xp, f, vf, 4), vd),
+                              vector_load(builder, mp, k, vd, 8))
+            acc = builder.call(fma, [xc, vector_load(builder, qp, k, vd, 8),
+                                     vector_load(builder, rp, k, vd, 8)])
             if with_u:
-                uv = builder.fpext(_load(builder, up, f, vf, 4), vd)
-                acc = builder.call(fma, [uv, _load(builder, pp, k, vd, 8), acc])
+                uv = builder.fpext(vector_load(builder, up, f, vf, 4), vd)
+                acc = builder.call(fma, [uv, vector_load(builder, pp, k, vd, 8), acc])
             yv = builder.fptrunc(acc, vf)
             st = builder.store(yv, builder.bitcast(builder.gep(yp, [f]), vf.as_pointer()), align=LINE)
             st.set_metadata("nontemporal", nt)
@@ -128,6 +129,14 @@ def fence(typingctx):
     return sig, codegen
 
 
-def _load(builder, ptr, idx, vty, align):
-    """An unaligned vector load of vty from ptr + idx elements."""
+def vector_load(builder, ptr, idx, vty, align):
+    """IR helper (also used by _rowsums): a load of vector type vty from ptr + idx
+    elements, promising only ``align`` bytes of alignment."""
     return builder.load(builder.bitcast(builder.gep(ptr, [idx]), vty.as_pointer()), align=align)
+
+
+def fma_f64(builder, lanes):
+    """IR helper (also used by _rowsums): the ``llvm.fma`` intrinsic on <lanes x double>."""
+    vd = ir.VectorType(ir.DoubleType(), lanes)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
+                                          f"llvm.fma.v{lanes}f64")

@@ -6,8 +6,8 @@
 See API.md for the contract; ``fbn.backends()`` for what runs here.
 """
 
-from .api import (batch_norm_backward, batch_norm_infer, batch_norm_train, batch_normalization,
-                  moments)
+from .api import (batch_norm_backward, batch_norm_infer, batch_norm_infer_backward, batch_norm_train,
+                  batch_normalization, moments)
 from .dispatch import backend_for, backends, use_backend
 from .layer import BatchNorm
 from .merge import (GradSums, Moments, batch_norm_backward_from_sums, batch_norm_train_from_moments,
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "moments", "batch_normalization", "batch_norm_train", "batch_norm_infer",
-    "batch_norm_backward", "BatchNorm", "backend_for", "backends", "use_backend",
+    "batch_norm_backward", "batch_norm_infer_backward", "BatchNorm", "backend_for", "backends", "use_backend",
     # synchronised batch norm (fastbn.merge)
     "Moments", "GradSums", "partial_moments", "merge_moments", "batch_norm_train_from_moments",
     "partial_grad_sums", "merge_grad_sums", "batch_norm_backward_from_sums",

@@ -348,3 +348,45 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     if fam == "cuda":
         return dx, device.vec_out(dscale, x, pdt), device.vec_out(doffset, x, pdt)
     return dx, dscale.astype(pdt), doffset.astype(pdt)
+
+
+def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e-5, out=None,
+                              backend=None):
+    """Gradients of ``batch_norm_infer``'s ``y`` (fixed statistics, e.g. frozen BN).
+
+    Returns ``(dx, dscale, doffset)``: ``dx = dy * scale / sqrt(var + eps)``,
+    ``dscale = sum(dy * (x - mean)) / sqrt(var + eps)``, ``doffset = sum(dy)``,
+    sums per channel.  ``scale=None`` means ones.
+    """
+    if (dk := _dask(x, backend)) is not None:
+        raise TypeError("batch_norm_infer_backward does not take Dask arrays yet")
+    x, fam = checks.data_array(x, "x")
+    dy, _ = checks.data_array(dy, "dy", fam)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    ax, plan = _channel_plan(x, channel_axis)
+    C = x.shape[ax]
+    pdt = checks.param_dtype(x.dtype)
+    scale = checks.vector(scale, "scale", C, fam)
+    mean = checks.vector(mean, "mean", C, fam, optional=False)
+    var = checks.vector(var, "var", C, fam, optional=False)
+    eps = checks.scalar(eps, "eps", low=0.0)
+    out = checks.out_array(out, x, fam)
+    bk = _backend(fam, backend)
+    x3 = layout.as3(x, plan)
+    dy3 = layout.as3(dy, plan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        invstd = 1.0 / np.sqrt(var + eps)
+    if x3.size == 0:
+        doffset, s_dyxc = np.zeros_like(mean), np.zeros_like(mean)
+    else:
+        doffset, s_dyxc = bk.dy_sums3(dy3, x3, mean)
+    dscale = s_dyxc * invstd
+    a = invstd if scale is None else scale * invstd
+    z = np.zeros_like(mean)
+    dx = _affine(bk, x3, plan, x, out, mean, z, z, dy3, a)
+    if fam == "cuda":
+        return dx, device.vec_out(dscale, x, pdt), device.vec_out(doffset, x, pdt)
+    return dx, dscale.astype(pdt), doffset.astype(pdt)

@@ -345,6 +345,11 @@ def _affine_flat_stream(x, out, u, mt, qt, rt, pt, P, block):
         _stream.fence()
 
 
+#: Public name of the flat streaming kernel (a Kernel: ``.serial``/``.parallel``), for
+#: benchmarks that time the streaming store alone.  Arguments as _affine_flat_stream.
+affine_flat_stream = _affine_flat_stream
+
+
 #: Outputs of at least this many bytes are written with streaming stores; smaller
 #: ones may still be in cache when they are read next, and streaming would send
 #: them to memory.  Measured here (inference, float32, ms, streaming vs ordinary):

@@ -15,11 +15,61 @@ import numbers
 import numpy as np
 
 from . import checks
-from .api import batch_norm_backward, batch_norm_infer, batch_norm_train
+from .api import batch_norm_backward, batch_norm_infer, batch_norm_infer_backward, batch_norm_train
 from .dispatch import family_of
+from .merge import partial_moments
 
 # Per-channel arrays of the layer, in state_dict order.
 _VECTORS = ("scale", "offset", "running_mean", "running_var")
+# PyTorch's state-dict names for them.
+_TORCH_NAMES = {"weight": "scale", "bias": "offset"}
+
+# |mean| * invstd up to which the mean that batch_norm_train returns (rounded to
+# float32) is as good as the float64 one for the backward (train_forward_f64).
+_ROUNDED_MEAN_OK = 1.0
+
+
+def train_forward_f64(x, scale, offset, *, channel_axis, eps, running_mean, running_var, momentum,
+                      out=None):
+    """``batch_norm_train``, returning the batch ``mean``/``invstd`` in float64 for the backward.
+
+    Same arguments and ``y`` as ``batch_norm_train`` (``x`` of any shape, channels
+    on ``channel_axis``); ``mean``/``invstd`` are float64 vectors of length C.
+
+    ``batch_norm_train`` rounds them to the per-channel dtype (float32 for float16/32
+    data).  The backward uses ``xhat = (x - mean) * invstd``, so rounding the mean by
+    ``d`` moves every ``xhat`` by ``d * invstd``, at most ``2**-24 * |mean| * invstd``.
+    Where ``|mean| * invstd <= 1`` in every channel that is within one float32 ulp of a
+    unit ``xhat`` (no worse than rounding ``xhat`` itself) and the returned values are
+    used; otherwise (data with a large mean, where the rounded mean gave dscale off by
+    8e-3 at 1e6 + randn) the float64 moments come from one more read of ``x``.
+    """
+    y, mean, invstd = batch_norm_train(x, scale, offset, channel_axis=channel_axis, eps=eps,
+                                       running_mean=running_mean, running_var=running_var,
+                                       momentum=momentum, out=out)
+    if family_of(mean) != "numpy":   # device vectors: kept as they are
+        return y, mean, invstd
+    if mean.dtype != np.float64 and mean.size:
+        with np.errstate(invalid="ignore", over="ignore"):
+            large = np.abs(mean.astype(np.float64)) * invstd > _ROUNDED_MEAN_OK
+        if large.any():
+            m = partial_moments(x, channel_axis)
+            var = m.m2 / m.count
+            with np.errstate(divide="ignore"):
+                # invstd 0 where var + eps == 0, as the forward (PyTorch's rule)
+                exact = np.where(var + eps > 0, 1.0 / np.sqrt(var + eps), 0.0)
+            return y, m.mean, exact
+    return y, mean.astype(np.float64), invstd.astype(np.float64)
+
+
+def _host_value(v):
+    """A state-dict value as a host array: torch tensors (any device) and CuPy arrays
+    are copied to NumPy; anything else goes through ``np.asarray``."""
+    if hasattr(v, "detach") and hasattr(v, "cpu") and hasattr(v, "numpy"):   # torch.Tensor
+        return v.detach().cpu().numpy()
+    if family_of(v) == "cuda" and hasattr(v, "get"):   # CuPy
+        return v.get()
+    return np.asarray(v)
 
 
 class BatchNorm:
@@ -31,12 +81,16 @@ class BatchNorm:
     ``running_mean``/``running_var`` in place: ``r = (1 - momentum) * r +
     momentum * batch`` (unbiased variance; ``momentum=None`` averages all
     batches seen so far).  In eval mode (``eval()``) it uses the running
-    statistics, or the batch's if ``track_running_stats=False``.
+    statistics, or the batch's if the layer has none
+    (``track_running_stats=False`` at construction).  As in PyTorch, setting
+    ``track_running_stats = False`` later stops the updates but eval mode
+    keeps using the stored statistics.
 
     ``backward(dy)`` returns ``dx`` for the last forward call and sets
     ``dscale``/``doffset`` (None when ``affine=False``).  The forward keeps a
     reference to its input until the next forward: do not modify ``x`` in
-    place before calling ``backward``.
+    place before calling ``backward``.  Pickling or copying the layer carries
+    its state (parameters, statistics, settings), not that input.
 
     ``dtype`` is the data dtype the layer is built for; its per-channel
     arrays are float32 for float16 (API.md), otherwise ``dtype``.  Input of
@@ -101,22 +155,27 @@ class BatchNorm:
         """
         x, fam = self._check_input(x)
         self._follow(fam)
-        if self.training or not self.track_running_stats:
+        # As PyTorch: batch statistics in training, and in eval mode only when there are
+        # no running statistics (switching track_running_stats off after construction
+        # keeps the stored ones in use for eval).
+        if self.training or self.running_mean is None or self.running_var is None:
             return self._forward_batch_stats(x)
         return self._forward_running_stats(x)
 
     def _forward_batch_stats(self, x):
-        update = self.training and self.track_running_stats
+        update = (self.training and self.track_running_stats
+                  and self.running_mean is not None and self.running_var is not None)
         if update and self.momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)   # cumulative average, as PyTorch
+            momentum = 1.0 / ((self.num_batches_tracked or 0) + 1)   # cumulative average, as PyTorch
         else:
             momentum = self.momentum if update else 0.0
-        y, mean, invstd = batch_norm_train(
+        y, mean, invstd = train_forward_f64(
             x, self.scale, self.offset, channel_axis=self.channel_axis, eps=self.eps,
             running_mean=self.running_mean if update else None,
             running_var=self.running_var if update else None, momentum=momentum)
-        if update:  # only once the call has succeeded
+        if update and self.num_batches_tracked is not None:  # only once the call has succeeded
             self.num_batches_tracked += 1
+        # float64 mean/invstd: the backward keeps the forward's accuracy at large means
         self._saved = ("batch", x, self._scale_copy(), mean, invstd)
         return y
 
@@ -142,12 +201,15 @@ class BatchNorm:
         dLoss/doffset (per-channel dtype; None when ``affine=False``).
 
         After a training-mode forward this is the batch-statistics gradient
-        (``batch_norm_backward``).  After an eval-mode forward the layer was
-        the fixed affine map ``y = (x - running_mean) * scale * invstd + offset``
-        with ``invstd = 1/sqrt(running_var + eps)``, so ``dx = dy * scale * invstd``.
+        (``batch_norm_backward``, with the batch statistics in float64).  After
+        an eval-mode forward the layer was the fixed affine map
+        ``y = (x - running_mean) * scale * invstd + offset`` with
+        ``invstd = 1/sqrt(running_var + eps)`` (``batch_norm_infer_backward``),
+        so ``dx = dy * scale * invstd``.
         """
         if self._saved is None:
-            raise RuntimeError("BatchNorm.backward called before a forward pass")
+            raise RuntimeError("BatchNorm.backward called before a forward pass (or on a "
+                               "copy or unpickled layer, which does not carry the last input)")
         kind, x, scale, a, b = self._saved
         dy, _ = checks.data_array(dy, "dy", family_of(x))
         if tuple(dy.shape) != tuple(x.shape):
@@ -158,47 +220,40 @@ class BatchNorm:
             dx, dscale, doffset = batch_norm_backward(dy, x, scale, a, b,
                                                       channel_axis=self.channel_axis)
         else:
-            dx, dscale, doffset = self._backward_running_stats(dy, x, scale, a, b)
+            dx, dscale, doffset = batch_norm_infer_backward(dy, x, scale, a, b,
+                                                            channel_axis=self.channel_axis,
+                                                            eps=self.eps)
         self.dscale, self.doffset = (dscale, doffset) if self.affine else (None, None)
         return dx
-
-    def _backward_running_stats(self, dy, x, scale, running_mean, running_var):
-        """Eval-mode gradients: dx = dy*scale*invstd; dscale, doffset as in training
-        but with the running statistics in place of the batch's."""
-        dx = None
-        dscale = doffset = None
-        if self.affine:
-            # batch_norm_backward's per-channel sums are exactly the parameter gradients
-            # here: doffset = sum(dy), dscale = sum(dy * (x - mean) * invstd).  Its dx
-            # (for batch statistics) is not this one; its buffer is reused below.
-            invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + self.eps)
-            dx, dscale, doffset = batch_norm_backward(dy, x, None, running_mean, invstd,
-                                                      channel_axis=self.channel_axis)
-        # dx = (dy - 0) * scale / sqrt(running_var + eps) + 0: the inference map's linear part.
-        # np.zeros_like follows the array's family (NEP 18), so this also serves CuPy.
-        dx = batch_norm_infer(dy, scale, None, np.zeros_like(running_var), running_var,
-                              channel_axis=self.channel_axis, eps=self.eps, out=dx)
-        return dx, dscale, doffset
 
     # -- state -------------------------------------------------------------------
 
     def state_dict(self):
         """Copies of the layer's state: ``scale``, ``offset`` (if affine),
-        ``running_mean``, ``running_var``, ``num_batches_tracked`` (if tracking)."""
+        ``running_mean``, ``running_var``, ``num_batches_tracked`` (if present)."""
         d = {name: getattr(self, name).copy() for name in self._state_vectors()}
-        if self.track_running_stats:
+        if self.num_batches_tracked is not None:
             d["num_batches_tracked"] = int(self.num_batches_tracked)
         return d
 
     def load_state_dict(self, state):
-        """Copy ``state`` (as ``state_dict`` returns it) into the layer.
+        """Copy ``state`` into the layer's existing arrays, in place.
 
-        Keys must be exactly those of ``state_dict()``; vectors must be float
-        arrays of shape ``(num_features,)`` (cast to the per-channel dtype).
-        Everything is checked before anything is written.
+        ``state``: what ``state_dict`` returns, or a PyTorch BatchNorm's
+        ``state_dict()`` (``weight``/``bias`` for ``scale``/``offset``; torch
+        tensors on any device, NumPy or CuPy arrays, numbers for
+        ``num_batches_tracked``).  The keys must be exactly the layer's;
+        vectors float arrays of shape ``(num_features,)``, cast to the
+        per-channel dtype.  Arrays are written in place, so references to
+        ``bn.scale`` etc. (an optimizer's) stay live.  Everything is checked
+        before anything is written.
         """
+        state = dict(state)
+        torch_style = [k for k in _TORCH_NAMES if k in state]
+        if torch_style and not any(v in state for v in _TORCH_NAMES.values()):
+            state = {_TORCH_NAMES.get(k, k): v for k, v in state.items()}
         expected = set(self._state_vectors())
-        if self.track_running_stats:
+        if self.num_batches_tracked is not None:
             expected.add("num_batches_tracked")
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -206,29 +261,36 @@ class BatchNorm:
                              f"missing keys {missing}, unexpected keys {unexpected}")
         new = {}
         for name in self._state_vectors():
-            v = state[name]
-            if family_of(v) == "cuda" and hasattr(v, "get"):
-                v = v.get()   # CuPy -> host; moved back below if the layer lives on the GPU
-            v = np.asarray(v)
+            v = _host_value(state[name])
             if v.dtype.kind != "f":
                 raise TypeError(f"load_state_dict: {name} must be a float array, got dtype {v.dtype}")
             if v.shape != (self.num_features,):
                 raise ValueError(f"load_state_dict: {name} must have shape ({self.num_features},), "
                                  f"got {v.shape}")
             new[name] = _to_family(np.array(v, dtype=self.param_dtype), self._family)
-        if self.track_running_stats:
-            nbt = state["num_batches_tracked"]
-            nbt = nbt.item() if hasattr(nbt, "item") and getattr(nbt, "size", 1) == 1 else nbt
-            if isinstance(nbt, (bool, np.bool_)) or not isinstance(nbt, numbers.Integral):
+        nbt = None
+        if self.num_batches_tracked is not None:
+            nbt = _host_value(state["num_batches_tracked"])
+            if nbt.shape != () or nbt.dtype.kind not in "iu":
                 raise TypeError(f"load_state_dict: num_batches_tracked must be an int, got {nbt!r}")
+            nbt = int(nbt)
             if nbt < 0:
                 raise ValueError(f"load_state_dict: num_batches_tracked must be >= 0, got {nbt}")
-            new["num_batches_tracked"] = int(nbt)
         for name, v in new.items():
-            setattr(self, name, v)
+            getattr(self, name)[...] = v
+        if nbt is not None:
+            self.num_batches_tracked = nbt
 
     def _state_vectors(self):
         return [name for name in _VECTORS if getattr(self, name) is not None]
+
+    def __getstate__(self):
+        # The state, not the last input (or gradients of it): pickle and copy carry
+        # the parameters and statistics only; backward needs a new forward.
+        d = self.__dict__.copy()
+        d["_saved"] = None
+        d["dscale"] = d["doffset"] = None
+        return d
 
     # -- input checks and device placement ----------------------------------------
 

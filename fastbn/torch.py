@@ -1,0 +1,286 @@
+"""``fastbn.torch``: drop-in PyTorch batch-norm modules computed by fastbn.
+
+    import fastbn.torch as fbt
+    model = fbt.convert(model)          # every nn.BatchNorm1d/2d/3d -> fastbn's
+    bn = fbt.BatchNorm2d(64)            # or build them directly
+
+``BatchNorm1d``/``2d``/``3d`` *are* ``torch.nn.BatchNorm1d``/``2d``/``3d``
+(subclasses): the same constructor arguments (``num_features, eps, momentum,
+affine, track_running_stats, device, dtype`` and the ``bias`` keyword),
+parameters, buffers and state-dict keys (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so state dicts
+load both ways, ``torch.save``/``torch.load`` work and code that looks for
+``isinstance(m, nn.BatchNorm2d)`` still finds them.  Only ``forward``
+differs: on CPU tensors it runs fastbn's kernels on zero-copy NumPy views of
+the tensors, inside a ``torch.autograd.Function`` whose backward is
+``fastbn.batch_norm_backward`` (training, batch statistics) or
+``fastbn.batch_norm_infer_backward`` (eval mode, frozen statistics).
+
+What matches PyTorch, exactly as ``torch.nn.BatchNorm*d`` does it:
+momentum (``None``: cumulative average over ``num_batches_tracked``),
+``track_running_stats=False`` (batch statistics in eval mode too, unless the
+buffers exist, e.g. the flag was switched off after construction), the input
+checks and their messages (``expected 4D input (got 3D input)``, ``Expected
+more than 1 value per channel when training, got input size ...``, eps <= 0
+in training), an empty batch (empty output, running statistics untouched,
+zero parameter gradients), float16 input with float32 parameters, float64.
+``channels_last`` / ``channels_last_3d`` input gives output (and ``dx``) in
+the same memory format, without a copy.
+
+Differences, on purpose:
+
+* A bad call changes nothing: the checks run before ``num_batches_tracked``
+  is incremented (PyTorch increments it first).
+* Statistics are accurate at large means (fastbn's shifted one-pass moments,
+  float64 accumulation); the batch mean is kept in float64 for the backward.
+* Double backward (``create_graph=True`` and differentiating the gradient
+  again) raises a ``RuntimeError`` saying so.
+
+Everything fastbn does not serve goes to PyTorch's own ``F.batch_norm``,
+unchanged: CUDA and other non-CPU tensors (fastbn's CUDA backend is not used
+from here yet: it would have to run on PyTorch's CUDA stream), bfloat16 and
+float16 parameters, dtype combinations PyTorch itself rejects, tensor
+subclasses, ``torch.jit`` tracing/scripting, ``torch.compile`` and
+``torch.func`` transforms (so export and compilation see the ordinary op).
+
+Importing ``fastbn`` never imports torch; this module does.
+"""
+
+import numbers
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import fastbn as fbn
+
+from .layer import train_forward_f64
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "convert"]
+
+# data dtype -> the parameter/buffer dtype fastbn pairs with it (API.md: float32 for float16)
+_PARAM_DTYPE = {torch.float16: torch.float32, torch.float32: torch.float32, torch.float64: torch.float64}
+
+_DOUBLE_BACKWARD = (b"fastbn.torch: the batch-norm backward is not differentiable again (double "
+                    b"backward / create_graph=True through BatchNorm); use torch.nn.BatchNorm*d "
+                    b"for higher-order gradients")
+
+
+def _np(t):
+    """Zero-copy NumPy view of a CPU tensor (None stays None)."""
+    return None if t is None else t.detach().numpy()
+
+
+def _once_differentiable(backward):
+    """Like ``torch.autograd.function.once_differentiable``, with fastbn's message,
+    and also when only a saved tensor (not ``dy``) requires grad."""
+    def wrapper(ctx, dy):
+        with torch.no_grad():
+            grads = backward(ctx, dy)
+        if not torch.is_grad_enabled():
+            return grads
+        saved = ctx.saved_tensors
+        if not (dy.requires_grad or any(t is not None and t.requires_grad for t in saved)):
+            return grads
+        live = [g for g in grads if g is not None]
+        err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(live))
+        fakes = []
+        for g in live:
+            g = g.detach()
+            g.requires_grad_(True)
+            fakes.append(g)
+        out = err(*fakes)
+        out = iter(out if isinstance(out, tuple) else (out,))
+        return tuple(None if g is None else next(out) for g in grads)
+    return wrapper
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """``y = batch_norm(x)`` over every axis of ``x`` but 1, computed by fastbn.
+
+    ``apply(x, weight, bias, running_mean, running_var, training, momentum, eps)``,
+    the arguments of ``torch.nn.functional.batch_norm`` (``weight``/``bias``/
+    running statistics may be None).  ``x``: a CPU tensor ``(N, C, *)`` of
+    float16/32/64 in any strided layout; the per-channel tensors are 1-D of
+    length C in the parameter dtype (float32 for float16 ``x``), the running
+    statistics contiguous.  ``training=True`` normalises with the batch's
+    statistics and updates the running statistics (if given) in place with
+    ``momentum`` (unbiased running variance); ``training=False`` uses the
+    running statistics.  ``y`` has ``x``'s dtype, shape and memory format.
+    The caller (the modules) has checked the arguments; call the modules.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        xn = _np(x)
+        y = torch.empty_like(x)
+        yn = y.numpy()
+        ctx.training = bool(training)
+        ctx.eps = eps
+        ctx.empty = x.numel() == 0
+        if training:
+            if ctx.empty:   # PyTorch: empty y, running statistics untouched
+                ctx.stats = None
+            else:
+                yn, mean, invstd = train_forward_f64(
+                    xn, _np(weight), _np(bias), channel_axis=1, eps=eps,
+                    running_mean=_np(running_mean), running_var=_np(running_var),
+                    momentum=momentum, out=yn)
+                ctx.stats = (mean, invstd)
+        else:
+            fbn.batch_norm_infer(xn, _np(weight), _np(bias), _np(running_mean), _np(running_var),
+                                 channel_axis=1, eps=eps, out=yn)
+            # copies: a later update of the buffers must not change this call's gradient
+            ctx.stats = (_np(running_mean).copy(), _np(running_var).copy())
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = torch.empty_like(x)
+        pdt = _PARAM_DTYPE[x.dtype]
+        if ctx.empty:
+            C = x.shape[1]
+            dscale = torch.zeros(C, dtype=pdt)
+            doffset = torch.zeros(C, dtype=pdt)
+        else:
+            if ctx.training:
+                mean, invstd = ctx.stats
+                _, dscale, doffset = fbn.batch_norm_backward(_np(dy), _np(x), _np(weight), mean, invstd,
+                                                             channel_axis=1, out=dx.numpy())
+            else:
+                mean, var = ctx.stats
+                _, dscale, doffset = fbn.batch_norm_infer_backward(
+                    _np(dy), _np(x), _np(weight), mean, var, channel_axis=1, eps=ctx.eps,
+                    out=dx.numpy())
+            dscale, doffset = torch.from_numpy(dscale), torch.from_numpy(doffset)
+        return (dx if need_x else None,
+                dscale if need_w and weight is not None else None,
+                doffset if need_b and ctx.has_bias else None,
+                None, None, None, None, None)
+
+
+def _transforms_active():
+    """True under torch.func transforms (vmap, grad), jit tracing/scripting or torch.compile."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return True
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(functorch is not None and functorch())
+
+
+def _plain_cpu(t):
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+            and t.layout == torch.strided)
+
+
+def _served(x, vectors, running, momentum, eps):
+    """True if fastbn computes this call; False sends it to F.batch_norm unchanged
+    (which then also raises PyTorch's own errors for what it rejects)."""
+    if not _plain_cpu(x) or x.dtype not in _PARAM_DTYPE or x.dim() < 2 or _transforms_active():
+        return False
+    pdt, C = _PARAM_DTYPE[x.dtype], x.shape[1]
+    for t in vectors + running:
+        if t is not None and not (_plain_cpu(t) and t.dtype == pdt and tuple(t.shape) == (C,)):
+            return False
+    if any(t is not None and not t.is_contiguous() for t in running):
+        return False
+    if not (isinstance(momentum, numbers.Real) and 0.0 <= momentum <= 1.0):
+        return False
+    return isinstance(eps, numbers.Real) and eps >= 0.0
+
+
+class _FastBatchNorm:
+    """The forward of fastbn's BatchNorm modules (mixed into torch's classes)."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        training = self.training
+        # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics in training,
+        # and in eval mode when there are no buffers; buffers updated only when tracked.
+        bn_training = training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        momentum = 0.0 if self.momentum is None else self.momentum
+        eps = self.eps
+        served = _served(input, (self.weight, self.bias), (running_mean, running_var),
+                         momentum, eps)
+        if served and not bn_training and (running_mean is None or running_var is None):
+            served = False   # one buffer set to None: PyTorch's own error
+        if not served:
+            return super().forward(input)
+        # F.batch_norm's checks, with its messages, before anything changes
+        if bn_training:
+            F._verify_batch_size(input.size())
+            if eps <= 0.0:
+                raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        if training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:   # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return BatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
+                                       bn_training, float(momentum), float(eps))
+
+
+class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``) computed by fastbn on CPU."""
+
+
+class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, NCHW or channels_last) computed by
+    fastbn on CPU."""
+
+
+class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``, NCDHW or channels_last_3d) computed
+    by fastbn on CPU."""
+
+
+_SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+
+
+def _swapped(bn):
+    """A fastbn module carrying ``bn``'s whole state: the same parameter and buffer
+    tensors (so an optimizer built on the model keeps training them, and device/dtype
+    stay), settings, training flag and hooks."""
+    new = _SWAP[type(bn)].__new__(_SWAP[type(bn)])
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in bn.__dict__.items()})
+    return new
+
+
+def convert(module):
+    """Replace every ``torch.nn.BatchNorm1d``/``2d``/``3d`` in ``module`` with fastbn's.
+
+    Swaps in place (submodules of ``module``) and returns ``module``, or the new
+    module when ``module`` itself is a BatchNorm.  The new modules share the old
+    ones' parameters and buffers (the same tensors), so state, device, dtype,
+    the training flag and an optimizer built before ``convert`` all carry over.
+    Only those exact classes are swapped: subclasses (e.g. with their own
+    ``forward``), ``SyncBatchNorm`` and lazy modules not yet initialised are left
+    alone.  A module that appears several times is swapped once.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(module).__name__}")
+    memo = {}
+
+    def visit(m):
+        if id(m) in memo:
+            return memo[id(m)]
+        new = _swapped(m) if type(m) in _SWAP else m
+        memo[id(m)] = new
+        for name, child in list(new._modules.items()):
+            if child is not None:
+                new._modules[name] = visit(child)
+        return new
+
+    return visit(module)

@@ -1,29 +1,38 @@
-"""Make the test suite import the *installed* fastbn, never the source tree.
+"""Say which fastbn the tests run against, and stop early if it cannot run.
 
-``python -m pytest`` puts the current directory on ``sys.path``; from the repo
-root, ``import fastbn`` would then find ``./fastbn``, which lacks
-``fastbn.kernels`` (``./kernels`` is mapped to ``fastbn.kernels`` only by the
-install).  Drop the repo root from ``sys.path`` before anything imports
-fastbn; an editable install (``pip install -e .``) still resolves to these
-sources through its import hook.
+From the checkout's root, ``import fastbn`` finds ``./fastbn`` first; that
+package hands over to the installed fastbn (or maps ``./kernels`` in for a bare
+checkout): see ``fastbn/_source_tree.py``.  So ``python -m pytest`` tests the
+installed package after ``pip install ".[test]"`` and these sources after
+``pip install -e ".[test]"``.  The header line of the run names which.
 """
 
 import os
-import sys
-
-_ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-# Subprocesses the tests start (``python -c``, ``python -m fastbn``) would put
-# their working directory -- often this root -- first on sys.path too;
-# PYTHONSAFEPATH (Python >= 3.11) stops that for every child.
-os.environ["PYTHONSAFEPATH"] = "1"
-
-_stale = sys.modules.get("fastbn")
-if _stale is not None and not hasattr(_stale, "kernels") and "fastbn.kernels" not in sys.modules:
-    for name in [m for m in sys.modules if m == "fastbn" or m.startswith("fastbn.")]:
-        del sys.modules[name]
 
 try:
-    import fastbn.kernels  # noqa: F401,E402
+    import fastbn
+    import fastbn.kernels  # noqa: F401
 except ImportError as exc:  # pragma: no cover - environment problem, not a test failure
-    raise SystemExit(f"fastbn is not installed ({exc}); run: pip install '.[test]'") from exc
+    raise SystemExit(f"fastbn cannot be imported ({exc}); run: pip install '.[test]'") from exc
+
+
+def _where():
+    pkg = os.path.dirname(os.path.abspath(fastbn.__file__))
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.dirname(pkg) == here:
+        import fastbn._source_tree as st
+        kind = {"editable": "editable install of this checkout",
+                "source": "this checkout, not installed"}.get(st.MODE, "this checkout")
+    else:
+        kind = "installed"
+    return f"{pkg} ({kind})"
+
+
+def pytest_report_header(config):
+    try:
+        from fastbn.kernels import _isa
+        _isa.cython_kernels  # noqa: B018 - loads the variant for this CPU
+        cython = f"cython build: {_isa.CHOSEN}"
+    except ImportError as exc:
+        cython = f"cython: {exc}"
+    return [f"fastbn {getattr(fastbn, '__version__', '?')}: {_where()}; {cython}"]

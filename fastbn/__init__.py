@@ -5,6 +5,9 @@
 
 See API.md for the contract; ``fbn.backends()`` for what runs here.
 """
+if not __import__("os").path.isdir(__import__("os").path.join(__path__[0], "kernels")):
+    from ._source_tree import adopt as _adopt  # a source checkout: see fastbn/_source_tree.py
+    _adopt(globals())
 
 from .api import (batch_norm_backward, batch_norm_infer, batch_norm_infer_backward, batch_norm_train,
                   batch_normalization, moments)

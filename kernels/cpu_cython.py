@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 try:
-    from . import _cython_kernels as _ck
+    from ._isa import cython_kernels as _ck  # the build for this CPU's instruction set
     _IMPORT_ERROR = None
 except ImportError as exc:  # not compiled (no compiler at install time)
     _ck = None

@@ -48,6 +48,7 @@ BENCH_DIR = ASV_DIR / "benchmarks"
 
 pytestmark = pytest.mark.skipif(not (ASV_DIR / "asv.conf.json").is_file(),
                                 reason="asv_bench/ not in this checkout")
+pytestmark = [pytestmark, pytest.mark.integration]
 
 #: Generous: ~40 s on the 2-core development VM.
 RUN_TIMEOUT = 600

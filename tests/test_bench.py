@@ -132,6 +132,7 @@ def test_missing_optional_module_is_reported(capsys):
     assert "not available" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_cli_entry_point():
     res = subprocess.run([sys.executable, "-m", "fastbn", "bench", "--quick", "--backend", "numpy",
                           "--no-torch", "--repeat", "1", "--settle", "0", "--cases", "(16,4)"],

@@ -15,6 +15,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"),
                     reason="already inside the simulator run")

@@ -96,6 +96,7 @@ def run_python(code, timeout=300, **env):
     return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
 
 
+@pytest.mark.integration
 def test_without_numba_cython_is_chosen_and_matches():
     out = run_python(BLOCKER.format(blocked=("numba",)) + CHECK.format(tests=TESTS_DIR))
     assert out["CHOSEN"] == "cython"
@@ -106,12 +107,14 @@ def test_without_numba_cython_is_chosen_and_matches():
     assert "numba" in backends["numba"] and backends["numba"] != "available"
 
 
+@pytest.mark.integration
 def test_fastbn_disable_numba_chooses_cython():
     out = run_python("import sys\n" + CHECK.format(tests=TESTS_DIR), FASTBN_DISABLE_NUMBA="1")
     assert out["CHOSEN"] == "cython"
     assert eval(out["BACKENDS"])["numba"] == "disabled by FASTBN_DISABLE_NUMBA"  # noqa: S307
 
 
+@pytest.mark.integration
 def test_without_numba_and_extension_numpy_fallback_warns_once():
     blocked = ("numba", "fastbn.kernels._cython_kernels")
     out = run_python(BLOCKER.format(blocked=blocked) + CHECK.format(tests=TESTS_DIR))

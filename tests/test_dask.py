@@ -11,6 +11,8 @@ dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
+pytestmark = pytest.mark.integration
+
 import reference as ref  # noqa: E402
 
 import fastbn as fbn  # noqa: E402

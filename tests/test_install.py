@@ -31,6 +31,8 @@ import pytest
 import fastbn
 import fastbn.kernels
 
+pytestmark = pytest.mark.integration
+
 NOBODY = 65534
 SETPRIV = shutil.which("setpriv")
 UNSHARE = shutil.which("unshare")

@@ -199,6 +199,7 @@ def test_sync_errors_change_nothing(rng):
         fbn.batch_norm_backward_from_sums(x, x, None, np.zeros(3), np.ones(3), np.zeros((3, 2)))
 
 
+@pytest.mark.integration
 def test_example_script_runs():
     proc = subprocess.run([sys.executable, EXAMPLE, "--sizes", "5,0,1,9", "--channels", "3"],
                           capture_output=True, text=True, timeout=300)

@@ -328,6 +328,7 @@ print("ok")
 """
 
 
+@pytest.mark.integration
 def test_cuda_simulator_keeps_inf_and_nan():
     """The numba.cuda kernels (under the CUDA simulator, in a subprocess): NumPy's inf /
     NaN per channel, wherever the special value sits (a block's first value is its pivot)."""

@@ -174,6 +174,7 @@ def test_workqueue_layer_survives_concurrent_calls():
     assert f"layer workqueue calls {THREADS * ITERATIONS * 5} failures 0" in out, out[-3000:]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(fbn.backends()["numba"] != "available", reason="Numba backend not available")
 def test_workqueue_control_without_the_lock_aborts():
     """The control: the same storm with fastbn's lock taken out makes Numba abort the
@@ -193,6 +194,7 @@ def _run_workqueue(nolock):
     return proc, proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_after_parallel_call_does_not_hang():
     """GNU OpenMP's pool cannot be used in a child forked after a parallel

@@ -324,3 +324,172 @@ def test_two_processes_compiling_into_one_cache(sandbox):
     third = _last_json(proc.stdout)
     _check_results(os.path.join(sandbox, "r3.npz"), _expected())
     assert third["misses"] == 0 and third["hits"] > 0, third
+
+
+# -- a source checkout, the per-ISA Cython builds, a failed build -------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc", "*.c", "*.html", "*.so",
+                                 "_cython_build_failed.txt")
+_WHERE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import fastbn, fastbn.kernels, fastbn.__main__
+    import fastbn._source_tree as st
+    x = np.random.default_rng(3).standard_normal((6, 3, 5, 7)).astype(np.float32) + 5
+    y, m, inv = fastbn.batch_norm_train(x)
+    print(json.dumps(dict(fastbn=fastbn.__file__, kernels=fastbn.kernels.__file__,
+                          main=fastbn.__main__.__file__, mode=getattr(st, "MODE", None),
+                          mean=m.tolist(), n=len([k for k in sys.modules if k.startswith("fastbn")]))))
+""")
+
+
+def _checkout(dst):
+    """A copy of this checkout's fastbn/ and kernels/ (sources only) at dst; None if the
+    tests do not lie in a checkout (no ./fastbn beside tests/)."""
+    if not os.path.isfile(os.path.join(ROOT, "fastbn", "__init__.py")):
+        return None
+    for d in ("fastbn", "kernels"):
+        shutil.copytree(os.path.join(ROOT, d), os.path.join(dst, d), ignore=_IGNORE)
+    return dst
+
+
+def _deps_only(root):
+    """A folder of links to this environment's packages, fastbn left out (and any
+    editable-install hook): a child whose sys.path has it can import numpy and numba
+    but not fastbn."""
+    deps = os.path.join(root, "deps")
+    os.mkdir(deps)
+    for base in {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"),
+                 os.path.dirname(os.path.dirname(np.__file__))}:
+        for name in os.listdir(base):
+            low = name.lower()
+            if low.startswith(("fastbn", "__editable__")) or low.endswith(".pth") \
+                    or os.path.exists(os.path.join(deps, name)):
+                continue
+            os.symlink(os.path.join(base, name), os.path.join(deps, name))
+    return deps
+
+
+def test_checkout_root_imports_the_installed_package(sandbox):
+    """Python started in a checkout's root (./fastbn first on sys.path, without
+    fastbn/kernels) gets the installed fastbn, submodules and `-m fastbn` too."""
+    python, pkg = _fresh_venv(sandbox)
+    co = _checkout(os.path.join(sandbox, "checkout"))
+    if co is None:
+        pytest.skip("the tests do not lie in a checkout")
+    proc = subprocess.run([python, "-c", _WHERE], capture_output=True, text=True, timeout=300,
+                          cwd=co, env=_clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = _last_json(proc.stdout)
+    assert os.path.dirname(info["fastbn"]) == pkg, info
+    assert os.path.dirname(info["kernels"]) == os.path.join(pkg, "kernels"), info
+    assert os.path.dirname(info["main"]) == pkg, info
+    np.testing.assert_allclose(info["mean"], 5 + np.zeros(3), atol=1.0)
+
+
+def test_bare_checkout_maps_its_kernels(sandbox):
+    """No fastbn installed anywhere: the checkout runs as it is, ./kernels serving as
+    fastbn.kernels; results equal this process's."""
+    co = _checkout(os.path.join(sandbox, "checkout"))
+    if co is None:
+        pytest.skip("the tests do not lie in a checkout")
+    env = _clean_env(PYTHONPATH=_deps_only(sandbox), FASTBN_CACHE="0")
+    proc = subprocess.run([sys.executable, "-S", "-c", _WHERE], capture_output=True, text=True,
+                          timeout=300, cwd=co, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = _last_json(proc.stdout)
+    assert info["mode"] == "source", info
+    assert info["fastbn"] == os.path.join(co, "fastbn", "__init__.py"), info
+    assert info["kernels"] == os.path.join(co, "kernels", "__init__.py"), info
+    x = np.random.default_rng(3).standard_normal((6, 3, 5, 7)).astype(np.float32) + 5
+    np.testing.assert_array_equal(info["mean"], fastbn.batch_norm_train(x)[1].tolist())
+
+
+_VARIANT = textwrap.dedent("""
+    import io, base64, sys
+    import numpy as np
+    import fastbn
+    from fastbn.kernels import _isa
+    rng = np.random.default_rng(11)
+    res = {}
+    for shape, ax in [((5, 7, 33, 9), 1), ((301, 19), 1), ((4, 6, 5, 40), -1)]:
+        x = (rng.standard_normal(shape) * 3 + 1e4).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        s = rng.standard_normal(shape[ax]).astype(np.float32)
+        y, m, inv = fastbn.batch_norm_train(x, s, s, channel_axis=ax, backend="cython")
+        dx, ds, do = fastbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax, backend="cython")
+        for k, v in dict(y=y, m=m, inv=inv, dx=dx, ds=ds, do=do).items():
+            res[f"{shape}-{k}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, **res)
+    print(_isa.CHOSEN)
+    print(base64.b64encode(buf.getvalue()).decode())
+""")
+
+
+def test_every_cython_build_this_cpu_runs_agrees():
+    """Each per-ISA build of the extension that is installed and that this CPU can
+    run (FASTBN_CYTHON_ISA forces it) gives the portable build's results to an ulp or
+    two; forcing one this CPU lacks, or an unknown one, is refused with the reason."""
+    import base64
+    import io
+    from fastbn.kernels import _isa
+    try:
+        _isa.cython_kernels  # noqa: B018
+    except ImportError as exc:
+        pytest.skip(f"Cython backend not built: {exc}")
+    import importlib.machinery
+    base_file = importlib.machinery.PathFinder.find_spec(_isa.NAME, fastbn.kernels.__path__).origin
+    built = [v for v in _isa.supported() if _isa._file(v, base_file)]
+    results = {}
+    for variant in built:
+        proc = subprocess.run([sys.executable, "-c", _VARIANT], capture_output=True, text=True,
+                              timeout=300, env=_clean_env(FASTBN_CYTHON_ISA=variant))
+        assert proc.returncode == 0, (variant, proc.stderr[-3000:])
+        chosen, blob = proc.stdout.split()[-2:]
+        assert chosen == variant
+        with np.load(io.BytesIO(base64.b64decode(blob))) as f:
+            results[variant] = {k: f[k] for k in f.files}
+    assert "baseline" in results
+    for variant, res in results.items():
+        for k, v in res.items():
+            np.testing.assert_allclose(v, results["baseline"][k], rtol=2e-6, atol=1e-6,
+                                       err_msg=f"{variant} {k}")
+    lacking = [v for v, _ in _isa.VARIANTS if v not in _isa.supported()]
+    for bad in lacking[:1] + ["pentium"]:
+        proc = subprocess.run([sys.executable, "-c", "import fastbn; print(fastbn.backends()['cython'])"],
+                              capture_output=True, text=True, timeout=300,
+                              env=_clean_env(FASTBN_CYTHON_ISA=bad))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "FASTBN_CYTHON_ISA" in proc.stdout and bad in proc.stdout, proc.stdout
+
+
+def test_failed_build_is_reported_once(sandbox):
+    """An install whose Cython build failed (setup.py's note, no extension): backends()
+    names the reason and a RuntimeWarning says so once per process; fastbn still works."""
+    python, pkg = _fresh_venv(sandbox)
+    kern = os.path.join(pkg, "kernels")
+    for name in os.listdir(kern):
+        if name.startswith("_cython_kernels") and not name.endswith(".py"):
+            os.remove(os.path.join(kern, name))
+    with open(os.path.join(kern, "_cython_build_failed.txt"), "w") as f:
+        f.write("the build failed when fastbn was installed (CompileError: gcc: not found)\n")
+    child = textwrap.dedent("""
+        import warnings, numpy as np
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastbn
+            r1 = fastbn.backends()["cython"]
+            r2 = fastbn.backends()["cython"]
+            fastbn.batch_norm_train(np.ones((3, 2, 4)) + np.arange(4))
+        print(len([w for w in caught if issubclass(w.category, RuntimeWarning)
+                   and "Cython" in str(w.message)]))
+        print(r1 == r2, r1)
+    """)
+    proc = subprocess.run([python, "-c", child], capture_output=True, text=True, timeout=300,
+                          cwd="/", env=_clean_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count, same = proc.stdout.strip().splitlines()[-2:]
+    assert count == "1", proc.stdout
+    assert same.startswith("True") and "gcc: not found" in same, same

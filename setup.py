@@ -65,6 +65,7 @@ class OptionalBuildExt(build_ext):
         super().finalize_options()
         if self.parallel is None:  # the variants compile side by side (threads)
             self.parallel = os.cpu_count() or 1
+        self._add_variants()
 
     def _note_path(self):
         # next to where the baseline extension goes (build_lib, or ./kernels in place)
@@ -81,7 +82,6 @@ class OptionalBuildExt(build_ext):
         note = self._note_path()
         if os.path.exists(note):  # from an earlier failed build in place
             os.remove(note)
-        self._add_variants()
         try:
             super().run()
         except Exception as exc:  # noqa: BLE001 - any compiler failure
@@ -117,11 +117,19 @@ class OptionalBuildExt(build_ext):
             if not os.path.exists(wrapper) or open(wrapper).read() != line:
                 with open(wrapper, "w") as f:
                     f.write(line)
-            self.extensions.append(Extension(
+            ext = Extension(
                 f"{MODULE}_{suffix}", [wrapper], depends=[c_src, *base.depends],
                 include_dirs=base.include_dirs, define_macros=base.define_macros,
                 extra_compile_args=base.extra_compile_args + flags,
-                extra_link_args=base.extra_link_args))
+                extra_link_args=base.extra_link_args)
+            # what setuptools' finalize_options sets on each extension (editable builds read it)
+            for attr in ("_links_to_dynamic", "_needs_stub"):
+                if hasattr(base, attr):
+                    setattr(ext, attr, getattr(base, attr))
+            ext._full_name = ext.name
+            if isinstance(getattr(self, "ext_map", None), dict):
+                self.ext_map[ext.name] = ext
+            self.extensions.append(ext)
 
     def compiler_type(self):
         from setuptools._distutils.ccompiler import get_default_compiler

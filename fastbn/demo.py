@@ -175,26 +175,23 @@ def _fmt(c):
     return "diverged" if not np.isfinite(c) else f"{c:12.5g}"
 
 
-def run_mlp(args):
-    """``python -m fastbn demo mlp``: train both MLPs, print the table, write the PNG."""
-    t0 = time.perf_counter()
-    steps = 250 if args.steps is None else args.steps
-    seed = 1 if args.seed is None else args.seed
-    out = args.out or "bn_demo.png"
-    if steps < 0:
-        raise SystemExit("--steps must be >= 0")
+def train_mlp(steps, seed, log=print, t0=None):
+    """Train both MLPs ``steps`` SGD steps; returns ``(cols, plain, bn_net, x, y)``.
+
+    ``cols``: {"step": [0..steps], "without BN", "with BN", "BN, full-data stats":
+    the cost on all 2500 points after each step}; a cost is +inf where it
+    overflowed float32 and NaN from the step at which the net diverged on.
+    """
+    t0 = time.perf_counter() if t0 is None else t0
     rng = np.random.default_rng(seed)
     x, y = make_data(rng)
     params = make_params(rng)
     plain, bn_net = MLP(params, use_bn=False), MLP(params, use_bn=True)
-    print(f"fastbn {fbn.__version__} demo: MLP {N_LAYERS}x{N_HIDDEN} ReLU, weights N(0,1), biases 0.1, "
-          f"SGD lr {LR}, batch {BATCH}, {steps} steps, seed {seed}; "
-          f"fastbn backend: {fbn.backend_for(x)}")
-    print(f"cost = mean squared error on all 2500 points (for scale: predicting the mean of y "
-          f"costs {np.var(y, dtype=np.float64):.4g}, the noise alone {NOISE_SD ** 2:g}).\n"
-          "'with BN' is the BN net in eval mode, with its running statistics (at step 0 these are "
-          "still 0 and 1,\nso it then computes what the plain net does); 'BN, full-data stats' "
-          "normalises with the statistics\nof all 2500 points, as the tutorial did.")
+    log(f"cost = mean squared error on all 2500 points (for scale: predicting the mean of y "
+        f"costs {np.var(y, dtype=np.float64):.4g}, the noise alone {NOISE_SD ** 2:g}).\n"
+        "'with BN' is the BN net in eval mode, with its running statistics (at step 0 these are "
+        "still 0 and 1,\nso it then computes what the plain net does); 'BN, full-data stats' "
+        "normalises with the statistics\nof all 2500 points, as the tutorial did.")
 
     cols = {"step": [], "without BN": [], "with BN": [], "BN, full-data stats": []}
 
@@ -221,8 +218,23 @@ def run_mlp(args):
                     net.diverged_at = step
         record(step)
         if step % 50 == 0 or step == steps:
-            print(f"step {step:4d}/{steps}: cost without BN {_fmt(cols['without BN'][-1])}, "
-                  f"with BN {_fmt(cols['with BN'][-1])}   [{time.perf_counter() - t0:.1f} s]")
+            log(f"step {step:4d}/{steps}: cost without BN {_fmt(cols['without BN'][-1])}, "
+                f"with BN {_fmt(cols['with BN'][-1])}   [{time.perf_counter() - t0:.1f} s]")
+    return cols, plain, bn_net, x, y
+
+
+def run_mlp(args):
+    """``python -m fastbn demo mlp``: train both MLPs, print the table, write the PNG."""
+    t0 = time.perf_counter()
+    steps = 250 if args.steps is None else args.steps
+    seed = 1 if args.seed is None else args.seed
+    out = args.out or "bn_demo.png"
+    if steps < 0:
+        raise SystemExit("--steps must be >= 0")
+    print(f"fastbn {fbn.__version__} demo: MLP {N_LAYERS}x{N_HIDDEN} ReLU, weights N(0,1), biases 0.1, "
+          f"SGD lr {LR}, batch {BATCH}, {steps} steps, seed {seed}; "
+          f"fastbn backend: {fbn.backend_for(np.zeros(1, DTYPE))}")
+    cols, plain, bn_net, x, y = train_mlp(steps, seed, log=print, t0=t0)
     for name, net in (("without BN", plain), ("with BN", bn_net)):
         if net.diverged_at is not None:
             print(f"the network {name} diverged at step {net.diverged_at} (its cost or an updated "
@@ -306,6 +318,7 @@ def _plot(path, cols, plain, bn_net, x, y, seed):
                     "normalised values (eval mode)", fontsize=11)
     fig.savefig(path, dpi=90)
     print(f"figure written to {path}")
+    return fig
 
 
 def _cost_curves(ax, steps, cols, plain, bn_net):

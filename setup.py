@@ -89,13 +89,14 @@ class OptionalBuildExt(build_ext):
         base_failed = [exc for name, exc in self._failed if name == MODULE]
         if base_failed:
             why = f"{type(base_failed[0]).__name__}: {base_failed[0]}"
+            why = why if len(why) < 400 else why[:200] + " ... " + why[-150:]
             self._write_note(f"the build failed when fastbn was installed ({why})")
             _warn(f"fastbn's Cython backend failed to build ({why}). fastbn still works "
                   "(Numba, else the slow NumPy reference); install a C compiler and the "
                   "Python headers and reinstall to get it.")
             if _flag("FASTBN_REQUIRE_EXT"):
                 raise SystemExit(f"FASTBN_REQUIRE_EXT=1 and the Cython backend failed to build: {why}")
-        for name, exc in self._failed:
+        for name, exc in [] if base_failed else self._failed:
             if name != MODULE:
                 _warn(f"fastbn: the {name} variant was not built ({exc}); the portable "
                       "build is used on CPUs it would have served (slower, same results)")

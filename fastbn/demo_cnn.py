@@ -22,7 +22,8 @@ which reported that the net with BN reached its accuracy about 5x faster.
   ``[BN]`` (the BN net only): batch norm before every conv and dense layer,
   as in the CIFAR tutorial, TensorFlow's epsilon 1e-3, momentum 0.1
   (TensorFlow ``decay = 0.9``); weights Glorot-uniform and biases 0
-  (``tf.layers``' defaults); Adam lr 0.001, mini-batches of 50.
+  (``tf.layers``' defaults); Adam lr 0.001, mini-batches of 50, 12 epochs
+  (``--epochs``).
 - Both nets start from the same weights and see the same batches.  Training
   mode uses batch statistics and updates the running statistics; the test
   accuracy, measured after every epoch, uses the running statistics
@@ -229,13 +230,15 @@ def compare_styles(x, labels, steps, seed=0, arch=ARCH, dtype=DTYPE, batch=BATCH
                                    rel(a.running_var, b.running_var))
         evals = [net.train(False).loss_and_grads(xb, yb) for net in (ref, tf)]
         worst["eval_loss"] = max(worst["eval_loss"], rel(evals[0][0], evals[1][0]))
-        worst["eval_grads"] = max(worst["eval_grads"], max(rel(a, b) for a, b in zip(evals[0][1], evals[1][1])))
+        worst["eval_grads"] = max(worst["eval_grads"],
+                                  max(rel(a, b) for a, b in zip(evals[0][1], evals[1][1])))
         opt.step(results[0][1])
     return worst
 
 
 def train(nets, data, epochs, rng, log=print):
-    """Train ``nets`` ({name: CNN}) side by side for ``epochs`` epochs (same batches).
+    """Train ``nets`` ({"without BN": CNN, "with BN": CNN}) side by side for ``epochs``
+    epochs (the same batches, drawn from ``rng``); ``log`` gets each epoch's table row.
 
     Returns a history dict: ``epoch`` [0..epochs]; per net name ``loss``
     (mean training loss of each epoch, NaN at epoch 0), ``acc`` (test accuracy,
@@ -355,6 +358,11 @@ def run(args):
         raise SystemExit("--epochs must be >= 1")
     seed = 1 if args.seed is None else args.seed
     style = args.style or "layer"
+    try:
+        import sklearn  # noqa: F401  (the digits)
+    except ImportError:
+        raise SystemExit("demo cnn needs scikit-learn for its data (the bundled digits): "
+                         "pip install 'fastbn[demo]'") from None
     out = args.out or ("bn_demo_cnn_tf.png" if style == "tf" else "bn_demo_cnn.png")
     data = load_data(seed)
     rng = np.random.default_rng(seed)

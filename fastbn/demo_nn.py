@@ -79,7 +79,9 @@ class MaxPool2:
         N, C, H, W = x.shape
         if H % 2 or W % 2:
             raise ValueError(f"MaxPool2 needs an even height and width, got {H} x {W}")
-        win = x.reshape(N, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(N, C, H // 2, W // 2, 4)
+        # (N, C, H/2, W/2, 4): the four values of each window on the last axis
+        win = x.reshape(N, C, H // 2, 2, W // 2, 2).transpose(0, 1, 2, 4, 3, 5)
+        win = win.reshape(N, C, H // 2, W // 2, 4)
         self._arg = win.argmax(-1)[..., None]                  # (N, C, H/2, W/2, 1)
         self._shape = x.shape
         return np.take_along_axis(win, self._arg, -1)[..., 0]
@@ -196,7 +198,8 @@ class TFStyleBatchNorm:
             mean, var = fbn.moments(x, axes, keepdims=True)
             n = x.size // C
             self.running_mean[...] = self.decay * self.running_mean + (1 - self.decay) * mean.ravel()
-            self.running_var[...] = self.decay * self.running_var + (1 - self.decay) * var.ravel() * (n / (n - 1))
+            unbiased = var.ravel() * (n / (n - 1))
+            self.running_var[...] = self.decay * self.running_var + (1 - self.decay) * unbiased
         else:
             mean, var = self.running_mean.reshape(shape), self.running_var.reshape(shape)
         y = fbn.batch_normalization(x, mean, var, self.offset.reshape(shape), self.scale.reshape(shape),
@@ -210,7 +213,8 @@ class TFStyleBatchNorm:
             invstd = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
             dx, self.dscale, self.doffset = fbn.batch_norm_backward(dy, x, scale, mean, invstd)
         else:
-            dx, self.dscale, self.doffset = fbn.batch_norm_infer_backward(dy, x, scale, mean, var, eps=self.eps)
+            dx, self.dscale, self.doffset = fbn.batch_norm_infer_backward(dy, x, scale, mean, var,
+                                                                          eps=self.eps)
         return dx
 
     def state_dict(self):

@@ -32,8 +32,8 @@ def _conv_loop(x, W, b, stride, pad):
     return y
 
 
-@pytest.mark.parametrize("stride,pad,shape", [(1, 1, (3, 2, 7, 5)), (2, 1, (2, 3, 8, 9)), (2, 0, (4, 1, 9, 7)),
-                                              (1, 0, (1, 4, 5, 6))])
+@pytest.mark.parametrize("stride,pad,shape", [(1, 1, (3, 2, 7, 5)), (2, 1, (2, 3, 8, 9)),
+                                              (2, 0, (4, 1, 9, 7)), (1, 0, (1, 4, 5, 6))])
 def test_conv_and_pool_forward_match_direct_loops(stride, pad, shape):
     rng = np.random.default_rng([11, stride, pad])
     x = rng.standard_normal(shape)
@@ -163,7 +163,8 @@ def test_demo_cnn_runs_reports_and_writes_png(tmp_path, capsys):
 def test_demo_cnn_tf_style_runs_and_checks_itself(capsys):
     assert main(["demo", "cnn", "--style", "tf", "--epochs", "1", "--no-plot"]) == 0
     out = capsys.readouterr().out
-    m = re.search(r"largest relative differences: loss (\S+), gradients (\S+), running statistics (\S+);", out)
+    m = re.search(r"largest relative differences: loss (\S+), gradients (\S+), "
+                  r"running statistics (\S+);", out)
     assert m, out
     assert float(m[1]) < 1e-5 and float(m[2]) < 1e-3 and float(m[3]) < 1e-5
     assert "fbn.moments + fbn.batch_normalization" in out and sorted(_rows(out)) == [0, 1]

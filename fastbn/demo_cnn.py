@@ -377,14 +377,16 @@ def run(args):
     print(f"with BN: batch norm before every conv and dense layer ({bn_what}), eps {EPS:g}, "
           f"momentum {MOMENTUM:g} (TensorFlow decay {1 - MOMENTUM:g})")
     if style == "tf":
-        w = compare_styles(data[0], data[1], steps=10, seed=seed)
+        with _one_blas_thread():
+            w = compare_styles(data[0], data[1], steps=10, seed=seed)
         print("--style tf against fbn.BatchNorm, 10 training steps each from the same state; largest "
               f"relative differences: loss {w['loss']:.1e}, gradients {w['grads']:.1e}, running "
               f"statistics {w['running']:.1e}; eval mode: loss {w['eval_loss']:.1e}, gradients "
               f"{w['eval_grads']:.1e}; for scale, the float32 layer's own gradients differ from "
               f"float64 by up to {w['grads_f32']:.1e}")
     nets = {NAMES[0]: CNN(params, None), NAMES[1]: CNN(params, style)}
-    t_warm = warm_up(params, style, data)
+    with _one_blas_thread():
+        t_warm = warm_up(params, style, data)
     print(f"fastbn's first calls (Numba compiling or loading its kernels) took {t_warm:.1f} s, on a "
           "throw-away copy of the BN net; not counted below.")
     print("test accuracy in eval mode (running statistics); '(BN, test-set stats)' normalises with the "

@@ -108,9 +108,10 @@ def test_tf_style_matches_the_layer_per_step():
     assert worst["loss"] < 1e-5 and worst["eval_loss"] < 1e-5, worst
     assert worst["running"] < 1e-5, worst
     assert worst["eval_grads"] < 1e-4, worst
-    # Training-mode gradients of biases just before a BN nearly cancel; the two styles
-    # differ by no more than the float32 layer's own error against float64.
-    assert worst["grads"] < 1e-3 and worst["grads"] <= 2 * worst["grads_f32"], worst
+    # Training-mode gradients of biases just before a BN nearly cancel, so their float32
+    # rounding error reaches ~1e-4 (measured against float64 for both styles).
+    assert worst["grads"] < 1e-3 and max(worst["grads_f32"], worst["grads_tf_f32"]) < 1e-3, worst
+    assert worst["branch_steps"] < 4, worst    # gradients were compared on some step
 
 
 def test_tf_style_moving_averages_are_the_layers():

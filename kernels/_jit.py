@@ -30,6 +30,8 @@ import types
 import numba
 from numba.core import caching
 
+from . import _fork
+
 _ALLOWED_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _DEFAULT_FASTMATH = "reassoc,contract"
 
@@ -192,20 +194,14 @@ def kernel(func):
 
 
 # -- threading ---------------------------------------------------------------
-# The workqueue threading layer aborts the process when two threads enter a
-# parallel region at once.  Prefer a thread-safe layer unless the user chose
-# one; if workqueue is what we get anyway, serialise parallel calls with a lock.
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "threadsafe"
-
-# GNU OpenMP's idle workers spin for ~300k iterations after each parallel
-# region.  Between fastbn calls that steals the cores from whatever runs next
-# (OpenBLAS matmuls in a training loop slowed 5-25x in the demo).  A short spin
-# keeps back-to-back kernel calls cheap and then yields.  Must be set before
-# libgomp loads; a user's own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "10000"
-
+# fastbn changes nothing process-wide: no threading layer is forced (that
+# would choose the layer of the caller's own parallel Numba code too) and no
+# OpenMP variable is set (GOMP_SPINCOUNT was set here to keep libgomp's idle
+# workers from spinning between calls; measured in the issue-16 report, a
+# user who wants that sets OMP_WAIT_POLICY=passive or GOMP_SPINCOUNT
+# themselves).  Numba's default layer is tbb, then omp, then workqueue;
+# only workqueue is not thread-safe (it aborts the process when two threads
+# enter a parallel region at once), so under it parallel calls take a lock.
 _workqueue_lock = threading.Lock()
 _layer_checked = None
 
@@ -220,36 +216,21 @@ def _threading_layer():
     return _layer_checked
 
 
-_pool_pid = None  # the process whose thread pool the parallel kernels use
-
-
 def run(kern, parallel, *args):
     """Call ``kern.parallel(*args)`` if ``parallel`` else ``kern.serial(*args)``.
 
-    Parallel calls are serialised under the workqueue layer.  If no thread-safe
-    layer loads at all (no OpenMP, no TBB), fall back to Numba's default choice.
+    Serial in a child forked from a multithreaded process (see _fork).
+    Parallel calls are serialised under the workqueue layer (and the first
+    one, before the layer is known).
     """
-    global _pool_pid
-    if not parallel:
+    if not parallel or _fork.serial_only():
         return kern.serial(*args)
-    pid = os.getpid()
-    if _pool_pid != pid:
-        if _pool_pid is not None:
-            # A forked child: GNU OpenMP's pool belongs to the parent and hangs
-            # or aborts here, so the child runs every kernel serially.
-            return kern.serial(*args)
-        _pool_pid = pid
+    _fork.note_parallel()
     layer = _threading_layer()
     if layer is not None and layer != "workqueue":
         return kern.parallel(*args)
     with _workqueue_lock:
-        try:
-            return kern.parallel(*args)
-        except ValueError as exc:
-            if "threading layer" not in str(exc) or numba.config.THREADING_LAYER == "default":
-                raise
-            numba.config.THREADING_LAYER = "default"
-            return kern.parallel(*args)
+        return kern.parallel(*args)
 
 
 def num_threads():

@@ -26,9 +26,10 @@ for any thread count):
 """
 
 import math
-import os
 
 import numpy as np
+
+from . import _fork
 
 try:
     from ._isa import cython_kernels as _ck  # the build for this CPU's instruction set
@@ -61,21 +62,6 @@ FOLD_MAX = 64
 SERIAL_BELOW = 1 << 16
 
 
-#: True in a process made by fork(): GNU OpenMP (libgomp) cannot start a
-#: thread team in a child forked after the parent ran a parallel region (ours
-#: or Numba's "omp" layer) -- it hangs -- so there the kernels run serially.
-_forked = False
-
-
-def _after_fork_in_child():
-    global _forked
-    _forked = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def unavailable_reason():
     """None if the compiled extension loaded, else why not."""
     if _ck is None:
@@ -105,7 +91,12 @@ def _vec(v):
 
 
 def _threads(size):
-    return 1 if size < SERIAL_BELOW or _forked else _ck.max_threads()
+    """OpenMP threads for a kernel on ``size`` values: 1 for small inputs and in a
+    child forked from a multithreaded process (see _fork)."""
+    if size < SERIAL_BELOW or _fork.serial_only():
+        return 1
+    _fork.note_parallel()
+    return _ck.max_threads()
 
 
 def _fold(*arrays, copy=False):

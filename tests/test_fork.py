@@ -93,6 +93,7 @@ def _run(parent, child, timeout=150):
     return proc
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("child", ["numba", "cython"])
 @pytest.mark.parametrize("parent", PARENTS)
 def test_child_runs_after_any_parallel_parent(parent, child):
@@ -127,6 +128,7 @@ _CONTROL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.skipif("cython" not in AVAILABLE, reason="Cython extension not built")
 def test_control_an_unguarded_child_hangs():
     """Without the guard, a child entering the pool its parent started hangs: the

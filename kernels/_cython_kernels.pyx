@@ -112,19 +112,22 @@ cdef extern from *:
     FBN_DY_SUMS(float, fbn_dy_sums_f32)
     FBN_DY_SUMS(double, fbn_dy_sums_f64)
 
-    /* Two-pass mean and m2 of n contiguous values.  For float64 data the
-       second pass also sums the deviations ("corrected two-pass"): their mean
-       corrects the rounding of the first-pass mean, which for float64 data is
-       as coarse as the data (a constant run then gets m2 = 0 exactly; a
-       non-finite correction, from inf data, is not applied).  float32 and
-       float16 data sum exactly enough in float64 not to need it, and the
-       extra reduction would cost ~20% of the in-cache time. */
+    /* Two-pass mean and m2 of n contiguous values.  The first pass sums the
+       values shifted by the first one, x0 (0 if not finite: inf - inf would
+       make NaN of an inf mean): a constant run gets its mean exactly and a
+       run of 1.7e308 does not overflow.  For float64 data the second pass
+       also sums the deviations ("corrected two-pass"): their mean corrects
+       the rounding of the first-pass mean, which for float64 data is as
+       coarse as the data (a non-finite correction, from inf data, is not
+       applied).  float32 and float16 data sum exactly enough in float64 not
+       to need it, and the extra reduction would cost ~20% of the in-cache time. */
     #define FBN_STATS(T, NAME, CORRECT)                                           \
     static inline void NAME(const T* p, Py_ssize_t n, double* mean, double* m2) { \
-        double s = 0.0, c = 0.0, q = 0.0, mu, d;                              \
+        double x0 = (double)p[0], s = 0.0, c = 0.0, q = 0.0, mu, d;           \
+        if (!(x0 - x0 == 0.0)) x0 = 0.0;                                      \
         _Pragma("omp simd reduction(+:s)")                                    \
-        for (Py_ssize_t i = 0; i < n; i++) s += (double)p[i];                 \
-        mu = s / (double)n;                                                   \
+        for (Py_ssize_t i = 0; i < n; i++) s += (double)p[i] - x0;            \
+        mu = x0 + s / (double)n;                                              \
         if (CORRECT) {                                                        \
             _Pragma("omp simd reduction(+:c,q)")                              \
             for (Py_ssize_t i = 0; i < n; i++) {                              \
@@ -134,7 +137,9 @@ cdef extern from *:
             }                                                                 \
             d = c / (double)n;                                                \
             *mean = (d - d == 0.0) ? mu + d : mu;                             \
-            *m2 = q - c * d;                                                  \
+            /* q = inf with a finite c: squares of finite data overflowed     \
+               (values near 1e300): inf, as NumPy, not inf - inf */          \
+            *m2 = (q - q != 0.0 && c - c == 0.0) ? q : q - c * d;             \
         } else {                                                              \
             _Pragma("omp simd reduction(+:q)")                                \
             for (Py_ssize_t i = 0; i < n; i++) {                              \
@@ -304,7 +309,7 @@ cdef void run_stats(const real_t* p, Py_ssize_t n, Py_ssize_t s,
     (contiguous float32/64: in C, above, where an OpenMP simd reduction lets
     GCC vectorise without -ffast-math)."""
     cdef double acc[U]
-    cdef double mu, tot, d
+    cdef double mu, tot, d, x0
     cdef Py_ssize_t b, i, j, n8 = n - n % U
     if s == 1:
         if real_t is float:
@@ -313,22 +318,25 @@ cdef void run_stats(const real_t* p, Py_ssize_t n, Py_ssize_t s,
         elif real_t is double:
             fbn_stats_f64(p, n, mean, m2)
             return
+    x0 = ld(p[0])               # shifted first pass, as FBN_STATS
+    if not isfinite(x0):
+        x0 = 0.0
     for j in range(U):
         acc[j] = 0.0
     if s == 1:
         for b in range(n8 // U):
             i = b * U
             for j in range(U):
-                acc[j] += ld(p[i + j])
+                acc[j] += ld(p[i + j]) - x0
         for i in range(n8, n):
-            acc[0] += ld(p[i])
+            acc[0] += ld(p[i]) - x0
     else:
         for i in range(n):
-            acc[0] += ld(p[i * s])
+            acc[0] += ld(p[i * s]) - x0
     tot = 0.0
     for j in range(U):
         tot += acc[j]
-    mu = tot / n
+    mu = x0 + tot / n
     for j in range(U):
         acc[j] = 0.0
     if s == 1:
@@ -407,9 +415,10 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
                           double* out_m2, double* work) noexcept nogil:
     """Rows r0..r1 of channels x[:, 0:nc] in tiles of ``rows`` -> out_mean/out_m2[0:nc].
 
-    work: 5*nc doubles of this thread's own scratch (the tile's mean, m2 and
-    sum of deviations, the running mean and m2), so the hot writes stay in
-    private cache lines.  For float64 data the sum of deviations corrects the
+    work: 6*nc doubles of this thread's own scratch (the tile's mean, m2,
+    sum of deviations and shift, the running mean and m2), so the hot writes
+    stay in private cache lines.  The first pass sums values shifted by the
+    tile's first row (see FBN_STATS).  For float64 data the sum of deviations corrects the
     tile's mean and m2 for the rounding of its first-pass mean ("corrected
     two-pass"): a constant channel gets m2 = 0, not the square of a rounding
     error.  float32/float16 data sum exactly enough in float64 without it.
@@ -422,6 +431,7 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
     cdef double* rm = work + 2 * nc
     cdef double* rq = work + 3 * nc
     cdef double* tc = work + 4 * nc
+    cdef double* ts = work + 5 * nc
     for j in range(nc):
         rm[j] = 0.0
         rq[j] = 0.0
@@ -429,20 +439,24 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
     while t0 < r1:
         t1 = min(t0 + rows, r1)
         nb = <double>(t1 - t0)
+        pr = x + t0 * so
         for j in range(nc):
             tm[j] = 0.0
             tq[j] = 0.0
             tc[j] = 0.0
+            ts[j] = ld(pr[j * sc])
+            if not isfinite(ts[j]):
+                ts[j] = 0.0
         for r in range(t0, t1):
             pr = x + r * so
             if sc == 1:
                 for j in range(nc):
-                    tm[j] += ld(pr[j])
+                    tm[j] += ld(pr[j]) - ts[j]
             else:
                 for j in range(nc):
-                    tm[j] += ld(pr[j * sc])
+                    tm[j] += ld(pr[j * sc]) - ts[j]
         for j in range(nc):
-            tm[j] = tm[j] / nb
+            tm[j] = ts[j] + tm[j] / nb
         if real_t is double:      # corrected two-pass (see FBN_STATS)
             for r in range(t0, t1):
                 pr = x + r * so
@@ -457,7 +471,8 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
                         tc[j] += d
                         tq[j] += d * d
             for j in range(nc):
-                tq[j] = tq[j] - tc[j] * tc[j] / nb
+                if isfinite(tq[j]) or not isfinite(tc[j]):  # else overflowed squares: inf
+                    tq[j] = tq[j] - tc[j] * (tc[j] / nb)
                 d = tc[j] / nb
                 if d - d == 0.0:  # finite: an inf channel keeps its inf mean, not NaN
                     tm[j] = tm[j] + d
@@ -472,6 +487,13 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
                     for j in range(nc):
                         d = ld(pr[j * sc]) - tm[j]
                         tq[j] += d * d
+        if n == 0.0:            # the first tile: d^2 * 0 is NaN for means near 1e308
+            for j in range(nc):
+                rm[j] = tm[j]
+                rq[j] = tq[j]
+            n = nb
+            t0 = t1
+            continue
         tot = n + nb
         frac = nb / tot
         for j in range(nc):
@@ -510,7 +532,7 @@ def moments_cl(const real_t[:, :, :] x, double[::1] mean, double[::1] m2,
     ntiles = (O + rows - 1) // rows
     ncb = (C + cblock - 1) // cblock
     Cp = pad8(C)                  # partial rows padded to whole cache lines
-    S = pad8(5 * cblock)          # per-thread scratch, likewise
+    S = pad8(6 * cblock)          # per-thread scratch, likewise
     nthreads = max(nthreads, 1)
     raw = malloc((2 * G * Cp + nthreads * S + G) * sizeof(double) + 64)
     if raw == NULL:
@@ -929,14 +951,14 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
     oc_ = out.strides[1] // sizeof(flt_t)
     oi = out.strides[2] // sizeof(flt_t)
     n = <double>(O * I)
-    raw = malloc((10 * pad8(C)) * sizeof(double) + 64)
+    raw = malloc((11 * pad8(C)) * sizeof(double) + 64)
     if raw == NULL:
         raise MemoryError()
     mean = fbn_align64(raw)
     m2 = mean + pad8(C)
     a = m2 + pad8(C)
     b = a + pad8(C)
-    zero = b + pad8(C)          # then 5*C of scratch for task_moments_cl
+    zero = b + pad8(C)          # then 6*C of scratch for task_moments_cl
     try:
         with nogil:
             if I == 1:
@@ -955,7 +977,9 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
                     mean[c] = mu
                     m2[c] = q
             for c in range(C):
-                inv = 1.0 / sqrt(m2[c] / n + eps)
+                # var + eps == 0 (constant channel, eps = 0): invstd 0, y = offset
+                inv = m2[c] / n + eps
+                inv = 0.0 if inv == 0.0 else 1.0 / sqrt(inv)
                 a[c] = inv * scale[c] if has_scale else inv
                 b[c] = offset[c] if has_offset else 0.0
                 zero[c] = 0.0

@@ -162,9 +162,15 @@ def moments3(x3):
     # equal-count summaries: m2 = sum m2_i + O * sum (mean_i - mean)^2.
     mean_ci, m2_ci = _moments_kernel(folded[0])
     mean_ci = mean_ci.reshape(C, I)
+    # Shifted by each channel's first column mean: a constant channel stays exact
+    # (its mean, m2 = 0) and a mean near 1.7e308 does not overflow the sum.
+    s = mean_ci[:, 0].copy()
+    s[~np.isfinite(s)] = 0.0
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN data: NaN, as the kernels
-        mean = mean_ci.mean(axis=1)
-        m2 = m2_ci.reshape(C, I).sum(axis=1) + O * ((mean_ci - mean[:, None]) ** 2).sum(axis=1)
+        mean = s + (mean_ci - s[:, None]).mean(axis=1)
+        dev = mean_ci - mean[:, None]
+        dev[dev == 0.0] = 0.0   # inf - inf of a column equal to an inf mean: no deviation
+        m2 = m2_ci.reshape(C, I).sum(axis=1) + O * (dev ** 2).sum(axis=1)
     return mean, m2
 
 

@@ -59,8 +59,24 @@ def _shift(v):
 
 @helper
 def _shifted_moments(x0, s, q, n):
-    """(mean, m2) of n values from the shifted sums s = sum(x - x0), q = sum((x - x0)^2)."""
-    return x0 + s / n, max(q - s * (s / n), 0.0) if np.isfinite(q) else q - s * (s / n)
+    """(mean, m2) of n values from the shifted sums s = sum(x - x0), q = sum((x - x0)^2).
+
+    q = inf with a finite s is finite data whose squares overflow (values near
+    1e300): m2 = inf, as NumPy's var, not inf - inf."""
+    m2 = q - s * (s / n)
+    if np.isfinite(q):
+        m2 = max(m2, 0.0)
+    elif np.isfinite(s):
+        m2 = q
+    return x0 + s / n, m2
+
+
+@helper
+def _invstd(var, eps):
+    """1/sqrt(var + eps), and 0 where var + eps == 0 (a constant channel with
+    eps = 0: PyTorch's rule, so y = offset, not NaN)."""
+    v = var + eps
+    return 0.0 if v == 0.0 else 1.0 / np.sqrt(v)
 
 
 @helper
@@ -166,6 +182,12 @@ def _moments_cl(x, rows, tpu, pmean, pm2, scratch, groups):
             frac = nb / n
             um = pmean[u]
             uq = pm2[u]
+            if n_acc == 0.0:  # the first tile: delta^2 * 0 is NaN for means near 1e308
+                for c in range(C):
+                    um[c] = tm[c]
+                    uq[c] = tq[c]
+                n_acc = nb
+                continue
             for c in range(C):
                 delta = tm[c] - um[c]
                 uq[c] += tq[c] + delta * delta * n_acc * frac
@@ -499,19 +521,22 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
     O, C, I = x.shape
     n = O * I
     for c in range(C):
+        # shifted by one of the channel's values (see _shift): a constant
+        # channel gets its mean exactly, and 1.7e308 does not overflow the sum
+        x0 = _shift(x[0, c, 0])
         s = 0.0
         for o in range(O):
             xs = x[o, c]
             for i in range(I):
-                s += np.float64(xs[i])
-        mu = s / n
+                s += np.float64(xs[i]) - x0
+        mu = x0 + s / n
         q = 0.0
         for o in range(O):
             xs = x[o, c]
             for i in range(I):
                 d = np.float64(xs[i]) - mu
                 q += d * d
-        inv = 1.0 / np.sqrt(q / n + eps)
+        inv = _invstd(q / n, eps)
         a = inv if scale is None else np.float64(scale[c]) * inv
         b = 0.0 if offset is None else np.float64(offset[c])
         for o in range(O):
@@ -581,8 +606,7 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
     mu = np.empty(C)
     for c in range(C):
         mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], R)
-        var = m2 / R
-        inv = 1.0 / np.sqrt(var + eps)
+        inv = _invstd(m2 / R, eps)
         invstd_out[c] = inv
         mean_out[c] = mu[c]
         a[c] = inv if scale is None else np.float64(scale[c]) * inv

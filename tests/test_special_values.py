@@ -344,3 +344,110 @@ def test_cuda_simulator_keeps_inf_and_nan():
     proc = subprocess.run([sys.executable, "-c", _CUDA_SIM_SCRIPT.format(tests=tests)], env=env,
                           capture_output=True, text=True, timeout=600, cwd="/")
     assert proc.returncode == 0 and "ok" in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+
+
+# -- results independent of path and backend (issue 14 item 5) -----------------------
+# The kernels' primitives directly, on each compiled backend: moments3 (the general
+# path's statistics, every loop nest: long and short channels-first runs, folded
+# runs, channels-last, strided views) and train_small3 (the fused small path).
+
+def _kernel_modules():
+    mods = []
+    from fastbn.kernels import cpu_cython
+    try:
+        from fastbn.kernels import cpu_numba
+        mods.append(pytest.param(cpu_numba, id="numba"))
+    except ImportError:
+        mods.append(pytest.param(None, id="numba", marks=pytest.mark.skip("no Numba")))
+    mods.append(pytest.param(cpu_cython, id="cython", marks=pytest.mark.skipif(
+        cpu_cython.unavailable_reason() is not None, reason="Cython extension not built")))
+    return mods
+
+
+kernel_mods = pytest.mark.parametrize("bk", _kernel_modules())
+#: (O, C, I) canonical shapes: short runs (I <= 64: folded on Cython), long runs,
+#: several chunks per run, channels-last (small and parallel-size).
+SHAPES3 = [(5, 3, 7), (6, 5, 64), (9, 7, 65), (3, 4, 33), (2, 3, 9000), (40, 6, 1),
+           (70000, 4, 1)]
+FLOAT64_CONSTANTS = [0.1, 1 / 3, 1e6 + 0.1, -3.7, 1.7e308, -1.7e308, 2.5e-310]
+
+
+def _views(x):
+    """x itself, its Fortran-order copy and a strided view holding the same values."""
+    big = np.full((x.shape[0], x.shape[1], 2 * x.shape[2]), np.nan)
+    big[:, :, ::2] = x
+    return [x, np.asfortranarray(x), big[:, :, ::2]]
+
+
+@kernel_mods
+@pytest.mark.parametrize("shape3", SHAPES3, ids=str)
+@pytest.mark.parametrize("value", FLOAT64_CONSTANTS, ids=str)
+def test_constant_float64_channel_is_exact_on_every_path(bk, shape3, value):
+    """A constant float64 channel: mean exactly the constant and m2 exactly 0, on every
+    loop nest and memory layout (1.7e308 neither overflows to inf nor gives NaN)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape3) * 3.0 + 1.0
+    x[:, 1, :] = value
+    n = shape3[0] * shape3[2]
+    xm = np.delete(x, 1, axis=1).transpose(1, 0, 2).reshape(shape3[1] - 1, -1)
+    for v in _views(x):
+        m, m2 = bk.moments3(v)
+        assert m[1] == value and m2[1] == 0.0, (m[1], m2[1])
+        np.testing.assert_allclose(np.delete(m, 1), xm.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(np.delete(m2, 1) / n, xm.var(axis=1), rtol=1e-10)
+
+
+@kernel_mods
+@pytest.mark.parametrize("shape3", [(5, 3, 7), (6, 5, 64), (4, 6, 300), (40, 6, 1),
+                                    (300, 30, 1)], ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 1e6 + 0.1, -3.7, 1.7e38], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 1e-5], ids=lambda e: f"eps{e}")
+def test_train_small_constant_channel(bk, shape3, dtype, value, eps):
+    """The fused small path on a constant channel: mean == the constant, y == offset
+    exactly; with eps = 0, invstd == 0 (var + eps == 0: PyTorch's rule), never NaN.
+    The other channels as the float64 reference gives them."""
+    rng = np.random.default_rng(11)
+    C = shape3[1]
+    x = (rng.standard_normal(shape3) * 2 + 0.5).astype(dtype)
+    x[:, 1, :] = value
+    v = x[0, 1, 0]
+    scale = rng.uniform(0.5, 2, C).astype(dtype)
+    offset = rng.uniform(-1, 1, C).astype(dtype)
+    out = np.empty_like(x)
+    mean, inv = np.empty(C, dtype), np.empty(C, dtype)
+    bk.train_small3(x, scale, offset, eps, 0.1, None, None, out, mean, inv)
+    assert mean[1] == v
+    assert np.all(out[:, 1, :] == offset[1]), out[:, 1, :].ravel()[:4]
+    if eps == 0.0:
+        assert inv[1] == 0.0
+    else:
+        assert inv[1] == np.asarray(1 / np.sqrt(eps), dtype)
+    x64 = x.astype(np.float64)
+    m = x64.mean(axis=(0, 2))
+    var = x64.var(axis=(0, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):  # channel 1 with eps = 0
+        want = ((x64 - m[None, :, None]) / np.sqrt(var + eps)[None, :, None] * scale[None, :, None]
+                + offset[None, :, None])
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    others = [c for c in range(C) if c != 1]
+    np.testing.assert_allclose(out[:, others], want[:, others], rtol=tol, atol=tol)
+
+
+@kernel_mods
+@pytest.mark.parametrize("shape3", SHAPES3, ids=str)
+def test_float64_near_1e300_gives_inf_variance_not_nan(bk, shape3):
+    """Finite float64 data whose squares overflow: m2 = inf where NumPy's var is inf,
+    never NaN; the mean as NumPy's."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape3) * 1e300
+    x[:, 0, :] = rng.standard_normal((shape3[0], shape3[2])) * 1e100   # a finite channel
+    with np.errstate(over="ignore", invalid="ignore"):
+        want_var = x.var(axis=(0, 2))
+        want_mean = x.mean(axis=(0, 2))
+    for v in _views(x):
+        m, m2 = bk.moments3(v)
+        assert not np.isnan(m2).any(), m2
+        np.testing.assert_array_equal(np.isinf(m2), np.isinf(want_var))
+        np.testing.assert_allclose(m, want_mean, rtol=1e-9, atol=1e-9 * 1e300)
+        np.testing.assert_allclose(m2[0] / (shape3[0] * shape3[2]), want_var[0], rtol=1e-9)

@@ -9,6 +9,7 @@ channels held in registers across all rows, for C = 16, 32, 48 or 64
 (:data:`GROUPS`).
 """
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -26,7 +27,9 @@ def groups(C, x):
     """How many LANES-channel vectors cover a row of x (R, C), or 0 if no register
     kernel applies (C not 16..64 in steps of 16, or channels not unit-stride)."""
     g, rem = divmod(C, LANES)
-    ok = rem == 0 and g in GROUPS and x.strides[1] == x.itemsize and x.dtype.kind == "f"
+    # uint16: float16 data as its bits (see _stream.ld)
+    ok = (rem == 0 and g in GROUPS and x.strides[1] == x.itemsize
+          and (x.dtype.kind == "f" or x.dtype == np.uint16))
     return g if ok else 0
 
 
@@ -34,7 +37,8 @@ def _make(G):
     @intrinsic
     def row_sums(typingctx, x, r0, r1, shift, s, q):
         """s[j] += sum(x[r, j] - shift[j]), q[j] += sum((x[r, j] - shift[j])^2) for rows
-        r0 <= r < r1 and j < 16*G (the whole row); float64 sums in registers."""
+        r0 <= r < r1 and j < 16*G (the whole row); float64 sums in registers.
+        x: float32/float64, or float16 as uint16 bits."""
         sig = types.void(x, types.intp, types.intp, shift, s, q)
 
         def codegen(context, builder, signature, args):
@@ -61,6 +65,8 @@ def _make(G):
                                                   [builder.mul(r, row_bytes)]), elt.as_pointer())
                 for g in range(G):
                     v = vector_load(builder, row, idx[g], vx, esize)
+                    if isinstance(elt, ir.IntType):  # float16 bits
+                        v = builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES))
                     d = builder.fsub(v if elt == f64 else builder.fpext(v, vd), sh[g])
                     builder.store(builder.fadd(builder.load(acc_s[g]), d), acc_s[g])
                     builder.store(builder.call(fma, [d, d, builder.load(acc_q[g])]), acc_q[g])

@@ -140,3 +140,94 @@ def fma_f64(builder, lanes):
     vd = ir.VectorType(ir.DoubleType(), lanes)
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vd, [vd, vd, vd]),
                                           f"llvm.fma.v{lanes}f64")
+
+
+# -- element conversions: float16 as its uint16 bits ----------------------------
+# Numba has no CPU float16 type, so float16 arrays reach the kernels as uint16
+# views and these two intrinsics convert each element in LLVM IR, where the loop
+# vectoriser turns them into vcvtph2ps / vcvtps2ph (F16C, AVX-512) -- no
+# full-size float32 copy of the data.  float32/float64 pass through, so one
+# kernel body serves every dtype.
+
+_CONVERTIBLE = (types.uint16, types.float32, types.float64)
+
+
+def _direct_half():
+    """True if the code Numba generates may use AVX-512 FP16 (vcvtpd2ph: float64 ->
+    float16 in one correctly rounded instruction): Numba compiles for the host CPU
+    unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES say otherwise."""
+    from numba.core import config
+    try:
+        import llvmlite.binding as ll
+        if config.CPU_FEATURES is not None:
+            return "+avx512fp16" in config.CPU_FEATURES.split(",")
+        if config.CPU_NAME not in (None, "host"):
+            return False
+        return bool(ll.get_host_cpu_features().get("avx512fp16"))
+    except Exception:  # noqa: BLE001 - unknown: the portable conversion
+        return False
+
+
+#: float64 -> float16 in one instruction (else through float32 rounded to odd).
+DIRECT_HALF = _direct_half()
+
+
+@intrinsic
+def ld(typingctx, v):
+    """An element as float64: float16 bits (uint16) exactly, float32 widened, float64 as is."""
+    if v not in _CONVERTIBLE:
+        return None
+    sig = types.float64(v)
+
+    def codegen(context, builder, signature, args):
+        a, t = args[0], signature.args[0]
+        if t == types.uint16:
+            return builder.fpext(builder.fpext(builder.bitcast(a, ir.HalfType()), ir.FloatType()),
+                                 ir.DoubleType())
+        if t == types.float32:
+            return builder.fpext(a, ir.DoubleType())
+        return a
+
+    return sig, codegen
+
+
+@intrinsic
+def cast(typingctx, v, like):
+    """The float64 ``v`` rounded once to the element type of the array ``like``
+    (float16 as its uint16 bits, float32, float64).
+
+    float64 -> float16 goes through float32 rounded to odd (truncate, then set
+    the last bit if inexact): float32 has 13 more bits than float16, so the
+    final round-to-nearest-even (vcvtps2ph) is then a single correct rounding
+    of v, and every step vectorises (LLVM's direct double -> half is a libcall
+    per value unless the CPU has AVX-512 FP16; where it has, :data:`DIRECT_HALF`,
+    the direct conversion is one instruction, vcvtpd2ph).
+    """
+    if not isinstance(like, types.Array) or like.dtype not in _CONVERTIBLE:
+        return None
+    sig = like.dtype(types.float64, like)
+
+    def codegen(context, builder, signature, args):
+        d = args[0]
+        dt = signature.return_type
+        f32, f64, i32 = ir.FloatType(), ir.DoubleType(), ir.IntType(32)
+        if dt == types.float64:
+            return d
+        if dt == types.uint16 and DIRECT_HALF:
+            return builder.bitcast(builder.fptrunc(d, ir.HalfType()), ir.IntType(16))
+        f = builder.fptrunc(d, f32)
+        if dt == types.float32:
+            return f
+        back = builder.fpext(f, f64)
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64]),
+                                              "llvm.fabs.f64")
+        inexact = builder.fcmp_unordered("!=", back, d)
+        toward_zero = builder.fcmp_ordered(">", builder.call(fabs, [back]),
+                                           builder.call(fabs, [d]))
+        bits = builder.bitcast(f, i32)
+        bits = builder.sub(bits, builder.zext(toward_zero, i32))
+        bits = builder.or_(bits, builder.zext(inexact, i32))
+        h = builder.fptrunc(builder.bitcast(bits, f32), ir.HalfType())
+        return builder.bitcast(h, ir.IntType(16))
+
+    return sig, codegen

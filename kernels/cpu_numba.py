@@ -25,6 +25,7 @@ from numba import prange
 
 from . import _rowsums, _stream
 from ._jit import helper, kernel, run
+from ._stream import cast, ld
 
 NAME = "numba"
 FAMILIES = ("numpy",)
@@ -53,7 +54,7 @@ SERIAL_BELOW = 1 << 18
 def _shift(v):
     """The chunk's shift: its first value, or 0 if that is inf/NaN (inf - inf
     would turn an infinite mean into NaN; NaN propagates through the sums anyway)."""
-    v = np.float64(v)
+    v = ld(v)
     return v if np.isfinite(v) else 0.0
 
 
@@ -101,7 +102,7 @@ def _moments_cf(x, chunk, pmean, pm2):
         s = 0.0
         q = 0.0
         for i in range(xs.size):
-            d = np.float64(xs[i]) - x0
+            d = ld(xs[i]) - x0
             s += d
             q += d * d
         pmean[o * nk + t % nk, c], pm2[o * nk + t % nk, c] = _shifted_moments(x0, s, q, xs.size)
@@ -122,17 +123,17 @@ def _shifted_row_sums(x, r0, r1, shift, s, q):
         x3 = x[r + 3]
         for j in range(W):
             sh = shift[j]
-            d0 = np.float64(x0[j]) - sh
-            d1 = np.float64(x1[j]) - sh
-            d2 = np.float64(x2[j]) - sh
-            d3 = np.float64(x3[j]) - sh
+            d0 = ld(x0[j]) - sh
+            d1 = ld(x1[j]) - sh
+            d2 = ld(x2[j]) - sh
+            d3 = ld(x3[j]) - sh
             s[j] += (d0 + d1) + (d2 + d3)
             q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         r += 4
     for r in range(r, r1):
         xr = x[r]
         for j in range(W):
-            d = np.float64(xr[j]) - shift[j]
+            d = ld(xr[j]) - shift[j]
             s[j] += d
             q[j] += d * d
 
@@ -251,14 +252,15 @@ def _cl_units(R, C, parallel):
     return rows, tpu, (ntiles + tpu - 1) // tpu
 
 
-def _upcast(a):
-    """Numba has no CPU float16 arithmetic: float16 runs through a float32 copy."""
-    return a.astype(np.float32) if a is not None and a.dtype == np.float16 else a
+def _bits(a):
+    """Numba has no CPU float16 type: float16 arrays go in as their uint16 bits (a
+    view, no copy), converted per element by _stream.ld / _stream.cast."""
+    return a.view(np.uint16) if a is not None and a.dtype == np.float16 else a
 
 
 def moments3(x3):
     """(outer, C, inner) -> per-channel (mean, m2), float64."""
-    x3 = _upcast(x3)
+    x3 = _bits(x3)
     O, C, I = x3.shape
     par = x3.size >= SERIAL_BELOW
     if I > 1:
@@ -296,12 +298,12 @@ def _affine_cf(x, m, q, r, out, u, p, chunk):
         ys = out[o, c, i0:i1]
         if u is None:
             for i in range(xs.size):
-                ys[i] = qc * (np.float64(xs[i]) - mc) + rc
+                ys[i] = cast(qc * (ld(xs[i]) - mc) + rc, ys)
         else:
             pc = p[c]
             us = u[o, c, i0:i1]
             for i in range(xs.size):
-                ys[i] = qc * (np.float64(xs[i]) - mc) + rc + pc * np.float64(us[i])
+                ys[i] = cast(qc * (ld(xs[i]) - mc) + rc + pc * ld(us[i]), ys)
 
 
 @kernel
@@ -312,11 +314,11 @@ def _affine_cl(x, m, q, r, out, u, p):
         yr = out[row]
         if u is None:
             for c in range(C):
-                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
+                yr[c] = cast(q[c] * (ld(xr[c]) - m[c]) + r[c], yr)
         else:
             ur = u[row]
             for c in range(C):
-                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c] + p[c] * np.float64(ur[c])
+                yr[c] = cast(q[c] * (ld(xr[c]) - m[c]) + r[c] + p[c] * ld(ur[c]), yr)
 
 
 # Streaming-store variants (see _stream): float32 output.
@@ -409,8 +411,8 @@ def _affine_stream(x3, m, q, r, out3, u3, p, par):
 
 def affine3(x3, m, q, r, out3, u3=None, p=None):
     """out3 = q*(x3 - m) + r (+ p*u3) per channel, in float64; out3 may be x3."""
-    dst = out3.astype(np.float32) if out3.dtype == np.float16 else out3
-    x3, u3 = _upcast(x3), _upcast(u3)
+    dst = _bits(out3)
+    x3, u3 = _bits(x3), _bits(u3)
     par = x3.size >= SERIAL_BELOW
     if _streamable(dst, x3, u3):
         _affine_stream(x3, m, q, r, dst, u3, p, par)
@@ -419,8 +421,6 @@ def affine3(x3, m, q, r, out3, u3=None, p=None):
     else:
         run(_affine_cl, par, x3[:, :, 0], m, q, r, dst[:, :, 0],
             None if u3 is None else u3[:, :, 0], p)
-    if dst is not out3:
-        out3[...] = dst
     return out3
 
 
@@ -438,9 +438,9 @@ def _dy_sums_cf(dy, x, m, chunk, p1, p2):
         s1 = 0.0
         s2 = 0.0
         for i in range(xs.size):
-            g = np.float64(gs[i])
+            g = ld(gs[i])
             s1 += g
-            s2 += g * (np.float64(xs[i]) - mc)
+            s2 += g * (ld(xs[i]) - mc)
         p1[c, o * nk + t % nk] = s1
         p2[c, o * nk + t % nk] = s2
 
@@ -462,21 +462,21 @@ def _dy_row_sums(dy, x, m, r0, r1, s1, s2):
         x3 = x[r + 3]
         for j in range(W):
             mj = m[j]
-            a0 = np.float64(g0[j])
-            a1 = np.float64(g1[j])
-            a2 = np.float64(g2[j])
-            a3 = np.float64(g3[j])
+            a0 = ld(g0[j])
+            a1 = ld(g1[j])
+            a2 = ld(g2[j])
+            a3 = ld(g3[j])
             s1[j] += (a0 + a1) + (a2 + a3)
-            s2[j] += ((a0 * (np.float64(x0[j]) - mj) + a1 * (np.float64(x1[j]) - mj))
-                      + (a2 * (np.float64(x2[j]) - mj) + a3 * (np.float64(x3[j]) - mj)))
+            s2[j] += ((a0 * (ld(x0[j]) - mj) + a1 * (ld(x1[j]) - mj))
+                      + (a2 * (ld(x2[j]) - mj) + a3 * (ld(x3[j]) - mj)))
         r += 4
     for r in range(r, r1):
         gr = dy[r]
         xr = x[r]
         for j in range(W):
-            g = np.float64(gr[j])
+            g = ld(gr[j])
             s1[j] += g
-            s2[j] += g * (np.float64(xr[j]) - m[j])
+            s2[j] += g * (ld(xr[j]) - m[j])
 
 
 @kernel
@@ -492,7 +492,7 @@ def _dy_sums_cl(dy, x, m, tpu, rows, p1, p2):
 
 def dy_sums3(dy3, x3, m):
     """Per-channel (sum(dy), sum(dy*(x - m))), float64."""
-    dy3, x3 = _upcast(dy3), _upcast(x3)
+    dy3, x3 = _bits(dy3), _bits(x3)
     O, C, I = x3.shape
     par = x3.size >= SERIAL_BELOW
     if I > 1:

@@ -43,6 +43,7 @@ CASES = [((3, 5, 37, 29), 1), ((2, 7, 1000), 1), ((1, 1, 5), 1), ((300, 1), -1),
 @pytest.mark.parametrize("shape,axis", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_train_infer_backward(streamed, rng, shape, axis, dtype):
+    """float32 outputs stream; float16 ones are written directly (no float32 buffer)."""
     x = (rng.standard_normal(shape) * 3 + 2).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     C = shape[axis]
@@ -58,7 +59,7 @@ def test_train_infer_backward(streamed, rng, shape, axis, dtype):
     dx, _, _ = fbn.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=axis, backend="numba")
     edx, _, _ = ref.batch_norm_backward(dy, x, scale, mean, invstd, axis)
     ref.assert_close(dx, edx, "backward dx")
-    assert len(streamed) == 3, "every elementwise pass streamed"
+    assert len(streamed) == (3 if dtype == "float32" else 0), "every float32 pass streamed"
 
 
 @pytest.mark.parametrize("shape,axis", CASES)

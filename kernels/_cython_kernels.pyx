@@ -32,6 +32,10 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #include <math.h>
+    #if defined(__x86_64__) || defined(_M_X64) || defined(__SSE__)
+    #include <immintrin.h>
+    #endif
     #ifdef _OPENMP
     #include <omp.h>
     static int fbn_max_threads(void) { return omp_get_max_threads(); }
@@ -155,7 +159,7 @@ cdef extern from *:
 
     /* IEEE binary16 <-> binary64, exact / rounded once to nearest-even
        (the algorithm of NumPy's npy_half_to_double / npy_double_to_half). */
-    static inline double fbn_h2d(uint16_t h) {
+    static inline double fbn_h2d_sw(uint16_t h) {
         uint64_t sgn = ((uint64_t)(h & 0x8000u)) << 48, bits;
         uint32_t e = h & 0x7c00u, m = h & 0x03ffu;
         double v;
@@ -172,7 +176,7 @@ cdef extern from *:
         return v;
     }
 
-    static inline uint16_t fbn_d2h(double d) {
+    static inline uint16_t fbn_d2h_sw(double d) {
         uint64_t b, d_exp, d_sig;
         uint16_t h_sgn, h_exp, h_sig;
         memcpy(&b, &d, 8);
@@ -207,6 +211,234 @@ cdef extern from *:
         h_sig += h_exp;                                   /* a carry gives inf: correct */
         return (uint16_t)(h_sgn + h_sig);
     }
+
+    /* float64 -> float32 rounded to odd (truncate, then set the last bit if
+       inexact).  float32 has 13 more bits than float16, so rounding this to
+       float16 (nearest even) rounds the float64 value once, correctly. */
+    static inline float fbn_d2f_odd(double v) {
+        float f = (float)v;
+        uint32_t b;
+        memcpy(&b, &f, 4);
+        b -= (uint32_t)(fabs((double)f) > fabs(v));
+        b |= (uint32_t)((double)f != v);
+        memcpy(&f, &b, 4);
+        return f;
+    }
+
+    /* float16 <-> float32 in hardware where the build targets F16C (the x86-64-v3
+       and v4 builds): vcvtph2ps / vcvtps2ph, 8 values per instruction on
+       contiguous blocks.  float16 -> float32 is exact. */
+    #if defined(__F16C__)
+    #define FBN_F16C 1
+    static inline double fbn_h2d(uint16_t h) { return (double)_cvtsh_ss(h); }
+    static inline uint16_t fbn_d2h(double d) {
+        return (uint16_t)_cvtss_sh(fbn_d2f_odd(d), _MM_FROUND_TO_NEAREST_INT);
+    }
+    static inline void fbn_h2f(const uint16_t* s, Py_ssize_t st, float* d, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        if (st == 1)
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+        for (; i < n; i++) d[i] = _cvtsh_ss(s[i * st]);
+    }
+    static inline void fbn_f2h(const float* s, uint16_t* d, Py_ssize_t st, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        if (st == 1)
+            for (; i + 8 <= n; i += 8)
+                _mm_storeu_si128((__m128i*)(d + i),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i < n; i++) d[i * st] = (uint16_t)_cvtss_sh(s[i], _MM_FROUND_TO_NEAREST_INT);
+    }
+    #else
+    #define FBN_F16C 0
+    static inline double fbn_h2d(uint16_t h) { return fbn_h2d_sw(h); }
+    static inline uint16_t fbn_d2h(double d) { return fbn_d2h_sw(d); }
+    static inline void fbn_h2f(const uint16_t* s, Py_ssize_t st, float* d, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i] = (float)fbn_h2d_sw(s[i * st]);
+    }
+    static inline void fbn_f2h(const float* s, uint16_t* d, Py_ssize_t st, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i * st] = fbn_d2h_sw((double)s[i]);
+    }
+    #endif
+
+    /* float16 runs, in blocks of FBN_HB values converted to float32 (exact) on
+       the stack: no copy of the array, and the float64 loops on the block
+       vectorise as for float32 data. */
+    #define FBN_HB 1024
+    /* Block reductions, each with its own accumulators (GCC left the omp simd
+       loops scalar when their accumulators lived across the block loop). */
+    static inline double fbn_blk_sum(const float* b, Py_ssize_t n, double x0) {
+        double s = 0.0;
+        _Pragma("omp simd reduction(+:s)")
+        for (Py_ssize_t i = 0; i < n; i++) s += (double)b[i] - x0;
+        return s;
+    }
+    static inline double fbn_blk_sq(const float* b, Py_ssize_t n, double mu) {
+        double q = 0.0;
+        _Pragma("omp simd reduction(+:q)")
+        for (Py_ssize_t i = 0; i < n; i++) {
+            double e = (double)b[i] - mu;
+            q += e * e;
+        }
+        return q;
+    }
+    static inline void fbn_stats_f16_blk(const uint16_t* p, Py_ssize_t st, Py_ssize_t n,
+                                         double* mean, double* m2) {
+        float b[FBN_HB];
+        double x0 = fbn_h2d(p[0]), s = 0.0, q = 0.0, mu;
+        if (!(x0 - x0 == 0.0)) x0 = 0.0;
+        for (Py_ssize_t k = 0; k < n; k += FBN_HB) {
+            Py_ssize_t L = n - k < FBN_HB ? n - k : FBN_HB;
+            fbn_h2f(p + k * st, st, b, L);
+            s += fbn_blk_sum(b, L, x0);
+        }
+        mu = x0 + s / (double)n;
+        for (Py_ssize_t k = 0; k < n; k += FBN_HB) {
+            Py_ssize_t L = n - k < FBN_HB ? n - k : FBN_HB;
+            fbn_h2f(p + k * st, st, b, L);
+            q += fbn_blk_sq(b, L, mu);
+        }
+        *mean = mu;
+        *m2 = q;
+    }
+
+    static inline void fbn_dy_sums_f16_blk(const uint16_t* g, Py_ssize_t sg, const uint16_t* x,
+                                           Py_ssize_t sx, Py_ssize_t n, double m,
+                                           double* s1, double* s2) {
+        float bg[FBN_HB], bx[FBN_HB];
+        double a = 0.0, c = 0.0, ab, cb;
+        for (Py_ssize_t k = 0; k < n; k += FBN_HB) {
+            Py_ssize_t L = n - k < FBN_HB ? n - k : FBN_HB;
+            fbn_h2f(g + k * sg, sg, bg, L);
+            fbn_h2f(x + k * sx, sx, bx, L);
+            fbn_dy_sums_f32(bg, bx, L, m, &ab, &cb);
+            a += ab;
+            c += cb;
+        }
+        *s1 = a;
+        *s2 = c;
+    }
+
+    /* Contiguous float16 runs with AVX2 + F16C written out (GCC left the block
+       loops above scalar): 8 values per vcvtph2ps, widened to two float64
+       vectors, independent accumulators.  Other builds and strided runs use
+       the block versions. */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    static inline __m256 fbn_ld8h(const uint16_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+    }
+    static inline double fbn_hsum4(__m256d v) {
+        __m128d a = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+        return _mm_cvtsd_f64(_mm_add_sd(a, _mm_unpackhi_pd(a, a)));
+    }
+    #define FBN_LO(v) _mm256_cvtps_pd(_mm256_castps256_ps128(v))
+    #define FBN_HI(v) _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))
+    static inline void fbn_stats_f16(const uint16_t* p, Py_ssize_t st, Py_ssize_t n,
+                                     double* mean, double* m2) {
+        double x0, s, q, mu;
+        Py_ssize_t i;
+        __m256d a0, a1, a2, a3, v0;
+        if (st != 1) { fbn_stats_f16_blk(p, st, n, mean, m2); return; }
+        x0 = fbn_h2d(p[0]);
+        if (!(x0 - x0 == 0.0)) x0 = 0.0;
+        v0 = _mm256_set1_pd(x0);
+        a0 = a1 = a2 = a3 = _mm256_setzero_pd();
+        for (i = 0; i + 16 <= n; i += 16) {
+            __m256 u = fbn_ld8h(p + i), w = fbn_ld8h(p + i + 8);
+            a0 = _mm256_add_pd(a0, _mm256_sub_pd(FBN_LO(u), v0));
+            a1 = _mm256_add_pd(a1, _mm256_sub_pd(FBN_HI(u), v0));
+            a2 = _mm256_add_pd(a2, _mm256_sub_pd(FBN_LO(w), v0));
+            a3 = _mm256_add_pd(a3, _mm256_sub_pd(FBN_HI(w), v0));
+        }
+        s = fbn_hsum4(_mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+        for (Py_ssize_t j = i; j < n; j++) s += fbn_h2d(p[j]) - x0;
+        mu = x0 + s / (double)n;
+        v0 = _mm256_set1_pd(mu);
+        a0 = a1 = a2 = a3 = _mm256_setzero_pd();
+        for (i = 0; i + 16 <= n; i += 16) {
+            __m256 u = fbn_ld8h(p + i), w = fbn_ld8h(p + i + 8);
+            __m256d d0 = _mm256_sub_pd(FBN_LO(u), v0), d1 = _mm256_sub_pd(FBN_HI(u), v0);
+            __m256d d2 = _mm256_sub_pd(FBN_LO(w), v0), d3 = _mm256_sub_pd(FBN_HI(w), v0);
+            a0 = _mm256_fmadd_pd(d0, d0, a0);
+            a1 = _mm256_fmadd_pd(d1, d1, a1);
+            a2 = _mm256_fmadd_pd(d2, d2, a2);
+            a3 = _mm256_fmadd_pd(d3, d3, a3);
+        }
+        q = fbn_hsum4(_mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+        for (Py_ssize_t j = i; j < n; j++) {
+            double e = fbn_h2d(p[j]) - mu;
+            q += e * e;
+        }
+        *mean = mu;
+        *m2 = q;
+    }
+    static inline void fbn_dy_sums_f16(const uint16_t* g, Py_ssize_t sg, const uint16_t* x,
+                                       Py_ssize_t sx, Py_ssize_t n, double m,
+                                       double* s1, double* s2) {
+        Py_ssize_t i;
+        double a, c;
+        __m256d a0, a1, c0, c1, vm = _mm256_set1_pd(m);
+        if (sg != 1 || sx != 1) { fbn_dy_sums_f16_blk(g, sg, x, sx, n, m, s1, s2); return; }
+        a0 = a1 = c0 = c1 = _mm256_setzero_pd();
+        for (i = 0; i + 8 <= n; i += 8) {
+            __m256 gv = fbn_ld8h(g + i), xv = fbn_ld8h(x + i);
+            __m256d g0 = FBN_LO(gv), g1 = FBN_HI(gv);
+            a0 = _mm256_add_pd(a0, g0);
+            a1 = _mm256_add_pd(a1, g1);
+            c0 = _mm256_fmadd_pd(g0, _mm256_sub_pd(FBN_LO(xv), vm), c0);
+            c1 = _mm256_fmadd_pd(g1, _mm256_sub_pd(FBN_HI(xv), vm), c1);
+        }
+        a = fbn_hsum4(_mm256_add_pd(a0, a1));
+        c = fbn_hsum4(_mm256_add_pd(c0, c1));
+        for (; i < n; i++) {
+            double gi = fbn_h2d(g[i]);
+            a += gi;
+            c += gi * (fbn_h2d(x[i]) - m);
+        }
+        *s1 = a;
+        *s2 = c;
+    }
+    #else
+    #define fbn_stats_f16 fbn_stats_f16_blk
+    #define fbn_dy_sums_f16 fbn_dy_sums_f16_blk
+    #endif
+
+    /* y[i] = q[i*ps]*(x[i] - m[i*ps]) + r[i*ps] (+ p[i*ps]*u[i]) for n float16 values
+       (strides sx, sy, su), in float64, rounded once (fbn_d2f_odd, then F16C). */
+    static inline void fbn_affine_f16(const uint16_t* x, Py_ssize_t sx, uint16_t* y,
+                                      Py_ssize_t sy, const uint16_t* u, Py_ssize_t su,
+                                      Py_ssize_t n, Py_ssize_t ps, const double* m,
+                                      const double* q, const double* r, const double* p) {
+        float bx[FBN_HB], bu[FBN_HB], by[FBN_HB];
+        for (Py_ssize_t k = 0; k < n; k += FBN_HB) {
+            Py_ssize_t L = n - k < FBN_HB ? n - k : FBN_HB;
+            const double *mk = m + k * ps, *qk = q + k * ps, *rk = r + k * ps;
+            fbn_h2f(x + k * sx, sx, bx, L);
+            if (u == NULL) {
+                if (ps == 0) {
+                    double mm = m[0], qq = q[0], rr = r[0];
+                    for (Py_ssize_t i = 0; i < L; i++)
+                        by[i] = fbn_d2f_odd(qq * ((double)bx[i] - mm) + rr);
+                } else {
+                    for (Py_ssize_t i = 0; i < L; i++)
+                        by[i] = fbn_d2f_odd(qk[i] * ((double)bx[i] - mk[i]) + rk[i]);
+                }
+            } else {
+                const double* pk = p + k * ps;
+                fbn_h2f(u + k * su, su, bu, L);
+                if (ps == 0) {
+                    double mm = m[0], qq = q[0], rr = r[0], pp = p[0];
+                    for (Py_ssize_t i = 0; i < L; i++)
+                        by[i] = fbn_d2f_odd(qq * ((double)bx[i] - mm) + rr + pp * (double)bu[i]);
+                } else {
+                    for (Py_ssize_t i = 0; i < L; i++)
+                        by[i] = fbn_d2f_odd(qk[i] * ((double)bx[i] - mk[i]) + rk[i]
+                                            + pk[i] * (double)bu[i]);
+                }
+            }
+            fbn_f2h(by, y + k * sy, sy, L);
+        }
+    }
     """
     double* fbn_align64(void* raw) nogil
     void fbn_stats_f32(const float* p, Py_ssize_t n, double* mean, double* m2) nogil
@@ -223,12 +455,23 @@ cdef extern from *:
     void fbn_sfence() nogil
     double fbn_h2d(unsigned short h) nogil
     unsigned short fbn_d2h(double d) nogil
+    int FBN_F16C
+    void fbn_stats_f16(const unsigned short* p, Py_ssize_t st, Py_ssize_t n, double* mean,
+                       double* m2) nogil
+    void fbn_dy_sums_f16(const unsigned short* g, Py_ssize_t sg, const unsigned short* x,
+                         Py_ssize_t sx, Py_ssize_t n, double m, double* s1, double* s2) nogil
+    void fbn_affine_f16(const unsigned short* x, Py_ssize_t sx, unsigned short* y,
+                        Py_ssize_t sy, const unsigned short* u, Py_ssize_t su, Py_ssize_t n,
+                        Py_ssize_t ps, const double* m, const double* q, const double* r,
+                        const double* p) nogil
 
+
+ctypedef unsigned short half_t   # float16 bits
 
 ctypedef fused real_t:
     float
     double
-    unsigned short      # float16 bits
+    half_t
 
 
 # Unroll width of the contiguous reductions: independent float64 accumulators
@@ -258,6 +501,11 @@ def max_threads():
 def has_stream():
     """True if this build writes with streaming stores (x86)."""
     return FBN_STREAM == 1
+
+
+def has_f16c():
+    """True if this build converts float16 in hardware (F16C), else in software."""
+    return FBN_F16C == 1
 
 
 # -- element access -----------------------------------------------------------
@@ -311,6 +559,9 @@ cdef void run_stats(const real_t* p, Py_ssize_t n, Py_ssize_t s,
     cdef double acc[U]
     cdef double mu, tot, d, x0
     cdef Py_ssize_t b, i, j, n8 = n - n % U
+    if real_t is half_t:
+        fbn_stats_f16(p, s, n, mean, m2)
+        return
     if s == 1:
         if real_t is float:
             fbn_stats_f32(p, n, mean, m2)
@@ -573,6 +824,9 @@ cdef void run_affine(const real_t* px, Py_ssize_t sx, real_t* po, Py_ssize_t so,
     """One run of n values of one channel; pu == NULL: no u term; stream: write
     contiguous float32 runs with streaming stores."""
     cdef Py_ssize_t i
+    if real_t is half_t:
+        fbn_affine_f16(px, sx, po, so, pu, su, n, 0, &m, &q, &r, &p)
+        return
     if real_t is float:
         if stream and sx == 1 and so == 1 and (pu == NULL or su == 1):
             fbn_stream_affine_f32(px, po, pu, n, 0, &m, &q, &r, &p)
@@ -669,6 +923,11 @@ cdef void rows_affine(const real_t* px, Py_ssize_t x0, Py_ssize_t x1,
                                       NULL if pu == NULL else pu + row * u0, C, 1, m, q, r, p)
             fbn_sfence()
             return
+    if real_t is half_t:
+        for row in range(nrows):
+            fbn_affine_f16(px + row * x0, x1, po + row * o0, o1,
+                           NULL if pu == NULL else pu + row * u0, u1, C, 1, m, q, r, p)
+        return
     for row in range(nrows):
         xr = px + row * x0
         orow = po + row * o0
@@ -733,6 +992,9 @@ cdef void run_dy_sums(const real_t* pg, Py_ssize_t sg, const real_t* px, Py_ssiz
     cdef double a2[U]
     cdef double g
     cdef Py_ssize_t b, i, j, n8 = n - n % U
+    if real_t is half_t:
+        fbn_dy_sums_f16(pg, sg, px, sx, n, m, s1, s2)
+        return
     if sg == 1 and sx == 1:
         if real_t is float:
             fbn_dy_sums_f32(pg, px, n, m, s1, s2)

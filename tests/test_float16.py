@@ -116,8 +116,9 @@ def test_moments_and_dy_sums(bk, rng, shape3, layout, level):
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     n = shape3[0] * shape3[2]
     mean, m2 = bk.moments3(x)
-    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-12)
-    np.testing.assert_allclose(m2 / n, x64.var(axis=(0, 2)), rtol=1e-7)
+    # atol: a channel mean near 0 (40 values of sd 3) has no relative precision
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-12, atol=1e-13 * (level + 3))
+    np.testing.assert_allclose(m2 / n, x64.var(axis=(0, 2)), rtol=1e-9)
     m = mean + rng.standard_normal(shape3[1])
     s1, s2 = bk.dy_sums3(g, x, m)
     np.testing.assert_allclose(s1, g64.sum(axis=(0, 2)), rtol=1e-10, atol=1e-9 * n)

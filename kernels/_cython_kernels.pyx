@@ -405,7 +405,7 @@ cdef extern from *:
 
     /* y[i] = q[i*ps]*(x[i] - m[i*ps]) + r[i*ps] (+ p[i*ps]*u[i]) for n float16 values
        (strides sx, sy, su), in float64, rounded once (fbn_d2f_odd, then F16C). */
-    static inline void fbn_affine_f16(const uint16_t* x, Py_ssize_t sx, uint16_t* y,
+    static inline void fbn_affine_f16_blk(const uint16_t* x, Py_ssize_t sx, uint16_t* y,
                                       Py_ssize_t sy, const uint16_t* u, Py_ssize_t su,
                                       Py_ssize_t n, Py_ssize_t ps, const double* m,
                                       const double* q, const double* r, const double* p) {
@@ -439,6 +439,107 @@ cdef extern from *:
             fbn_f2h(by, y + k * sy, sy, L);
         }
     }
+
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    /* 4 float64 -> 4 float32 rounded to odd (see fbn_d2f_odd), in AVX2. */
+    static inline __m128 fbn_odd4(__m256d v) {
+        const __m256d sign = _mm256_set1_pd(-0.0);
+        const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+        __m128 f = _mm256_cvtpd_ps(v);
+        __m256d back = _mm256_cvtps_pd(f);
+        __m256d inexact = _mm256_cmp_pd(back, v, _CMP_NEQ_UQ);
+        __m256d toward0 = _mm256_cmp_pd(_mm256_andnot_pd(sign, back),
+                                        _mm256_andnot_pd(sign, v), _CMP_GT_OQ);
+        __m128i in32 = _mm256_castsi256_si128(
+            _mm256_permutevar8x32_epi32(_mm256_castpd_si256(inexact), pick));
+        __m128i tz32 = _mm256_castsi256_si128(
+            _mm256_permutevar8x32_epi32(_mm256_castpd_si256(toward0), pick));
+        __m128i b = _mm_add_epi32(_mm_castps_si128(f), tz32);       /* -1 where too far */
+        b = _mm_or_si128(b, _mm_and_si128(in32, _mm_set1_epi32(1)));
+        return _mm_castsi128_ps(b);
+    }
+    static inline void fbn_affine_f16(const uint16_t* x, Py_ssize_t sx, uint16_t* y,
+                                      Py_ssize_t sy, const uint16_t* u, Py_ssize_t su,
+                                      Py_ssize_t n, Py_ssize_t ps, const double* m,
+                                      const double* q, const double* r, const double* p) {
+        Py_ssize_t i = 0;
+        if (sx != 1 || sy != 1 || (u != NULL && su != 1)) {
+            fbn_affine_f16_blk(x, sx, y, sy, u, su, n, ps, m, q, r, p);
+            return;
+        }
+    #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+        /* AVX-512: round to odd is a conversion toward zero (embedded rounding)
+           plus the inexact bit from a mask compare -- 16 values per step. */
+        for (; i + 16 <= n; i += 16) {
+            __m512d m0, m1, q0, q1, r0, r1, y0, y1, x0, x1;
+            __m512 xv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i)));
+            __m256 f0, f1;
+            __m256i b0, b1;
+            const __m256i one = _mm256_set1_epi32(1);
+            x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(xv));
+            x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(xv, 1));
+            if (ps == 0) {
+                m0 = m1 = _mm512_set1_pd(m[0]);
+                q0 = q1 = _mm512_set1_pd(q[0]);
+                r0 = r1 = _mm512_set1_pd(r[0]);
+            } else {
+                m0 = _mm512_loadu_pd(m + i); m1 = _mm512_loadu_pd(m + i + 8);
+                q0 = _mm512_loadu_pd(q + i); q1 = _mm512_loadu_pd(q + i + 8);
+                r0 = _mm512_loadu_pd(r + i); r1 = _mm512_loadu_pd(r + i + 8);
+            }
+            y0 = _mm512_fmadd_pd(q0, _mm512_sub_pd(x0, m0), r0);
+            y1 = _mm512_fmadd_pd(q1, _mm512_sub_pd(x1, m1), r1);
+            if (u != NULL) {
+                __m512 uv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + i)));
+                __m512d p0 = ps == 0 ? _mm512_set1_pd(p[0]) : _mm512_loadu_pd(p + i);
+                __m512d p1 = ps == 0 ? p0 : _mm512_loadu_pd(p + i + 8);
+                y0 = _mm512_fmadd_pd(p0, _mm512_cvtps_pd(_mm512_castps512_ps256(uv)), y0);
+                y1 = _mm512_fmadd_pd(p1, _mm512_cvtps_pd(_mm512_extractf32x8_ps(uv, 1)), y1);
+            }
+            f0 = _mm512_cvt_roundpd_ps(y0, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            f1 = _mm512_cvt_roundpd_ps(y1, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            b0 = _mm256_mask_or_epi32(_mm256_castps_si256(f0),
+                                      _mm512_cmp_pd_mask(_mm512_cvtps_pd(f0), y0, _CMP_NEQ_UQ),
+                                      _mm256_castps_si256(f0), one);
+            b1 = _mm256_mask_or_epi32(_mm256_castps_si256(f1),
+                                      _mm512_cmp_pd_mask(_mm512_cvtps_pd(f1), y1, _CMP_NEQ_UQ),
+                                      _mm256_castps_si256(f1), one);
+            _mm256_storeu_si256((__m256i*)(y + i), _mm512_cvtps_ph(
+                _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_castsi256_ps(b0)),
+                                   _mm256_castsi256_ps(b1), 1), _MM_FROUND_TO_NEAREST_INT));
+        }
+    #endif
+        for (; i + 8 <= n; i += 8) {
+            __m256d m0, m1, q0, q1, r0, r1, y0, y1;
+            __m256 xv = fbn_ld8h(x + i);
+            if (ps == 0) {
+                m0 = m1 = _mm256_set1_pd(m[0]);
+                q0 = q1 = _mm256_set1_pd(q[0]);
+                r0 = r1 = _mm256_set1_pd(r[0]);
+            } else {
+                m0 = _mm256_loadu_pd(m + i); m1 = _mm256_loadu_pd(m + i + 4);
+                q0 = _mm256_loadu_pd(q + i); q1 = _mm256_loadu_pd(q + i + 4);
+                r0 = _mm256_loadu_pd(r + i); r1 = _mm256_loadu_pd(r + i + 4);
+            }
+            y0 = _mm256_fmadd_pd(q0, _mm256_sub_pd(FBN_LO(xv), m0), r0);
+            y1 = _mm256_fmadd_pd(q1, _mm256_sub_pd(FBN_HI(xv), m1), r1);
+            if (u != NULL) {
+                __m256 uv = fbn_ld8h(u + i);
+                __m256d p0 = ps == 0 ? _mm256_set1_pd(p[0]) : _mm256_loadu_pd(p + i);
+                __m256d p1 = ps == 0 ? p0 : _mm256_loadu_pd(p + i + 4);
+                y0 = _mm256_fmadd_pd(p0, FBN_LO(uv), y0);
+                y1 = _mm256_fmadd_pd(p1, FBN_HI(uv), y1);
+            }
+            _mm_storeu_si128((__m128i*)(y + i), _mm256_cvtps_ph(
+                _mm256_set_m128(fbn_odd4(y1), fbn_odd4(y0)), _MM_FROUND_TO_NEAREST_INT));
+        }
+        if (i < n)
+            fbn_affine_f16_blk(x + i, 1, y + i, 1, u == NULL ? NULL : u + i, 1, n - i, ps,
+                               m + i * ps, q + i * ps, r + i * ps, p == NULL ? NULL : p + i * ps);
+    }
+    #else
+    #define fbn_affine_f16 fbn_affine_f16_blk
+    #endif
     """
     double* fbn_align64(void* raw) nogil
     void fbn_stats_f32(const float* p, Py_ssize_t n, double* mean, double* m2) nogil
@@ -456,6 +557,7 @@ cdef extern from *:
     double fbn_h2d(unsigned short h) nogil
     unsigned short fbn_d2h(double d) nogil
     int FBN_F16C
+    void fbn_h2f(const unsigned short* s, Py_ssize_t st, float* d, Py_ssize_t n) nogil
     void fbn_stats_f16(const unsigned short* p, Py_ssize_t st, Py_ssize_t n, double* mean,
                        double* m2) nogil
     void fbn_dy_sums_f16(const unsigned short* g, Py_ssize_t sg, const unsigned short* x,
@@ -666,7 +768,7 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
                           double* out_m2, double* work) noexcept nogil:
     """Rows r0..r1 of channels x[:, 0:nc] in tiles of ``rows`` -> out_mean/out_m2[0:nc].
 
-    work: 6*nc doubles of this thread's own scratch (the tile's mean, m2,
+    work: 7*nc doubles of this thread's own scratch (the tile's mean, m2,
     sum of deviations and shift, the running mean and m2), so the hot writes
     stay in private cache lines.  The first pass sums values shifted by the
     tile's first row (see FBN_STATS).  For float64 data the sum of deviations corrects the
@@ -683,6 +785,7 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
     cdef double* rq = work + 3 * nc
     cdef double* tc = work + 4 * nc
     cdef double* ts = work + 5 * nc
+    cdef float* fb = <float*>(work + 6 * nc)   # float16: the row, converted (F16C)
     for j in range(nc):
         rm[j] = 0.0
         rq[j] = 0.0
@@ -700,7 +803,11 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
                 ts[j] = 0.0
         for r in range(t0, t1):
             pr = x + r * so
-            if sc == 1:
+            if real_t is half_t:
+                fbn_h2f(pr, sc, fb, nc)
+                for j in range(nc):
+                    tm[j] += fb[j] - ts[j]
+            elif sc == 1:
                 for j in range(nc):
                     tm[j] += ld(pr[j]) - ts[j]
             else:
@@ -730,7 +837,12 @@ cdef void task_moments_cl(const real_t* x, Py_ssize_t so, Py_ssize_t sc, Py_ssiz
         else:
             for r in range(t0, t1):
                 pr = x + r * so
-                if sc == 1:
+                if real_t is half_t:
+                    fbn_h2f(pr, sc, fb, nc)
+                    for j in range(nc):
+                        d = fb[j] - tm[j]
+                        tq[j] += d * d
+                elif sc == 1:
                     for j in range(nc):
                         d = ld(pr[j]) - tm[j]
                         tq[j] += d * d
@@ -783,7 +895,7 @@ def moments_cl(const real_t[:, :, :] x, double[::1] mean, double[::1] m2,
     ntiles = (O + rows - 1) // rows
     ncb = (C + cblock - 1) // cblock
     Cp = pad8(C)                  # partial rows padded to whole cache lines
-    S = pad8(6 * cblock)          # per-thread scratch, likewise
+    S = pad8(7 * cblock)          # per-thread scratch, likewise
     nthreads = max(nthreads, 1)
     raw = malloc((2 * G * Cp + nthreads * S + G) * sizeof(double) + 64)
     if raw == NULL:
@@ -1090,20 +1202,29 @@ cdef void task_dy_sums_cl(const real_t* pg, Py_ssize_t g0, Py_ssize_t g1,
                           Py_ssize_t nrows, Py_ssize_t nc, const double* m,
                           double* out1, double* out2, double* work) noexcept nogil:
     """Sums over nrows rows of nc channels -> out1/out2[0:nc]; work: 2*nc
-    doubles of this thread's own scratch (private cache lines for the hot writes)."""
+    doubles of this thread's own scratch, then 2*nc floats (private cache lines for
+    the hot writes)."""
     cdef Py_ssize_t row, j
     cdef const real_t* gr
     cdef const real_t* xr
     cdef double g
     cdef double* s1 = work
     cdef double* s2 = work + nc
+    cdef float* fg = <float*>(work + 2 * nc)   # float16: the rows, converted (F16C)
+    cdef float* fx = fg + nc
     for j in range(nc):
         s1[j] = 0.0
         s2[j] = 0.0
     for row in range(nrows):
         gr = pg + row * g0
         xr = px + row * x0
-        if g1 == 1 and x1 == 1:
+        if real_t is half_t:
+            fbn_h2f(gr, g1, fg, nc)
+            fbn_h2f(xr, x1, fx, nc)
+            for j in range(nc):
+                s1[j] += fg[j]
+                s2[j] += fg[j] * (fx[j] - m[j])
+        elif g1 == 1 and x1 == 1:
             for j in range(nc):
                 g = ld(gr[j])
                 s1[j] += g
@@ -1142,7 +1263,7 @@ def dy_sums_cl(const real_t[:, :, :] dy, const real_t[:, :, :] x, const double[:
     ntiles = (O + rows - 1) // rows
     ncb = (C + cblock - 1) // cblock
     Cp = pad8(C)
-    S = pad8(2 * cblock)
+    S = pad8(3 * cblock)
     nthreads = max(nthreads, 1)
     raw = malloc((2 * G * Cp + nthreads * S) * sizeof(double) + 64)
     if raw == NULL:
@@ -1213,14 +1334,14 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
     oc_ = out.strides[1] // sizeof(flt_t)
     oi = out.strides[2] // sizeof(flt_t)
     n = <double>(O * I)
-    raw = malloc((11 * pad8(C)) * sizeof(double) + 64)
+    raw = malloc((12 * pad8(C)) * sizeof(double) + 64)
     if raw == NULL:
         raise MemoryError()
     mean = fbn_align64(raw)
     m2 = mean + pad8(C)
     a = m2 + pad8(C)
     b = a + pad8(C)
-    zero = b + pad8(C)          # then 6*C of scratch for task_moments_cl
+    zero = b + pad8(C)          # then 7*C of scratch for task_moments_cl
     try:
         with nogil:
             if I == 1:

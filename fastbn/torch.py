@@ -72,6 +72,23 @@ def _np(t):
     return None if t is None else t.detach().numpy()
 
 
+def _memory_format(x):
+    """The layout PyTorch's batch norm gives its output and dx (ATen's
+    ``suggest_memory_format``): channels_last(_3d) when ``x``'s strides run
+    C, W, H, (D), N from innermost to outermost (length-1 axes ignored), otherwise
+    contiguous."""
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        return torch.contiguous_format
+    prev = 0
+    for d in [1] + list(range(x.dim() - 1, 1, -1)) + [0]:
+        if x.shape[d] == 1:
+            continue
+        if x.stride(d) < prev or x.stride(d) == 0:
+            return torch.contiguous_format
+        prev = x.stride(d)
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def _once_differentiable(backward):
     """Like ``torch.autograd.function.once_differentiable``, with fastbn's message,
     and also when only a saved tensor (not ``dy``) requires grad."""
@@ -114,7 +131,8 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         xn = _np(x)
-        y = torch.empty_like(x)
+        # PyTorch's output layout: channels_last(_3d) stays so, everything else contiguous
+        y = torch.empty_like(x, memory_format=_memory_format(x))
         yn = y.numpy()
         ctx.training = bool(training)
         ctx.eps = eps
@@ -144,7 +162,7 @@ class BatchNormFunction(torch.autograd.Function):
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = torch.empty_like(x)
+        dx = torch.empty_like(x, memory_format=_memory_format(x))
         pdt = _PARAM_DTYPE[x.dtype]
         if ctx.empty:
             C = x.shape[1]

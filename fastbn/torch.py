@@ -72,21 +72,50 @@ def _np(t):
     return None if t is None else t.detach().numpy()
 
 
-def _memory_format(x):
-    """The layout PyTorch's batch norm gives its output and dx (ATen's
-    ``suggest_memory_format``): channels_last(_3d) when ``x``'s strides run
-    C, W, H, (D), N from innermost to outermost (length-1 axes ignored), otherwise
-    contiguous."""
-    if x.dim() not in (4, 5) or x.is_contiguous():
+def _suggested_format(x):
+    """ATen's ``Tensor.suggest_memory_format()`` (c10's ``is_channels_last_strides_2d/3d``):
+    channels_last(_3d) when the strides grow C, W, H, (D), N from innermost to
+    outermost, contiguous otherwise and in the ambiguous cases."""
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
         return torch.contiguous_format
-    prev = 0
+    low = 0
     for d in [1] + list(range(x.dim() - 1, 1, -1)) + [0]:
-        if x.shape[d] == 1:
-            continue
-        if x.stride(d) < prev or x.stride(d) == 0:
+        if sizes[d] == 0 or strides[d] < low or (d == 0 and low == strides[1]):
             return torch.contiguous_format
-        prev = x.stride(d)
+        low = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
     return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _output_like(x):
+    """An empty tensor for ``y``, in the layout PyTorch's CPU batch norm gives it:
+    contiguous for contiguous ``x`` and for 2-D/3-D input, channels_last(_3d) for
+    channels_last(_3d)-contiguous ``x``, else ATen's suggested format; an empty
+    batch copies ``x``'s strides."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if x.dim() not in (4, 5) or x.is_contiguous():
+        fmt = torch.contiguous_format
+    else:
+        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        fmt = cl if x.is_contiguous(memory_format=cl) else _suggested_format(x)
+    return torch.empty_like(x, memory_format=fmt)
+
+
+def _dense(x):
+    """True if ``x``'s elements fill its memory block exactly (any axis order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _grad_like(x):
+    """An empty tensor for ``dx``, laid out as PyTorch's: ``x``'s own strides when
+    ``x`` is dense, contiguous otherwise."""
+    return torch.empty_like(x) if _dense(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _once_differentiable(backward):
@@ -131,8 +160,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         xn = _np(x)
-        # PyTorch's output layout: channels_last(_3d) stays so, everything else contiguous
-        y = torch.empty_like(x, memory_format=_memory_format(x))
+        y = _output_like(x)
         yn = y.numpy()
         ctx.training = bool(training)
         ctx.eps = eps
@@ -162,7 +190,7 @@ class BatchNormFunction(torch.autograd.Function):
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = torch.empty_like(x, memory_format=_memory_format(x))
+        dx = _grad_like(x)
         pdt = _PARAM_DTYPE[x.dtype]
         if ctx.empty:
             C = x.shape[1]
@@ -183,6 +211,15 @@ class BatchNormFunction(torch.autograd.Function):
                 dscale if need_w and weight is not None else None,
                 doffset if need_b and ctx.has_bias else None,
                 None, None, None, None, None)
+
+
+def _verify_batch_size(size):
+    """F.batch_norm's training check, with its message."""
+    values = size[0]
+    for s in size[2:]:
+        values *= s
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def _transforms_active():
@@ -231,17 +268,19 @@ class _FastBatchNorm:
         running_var = self.running_var if use_buffers else None
         momentum = 0.0 if self.momentum is None else self.momentum
         eps = self.eps
+        # F.batch_norm's checks, with its messages, before anything changes
+        if bn_training:
+            _verify_batch_size(input.size())
+            if eps <= 0.0:
+                raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+        elif eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         served = _served(input, (self.weight, self.bias), (running_mean, running_var),
                          momentum, eps)
         if served and not bn_training and (running_mean is None or running_var is None):
             served = False   # one buffer set to None: PyTorch's own error
         if not served:
             return super().forward(input)
-        # F.batch_norm's checks, with its messages, before anything changes
-        if bn_training:
-            F._verify_batch_size(input.size())
-            if eps <= 0.0:
-                raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         if training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:   # cumulative moving average

@@ -127,9 +127,49 @@ def test_module_matches_torch_and_keeps_layout(gen, shape, memory, training):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-11)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(bn.state_dict()[k], v, rtol=1e-12, atol=1e-13)
-    assert y.stride() == y_ref.stride() and got[1].stride() == x.grad.stride()   # PyTorch's layouts
+    assert same_layout(y, y_ref) and same_layout(got[1], x.grad)   # PyTorch's layouts
     if memory == "channels_last" and len(shape) == 4:
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def same_layout(a, b):
+    """Same shape and the same strides on every axis longer than 1."""
+    return a.shape == b.shape and all(s == 1 or p == q for s, p, q in zip(a.shape, a.stride(), b.stride()))
+
+
+LAYOUT_CASES = {
+    "NLC": lambda: torch.randn(4, 5, 3).permute(0, 2, 1),
+    "(N,C).T": lambda: torch.randn(3, 7).t(),
+    "channels_last": lambda: torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last),
+    "channels_last_3d": lambda: torch.randn(2, 3, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d),
+    "permuted_N1": lambda: torch.arange(6.0).reshape(1, 3, 2, 1).permute(0, 2, 1, 3),
+    "NHCW": lambda: torch.randn(4, 5, 3, 6).permute(0, 2, 1, 3),
+    "sliced": lambda: torch.randn(5, 3, 4, 9)[1:, :, :, 1::2],
+    "sliced_channels_last": lambda: torch.randn(5, 4, 9, 3).permute(0, 3, 1, 2)[1:, :, :, 1::2],
+    "NC11": lambda: torch.randn(4, 9, 1, 1).contiguous(memory_format=torch.channels_last),
+    "N1HW": lambda: torch.randn(4, 1, 9, 9).contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", sorted(LAYOUT_CASES))
+def test_output_and_grad_layouts_are_pytorchs(case, training):
+    """y and dx come in the memory layout PyTorch's CPU batch norm gives them
+    (channels_last stays channels_last, and so on), with PyTorch's values."""
+    x = LAYOUT_CASES[case]()
+    C = x.shape[1]
+    ref_cls, cls = CLASSES[max(x.dim() - 2, 1)]
+    out = []
+    for m in (ref_cls(C).train(training), cls(C).train(training)):
+        xi = x.detach().requires_grad_()
+        y = m(xi)
+        y.backward(torch.ones_like(y) + torch.arange(y.numel()).reshape(y.shape) % 3)
+        out.append((y, xi.grad))
+    (y_ref, dx_ref), (y, dx) = out
+    assert same_layout(y, y_ref), (y.stride(), y_ref.stride())
+    assert same_layout(dx, dx_ref), (dx.stride(), dx_ref.stride())
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last"])

@@ -311,3 +311,95 @@ def test_cuda_input_without_cupy_is_a_clear_error_and_keeps_the_layer():
         bn(_FakeCudaArray())
     assert isinstance(bn.scale, np.ndarray) and isinstance(bn.running_mean, np.ndarray)
     assert bn(np.ones((4, 3), np.float32)).shape == (4, 3)
+
+
+# -- state in place, PyTorch state dicts, float64 statistics, toggles, pickling (issues 12, 14) --
+
+def test_load_state_dict_copies_in_place(rng):
+    """References to the layer's arrays (an optimizer's) stay live after load_state_dict."""
+    bn = fbn.BatchNorm(4)
+    held = [bn.scale, bn.offset, bn.running_mean, bn.running_var]
+    state = random_layer(rng, 4, np.float32).state_dict()
+    state["num_batches_tracked"] = 5
+    bn.load_state_dict(state)
+    for name, arr in zip(("scale", "offset", "running_mean", "running_var"), held):
+        assert getattr(bn, name) is arr
+        np.testing.assert_array_equal(arr, state[name])
+    assert bn.num_batches_tracked == 5
+
+
+def test_load_state_dict_accepts_pytorch_state_dict(rng):
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0)
+        ref.bias.normal_()
+    ref(torch.randn(6, 3, 4, 4) * 2 + 1)
+    ref(torch.randn(6, 3, 4, 4) * 2 + 1)
+    bn = fbn.BatchNorm(3)
+    held = bn.scale
+    bn.load_state_dict(ref.state_dict())     # weight/bias keys, tensors, 0-d int64 tensor
+    assert bn.scale is held and bn.num_batches_tracked == 2
+    np.testing.assert_array_equal(bn.scale, ref.weight.detach().numpy())
+    np.testing.assert_array_equal(bn.running_var, ref.running_var.numpy())
+    x = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(bn.eval()(x), ref.eval()(torch.from_numpy(x)).detach().numpy(),
+                               rtol=1e-5, atol=1e-5)
+    # NumPy arrays under PyTorch's names, too; mixing both names is refused
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    bn.load_state_dict(state)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        bn.load_state_dict({**state, "scale": state["weight"]})
+    with pytest.raises(TypeError, match="num_batches_tracked must be an int"):
+        bn.load_state_dict({**state, "num_batches_tracked": torch.tensor(1.5)})
+
+
+def test_backward_keeps_float64_batch_statistics(rng):
+    """float32 x = 1e6 + randn: dscale and dx against the float64 oracle (the float32-
+    rounded mean gave dscale off by 8e-3 relative; issue 14 item 7)."""
+    bn = fbn.BatchNorm(4)
+    x = (1e6 + rng.normal(size=(16, 4, 8, 8))).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    bn(x)
+    dx = bn.backward(dy)
+    ones = np.ones(4)
+    _, mean, invstd = reference.batch_norm_train(x, ones, np.zeros(4), 1, bn.eps)[:3]
+    rdx, rdscale, _ = reference.batch_norm_backward(dy, x, ones, mean, invstd, 1)
+    np.testing.assert_allclose(bn.dscale, rdscale, rtol=1e-5, atol=1e-5 * np.abs(rdscale).max())
+    np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-5 * np.abs(rdx).max())
+    assert bn._saved[3].dtype == np.float64 and bn._saved[4].dtype == np.float64
+
+
+def test_track_running_stats_switched_off_later_keeps_buffers_in_eval(rng):
+    """As PyTorch (issue 14 item 8): no more updates in training, and eval mode keeps
+    normalising with the stored statistics."""
+    bn = random_layer(rng, 3, np.float64)
+    bn(rng.normal(2.0, 3.0, size=(8, 3, 4)))
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    bn.track_running_stats = False
+    bn(rng.normal(size=(8, 3, 4)))
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    np.testing.assert_array_equal(bn.running_var, rv)
+    assert bn.num_batches_tracked == 1
+    x = rng.normal(size=(8, 3, 4))
+    reference.assert_close(bn.eval()(x), reference.batch_norm_infer(x, bn.scale, bn.offset, rm, rv, 1,
+                                                                    bn.eps), "y")
+
+
+def test_pickle_and_copy_carry_state_not_the_last_input(rng):
+    import copy
+    import pickle
+    bn = random_layer(rng, 8, np.float32)
+    x = rng.normal(size=(32, 8, 28, 28)).astype(np.float32)
+    bn(x)
+    bn.backward(np.ones_like(x))
+    blob = pickle.dumps(bn)
+    assert len(blob) < 4096, len(blob)    # the input is 800 KB
+    for clone in (pickle.loads(blob), copy.deepcopy(bn), copy.copy(bn)):
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[k], v)
+        with pytest.raises(RuntimeError, match="before a forward"):
+            clone.backward(np.ones_like(x))
+        xe = x[:4]
+        np.testing.assert_array_equal(clone.eval()(xe), copy.deepcopy(bn).eval()(xe))
+    assert bn._saved is not None           # the original keeps what its backward needs

@@ -336,12 +336,21 @@ class BatchNorm:
 
 def _cupy():
     """The cupy module, imported only once a layer meets CUDA input; TypeError without it."""
-    from . import device
-    cp = device.cupy()
+    cp = _cupy_module()
     if cp is None:
         raise TypeError("BatchNorm got a CUDA array: its parameters follow the input to the GPU "
                         "as CuPy arrays, and CuPy is not installed (or not usable here)")
     return cp
+
+
+def _cupy_module():
+    """CuPy if usable here, else None (fastbn's CUDA runtime helper; it moved from
+    fastbn.device to fastbn.kernels.cuda_runtime in the house-plan refactor)."""
+    try:
+        from .kernels.cuda_runtime import cupy
+    except ImportError:
+        from .device import cupy
+    return cupy()
 
 
 def _to_family(v, family):

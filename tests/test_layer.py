@@ -303,8 +303,8 @@ class _FakeCudaArray:
 def test_cuda_input_without_cupy_is_a_clear_error_and_keeps_the_layer():
     """Parameters follow CUDA input to the GPU through CuPy; without CuPy that is a
     TypeError saying so, and the layer stays usable on the host."""
-    from fastbn import device
-    if device.cupy() is not None:
+    from fastbn.layer import _cupy_module
+    if _cupy_module() is not None:
         pytest.skip("CuPy is usable here: this test is about machines without it")
     bn = fbn.BatchNorm(3, channel_axis=-1)
     with pytest.raises(TypeError, match="CuPy is not installed"):

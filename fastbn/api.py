@@ -1,80 +1,42 @@
-"""The public functions (API.md).
+"""The public functions (API.md), each one straight path:
 
-Each function checks its arguments (``checks``), builds the canonical
-``(outer, C, inner)`` view (``layout``), and calls the three primitives of the
-chosen backend (``moments3``, ``affine3``, ``dy_sums3``).  Per-channel
-arithmetic (invstd, the affine coefficients, running statistics) happens here,
-in float64, on length-C vectors.
+    check (``checks``) -> plan (``layout``) -> primitives (the backend's
+    ``moments3`` / ``dy_sums3`` / ``affine3``, or its fused small-input kernel)
+    -> per-channel math (``core``) -> results in the caller's family (``families``).
+
+The family module of ``x`` (host NumPy or CUDA device arrays) answers every
+question that depends on where the arrays live; the backend module only runs
+kernels on canonical ``(outer, C, inner)`` views.  Dask arrays are handed, as
+a whole call, to the Dask backend, which builds the same steps into a graph.
 """
+
+import math
 
 import numpy as np
 
-from . import checks, device, dispatch, layout
+from . import broadcast, checks, core, dispatch, families, layout
 
-
-def _backend(family, backend):
-    return dispatch.module(dispatch.choose(family, backend))
+_NAN = float("nan")
+_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _dask(x, backend):
-    """The dask backend if ``x`` is a Dask array (it implements the public functions), else None."""
-    return dispatch.module(dispatch.choose("dask", backend)) if dispatch.family_of(x) == "dask" else None
+    """The Dask backend if ``x`` is a Dask array (it implements the public functions), else None."""
+    if type(x) is np.ndarray or families.family_of(x) != "dask":
+        return None
+    return dispatch.module(dispatch.choose("dask", backend))
 
 
-def _output(out, x, plan):
-    """Destination for an elementwise result shaped like ``x``.
-
-    Returns ``(y, y3, finish)``: the array handed back to the caller, the
-    canonical view the kernel writes, and a callable that copies ``y3`` into
-    ``y`` when no view was possible (exotic strides of a user's ``out``).
-    """
-    y = layout.empty_like_layout(x, x.dtype) if out is None else out
-    y3 = layout.view3(y, plan)
-    if y3 is None:
-        tmp = np.empty(plan.shape3, dtype=x.dtype)
-
-        def finish():
-            y.transpose(plan.perm)[...] = tmp.reshape([y.shape[a] for a in plan.perm])
-        return y, tmp, finish
-    return y, y3, None
-
-
-def _separate(y3, *inputs3):
-    """True if ``y3`` overlaps an input without being exactly the same view.
-
-    Elementwise kernels may write in place (``out=x``), but not into a
-    shifted or transposed alias of their input.
-    """
-    for a in inputs3:
-        if a is None or not np.may_share_memory(y3, a):
-            continue
-        same = (a.__array_interface__["data"][0] == y3.__array_interface__["data"][0]
-                and a.strides == y3.strides)
-        if not same:
-            return False
-    return True
-
-
-def _affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
-    if not isinstance(x, np.ndarray):  # device arrays (cuda family)
-        return device.affine(bk, x3, plan, x, out, m, q, r, u3, p)
-    y, y3, finish = _output(out, x, plan)
-    if y3.size == 0:  # nothing to write; kernels may assume non-empty input
-        return y
-    if out is not None and not _separate(y3, x3, u3):
-        tmp = np.empty(plan.shape3, dtype=x.dtype)
-        bk.affine3(x3, m, q, r, tmp, u3, p)
-        y3[...] = tmp
-    else:
-        bk.affine3(x3, m, q, r, y3, u3, p)
-    if finish is not None:
-        finish()
-    return y
-
-
-def _channel_plan(x, channel_axis):
+def _channel_input(x, channel_axis, backend):
+    """Checked ``x`` and its plan: ``(x, family name, family module, backend, plan)``."""
+    x, fam = checks.data_array(x, "x")
     ax = checks.channel_axis(channel_axis, x.ndim)
-    return ax, layout.make_plan(x.shape, x.strides, (ax,))
+    plan = layout.make_plan(x.shape, x.strides, (ax,))
+    return x, fam, families.module(fam), dispatch.module(dispatch.choose(fam, backend)), plan
+
+
+def _results(F, like, dtype, *vectors):
+    return tuple(F.result(v, like, dtype) for v in vectors)
 
 
 # -- moments -----------------------------------------------------------------
@@ -92,46 +54,21 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     x, fam = checks.data_array(x, "x")
     axes = layout.normalize_axes(axis, x.ndim)
     ddof = checks.scalar(ddof, "ddof")
-    bk = _backend(fam, backend)
-    kept = tuple(a for a in range(x.ndim) if a not in axes)
-    plan = layout.make_plan(x.shape, x.strides, kept)
-    n = plan.count
-    pdt = checks.param_dtype(x.dtype)
-    if n == 0 or plan.shape3[1] == 0:
-        mean = np.full(plan.shape3[1], np.nan)
-        m2 = np.full(plan.shape3[1], np.nan)
+    F = families.module(fam)
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    plan = layout.make_plan(x.shape, x.strides, tuple(a for a in range(x.ndim) if a not in axes))
+    C, n = plan.shape3[1], plan.count
+    if n == 0 or C == 0:
+        mean = m2 = F.full(C, _NAN)
     else:
-        mean, m2 = bk.moments3(layout.as3(x, plan))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        var = m2 / max(n - ddof, 0)
+        mean, m2 = bk.moments3(F.as3(x, plan))
+    var = core.variance(m2, n, ddof)
     shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keepdims else plan.kept_shape
-    if fam == "cuda":
-        return device.vec_out(mean, x, pdt, shape), device.vec_out(var, x, pdt, shape)
-    return (np.asarray(mean, dtype=pdt).reshape(shape), np.asarray(var, dtype=pdt).reshape(shape))
+    pdt = checks.param_dtype(x.dtype)
+    return F.result(mean, x, pdt, shape), F.result(var, x, pdt, shape)
 
 
 # -- tf.nn.batch_normalization -----------------------------------------------
-
-def _param(v, name, x, family):
-    """A broadcastable parameter of batch_normalization, aligned to x.ndim."""
-    if v is None:
-        return None
-    fam = dispatch.family_of(v)
-    if fam != family and not (family == "cuda" and fam == "numpy" and np.ndim(v) == 0):
-        raise TypeError(f"{name} is a {fam} array but x is a {family} array")
-    # cuda: a working vector (CuPy, or host NumPy without CuPy); a host number is allowed
-    v = device.vec_in(v, None) if family == "cuda" else np.asarray(v)
-    if v.dtype.kind not in "fiu" or v.dtype == np.bool_:
-        raise TypeError(f"{name} must be a real float array or number, got dtype {v.dtype}")
-    if v.ndim > x.ndim:
-        raise ValueError(f"{name} has shape {v.shape}, more dimensions than x {x.shape}")
-    v = v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
-    for a, (s, t) in enumerate(zip(v.shape, x.shape)):
-        if s not in (1, t):
-            raise ValueError(f"{name} of shape {v.shape} does not broadcast to x's shape {x.shape} "
-                             f"(axis {a}: {s} vs {t})")
-    return v.astype(np.float64)
-
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, out=None, backend=None):
     """TensorFlow's ``tf.nn.batch_normalization`` with NumPy broadcasting.
@@ -145,101 +82,89 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
         return dk.batch_normalization(x, mean, variance, offset, scale, variance_epsilon, out=out,
                                       backend=backend)
     x, fam = checks.data_array(x, "x")
-    params = {name: _param(v, name, x, fam) for name, v in
-              (("mean", mean), ("variance", variance), ("offset", offset), ("scale", scale))}
-    for name in ("mean", "variance"):
-        if params[name] is None:
-            raise TypeError(f"{name} must be an array or number, got None")
-    eps = checks.scalar(variance_epsilon, "variance_epsilon", low=0.0)
+    params, eps = broadcast.arguments(x, fam, mean, variance, offset, scale, variance_epsilon)
     out = checks.out_array(out, x, fam)
-    bk = _backend(fam, backend)
-    kept = tuple(a for a in range(x.ndim)
-                 # != 1, not > 1: a parameter of length 0 (x empty there) varies too
-                 if any(p is not None and p.shape[a] != 1 for p in params.values()))
-    plan = layout.make_plan(x.shape, x.strides, kept)
-
-    def per_channel(v, default):
-        if v is None:
-            return (device.xp() if fam == "cuda" else np).full(plan.shape3[1], default)
-        return np.broadcast_to(v[tuple(slice(None) if a in kept else 0 for a in range(x.ndim))],
-                               plan.kept_shape).reshape(-1)
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = per_channel(params["scale"], 1.0) / np.sqrt(per_channel(params["variance"], 0.0) + eps)
-    return _affine(bk, layout.as3(x, plan), plan, x, out,
-                   np.ascontiguousarray(per_channel(params["mean"], 0.0)), np.ascontiguousarray(q),
-                   np.ascontiguousarray(per_channel(params["offset"], 0.0)))
+    F = families.module(fam)
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    plan = broadcast.plan(x, params)
+    m, q, r = broadcast.coefficients(params, eps, plan, x, fam)
+    return F.affine(bk, F.as3(x, plan), plan, x, out, m, q, r)
 
 
 # -- fused batch norm ----------------------------------------------------------
 
-def _train_args(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out):
-    x, fam = checks.data_array(x, "x")
-    ax, plan = _channel_plan(x, channel_axis)
+def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
+    """The backend's fused one-call kernel for small C-contiguous host inputs, or None.
+
+    Per-call overhead dominates small batches (an MLP layer is (batch, 30));
+    the arguments are already checked, so this only asks whether the kernel
+    takes them as they are.
+    """
+    small = getattr(bk, "train_small3", None)
+    if (small is None or type(x) is not np.ndarray or not 0 < x.size <= bk.SMALL
+            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous):
+        return None
+    dt = x.dtype
+    for v in (scale, offset, running_mean, running_var):
+        if v is not None and (v.dtype != dt or not v.flags.c_contiguous):
+            return None
+    if out is None:
+        out = np.empty_like(x)
+    elif not (out.flags.c_contiguous and (out is x or not np.may_share_memory(out, x))):
+        return None
+    ax = plan.kept[0]
+    outer = math.prod(x.shape[:ax])
     C = x.shape[ax]
+    shape3 = (outer, C, plan.count // outer)
+    mean = np.empty(C, dt)
+    invstd = np.empty(C, dt)
+    small(x.reshape(shape3), scale, offset, eps, momentum, running_mean, running_var,
+          out.reshape(shape3), mean, invstd)
+    return out, mean, invstd
+
+
+def train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
+          running_var=None, momentum=0.1, out=None, backend=None, stats_dtype=None):
+    """:func:`batch_norm_train`, with the batch ``mean``/``invstd`` returned in
+    ``stats_dtype`` (None: the per-channel dtype; ``numpy.float64`` keeps the
+    exact statistics for a backward at large means - what the layers use)."""
+    x, fam, F, bk, plan = _channel_input(x, channel_axis, backend)
+    C, n = plan.shape3[1], plan.count
     pdt = checks.param_dtype(x.dtype)
-    scale = checks.vector(scale, "scale", C, fam)
-    offset = checks.vector(offset, "offset", C, fam)
+    scale, w_scale = checks.vector(scale, "scale", C, fam)
+    offset, w_offset = checks.vector(offset, "offset", C, fam)
     eps = checks.scalar(eps, "eps", low=0.0)
     momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
     running_mean = checks.running(running_mean, "running_mean", C, fam, pdt)
     running_var = checks.running(running_var, "running_var", C, fam, pdt)
     out = checks.out_array(out, x, fam)
-    if plan.count < 2:
+    checks.no_overlaps(fam, (("running_mean", running_mean), ("running_var", running_var)), out,
+                       (("scale", scale), ("offset", offset)), (("x", x),))
+    if n == 1:
         raise ValueError(f"batch_norm_train needs more than 1 value per channel to compute a "
-                         f"variance; x of shape {x.shape} with channel_axis={channel_axis} "
-                         f"has {plan.count}")
-    return x, fam, plan, pdt, scale, offset, eps, momentum, running_mean, running_var, out
-
-
-_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _small_vec(v, C, dt):
-    return v is None or (type(v) is np.ndarray and v.dtype == dt and v.shape == (C,)
-                         and v.flags.c_contiguous and v.flags.writeable)
-
-
-def _train_small(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
-                 backend):
-    """The fused one-call path for small C-contiguous NumPy inputs, or None.
-
-    Per-call overhead dominates small batches (an MLP layer is (batch, 30)).
-    Every precondition is checked with cheap identity/attribute tests; if any
-    fails this returns None and the general path runs (and raises on bad input).
-    """
-    if (type(x) is not np.ndarray or x.dtype not in _SMALL_DTYPES
-            or type(channel_axis) is not int or not x.flags.c_contiguous
-            or type(eps) is not float or type(momentum) is not float
-            or not (eps >= 0.0 and 0.0 <= momentum <= 1.0)):
-        return None
-    bk = dispatch.small_path_backend(backend)
-    ndim = x.ndim
-    if bk is None or x.size > bk.SMALL or not -ndim <= channel_axis < ndim:
-        return None
-    shape = x.shape
-    ax = channel_axis % ndim
-    C = shape[ax]
-    n = x.size // C if C else 0
-    dt = x.dtype
-    if (n < 2 or not (_small_vec(scale, C, dt) and _small_vec(offset, C, dt)
-                      and _small_vec(running_mean, C, dt) and _small_vec(running_var, C, dt))):
-        return None
-    if out is None:
-        out = np.empty_like(x)
-    elif not (type(out) is np.ndarray and out.dtype == dt and out.shape == shape
-              and out.flags.c_contiguous and out.flags.writeable
-              and (out is x or not np.may_share_memory(out, x))):
-        return None
-    outer = 1
-    for s in shape[:ax]:
-        outer *= s
-    shape3 = (outer, C, n // outer)
-    mean = np.empty(C, dt)
-    invstd = np.empty(C, dt)
-    bk.train_small3(x.reshape(shape3), scale, offset, eps, momentum, running_mean, running_var,
-                    out.reshape(shape3), mean, invstd)
-    return out, mean, invstd
+                         f"variance; x of shape {tuple(x.shape)} with channel_axis={channel_axis} "
+                         f"has 1")
+    rdt = pdt if stats_dtype is None else np.dtype(stats_dtype)
+    if n == 0:  # an empty batch (PyTorch): empty y, NaN statistics, running stats untouched
+        nan = F.full(C, _NAN)
+        y = F.affine(bk, F.as3(x, plan), plan, x, out, nan, nan, nan)
+        return (y,) + _results(F, x, rdt, nan, nan)
+    if rdt == pdt:
+        fused = _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var,
+                             out)
+        if fused is not None:
+            return fused
+    x3 = F.as3(x, plan)
+    mean, m2 = bk.moments3(x3)
+    invstd, q, r = core.train_coefficients(m2, n, eps, w_scale, w_offset)
+    y = F.affine(bk, x3, plan, x, out, mean, q, r)
+    # Statistics last: a failure above leaves running stats untouched.
+    if running_mean is not None or running_var is not None:
+        new = core.running_update(None if running_mean is None else F.vector(running_mean),
+                                  None if running_var is None else F.vector(running_var),
+                                  mean, m2, n, momentum)
+        F.assign([(r, v) for r, v in zip((running_mean, running_var), new) if r is not None])
+    return (y,) + _results(F, x, rdt, mean, invstd)
 
 
 def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
@@ -252,33 +177,12 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     statistics, if given, are updated in place with momentum (PyTorch
     convention, unbiased running variance).
     """
-    small = _train_small(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum,
-                         out, backend)
-    if small is not None:
-        return small
     if (dk := _dask(x, backend)) is not None:
         return dk.batch_norm_train(x, scale, offset, channel_axis=channel_axis, eps=eps,
                                    running_mean=running_mean, running_var=running_var,
                                    momentum=momentum, out=out, backend=backend)
-    (x, fam, plan, pdt, scale, offset, eps, momentum, running_mean, running_var,
-     out) = _train_args(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out)
-    bk = _backend(fam, backend)
-    x3 = layout.as3(x, plan)
-    mean, m2 = bk.moments3(x3)
-    n = plan.count
-    invstd = 1.0 / np.sqrt(m2 / n + eps)
-    q = invstd if scale is None else scale * invstd
-    r = np.zeros_like(mean) if offset is None else offset
-    y = _affine(bk, x3, plan, x, out, mean, q, r)
-    # Statistics last: a failure above leaves running stats untouched.
-    if fam == "cuda":
-        device.update_running(((running_mean, mean), (running_var, m2 / (n - 1))), momentum)
-        return y, device.vec_out(mean, x, pdt), device.vec_out(invstd, x, pdt)
-    if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    if running_var is not None:
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
-    return y, mean.astype(pdt), invstd.astype(pdt)
+    return train(x, scale, offset, channel_axis=channel_axis, eps=eps, running_mean=running_mean,
+                 running_var=running_var, momentum=momentum, out=out, backend=backend)
 
 
 def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, out=None, backend=None):
@@ -290,22 +194,36 @@ def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, o
     if (dk := _dask(x, backend)) is not None:
         return dk.batch_norm_infer(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
                                    out=out, backend=backend)
-    x, fam = checks.data_array(x, "x")
-    ax, plan = _channel_plan(x, channel_axis)
-    C = x.shape[ax]
-    scale = checks.vector(scale, "scale", C, fam)
-    offset = checks.vector(offset, "offset", C, fam)
-    mean = checks.vector(mean, "mean", C, fam, optional=False)
-    var = checks.vector(var, "var", C, fam, optional=False)
+    x, fam, F, bk, plan = _channel_input(x, channel_axis, backend)
+    C = plan.shape3[1]
+    scale, w_scale = checks.vector(scale, "scale", C, fam)
+    offset, w_offset = checks.vector(offset, "offset", C, fam)
+    _, w_mean = checks.vector(mean, "mean", C, fam, optional=False)
+    _, w_var = checks.vector(var, "var", C, fam, optional=False)
     eps = checks.scalar(eps, "eps", low=0.0)
     out = checks.out_array(out, x, fam)
-    bk = _backend(fam, backend)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = 1.0 / np.sqrt(var + eps)
-    if scale is not None:
-        q = scale * q
-    r = np.zeros_like(mean) if offset is None else offset
-    return _affine(bk, layout.as3(x, plan), plan, x, out, mean, q, r)
+    checks.no_overlaps(fam, out=out, vectors=(("scale", scale), ("offset", offset)))
+    q, r = core.infer_coefficients(w_var, eps, w_scale, w_offset)
+    return F.affine(bk, F.as3(x, plan), plan, x, out, w_mean, q, r)
+
+
+def _backward_input(dy, x, scale, mean, channel_axis, out, backend):
+    """Checked arguments common to both backward passes."""
+    x, fam, F, bk, plan = _channel_input(x, channel_axis, backend)
+    dy = checks.same_as_x(dy, x, fam)
+    C = plan.shape3[1]
+    scale, w_scale = checks.vector(scale, "scale", C, fam)
+    _, w_mean = checks.vector(mean, "mean", C, fam, optional=False)
+    out = checks.out_array(out, x, fam)
+    checks.no_overlaps(fam, out=out, vectors=(("scale", scale),))
+    return x, dy, fam, F, bk, plan, w_scale, w_mean, out
+
+
+def _dy_sums(F, bk, dy3, x3, mean, C):
+    """Per-channel ``(sum(dy), sum(dy*(x - mean)))``; zeros for no values."""
+    if x3.size == 0:  # kernels may assume non-empty input
+        return F.full(C, 0.0), F.full(C, 0.0)
+    return bk.dy_sums3(dy3, x3, mean)
 
 
 def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None, backend=None):
@@ -314,40 +232,24 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     Returns ``(dx, dscale, doffset)``: ``doffset = sum(dy)``,
     ``dscale = sum(dy * xhat)``, ``dx = scale*invstd/n * (n*dy - doffset -
     xhat*dscale)`` with ``xhat = (x - mean)*invstd``; sums per channel over n
-    values.  ``scale=None`` means ones.
+    values.  ``scale=None`` means ones.  ``mean``/``invstd`` may be float64
+    for any data dtype (the exact statistics keep the gradients accurate at
+    large means).
     """
     if (dk := _dask(x, backend)) is not None:
         return dk.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
                                       backend=backend)
-    x, fam = checks.data_array(x, "x")
-    dy, _ = checks.data_array(dy, "dy", fam)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    ax, plan = _channel_plan(x, channel_axis)
-    C = x.shape[ax]
-    pdt = checks.param_dtype(x.dtype)
-    scale = checks.vector(scale, "scale", C, fam)
-    mean = checks.vector(mean, "mean", C, fam, optional=False)
-    invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
-    out = checks.out_array(out, x, fam)
-    bk = _backend(fam, backend)
-    x3 = layout.as3(x, plan)
-    dy3 = layout.as3(dy, plan)
-    n = max(plan.count, 1)  # count 0: dx is empty; avoid 0/0 below
-    if x3.size == 0:  # sums over no values; kernels may assume non-empty input
-        doffset, s_dyxc = np.zeros_like(mean), np.zeros_like(mean)
-    else:
-        doffset, s_dyxc = bk.dy_sums3(dy3, x3, mean)
-    dscale = s_dyxc * invstd
-    a = invstd if scale is None else scale * invstd
-    b = -a * invstd * dscale / n
-    c = -a * doffset / n
-    dx = _affine(bk, x3, plan, x, out, mean, b, c, dy3, a)
-    if fam == "cuda":
-        return dx, device.vec_out(dscale, x, pdt), device.vec_out(doffset, x, pdt)
-    return dx, dscale.astype(pdt), doffset.astype(pdt)
+    x, dy, fam, F, bk, plan, w_scale, w_mean, out = _backward_input(dy, x, scale, mean,
+                                                                    channel_axis, out, backend)
+    C = plan.shape3[1]
+    _, w_invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
+    dscale, doffset = core.gradient_sums(w_invstd, *_dy_sums(F, bk, dy3, x3, w_mean, C))
+    if plan.count == 0:  # an empty batch: no gradient, even with its NaN statistics
+        dscale = F.full(C, 0.0)
+    a, b, c = core.backward_coefficients(plan.count, w_invstd, w_scale, dscale, doffset)
+    dx = F.affine(bk, x3, plan, x, out, w_mean, b, c, dy3, a)
+    return (dx,) + _results(F, x, checks.param_dtype(x.dtype), dscale, doffset)
 
 
 def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e-5, out=None,
@@ -359,34 +261,16 @@ def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e
     sums per channel.  ``scale=None`` means ones.
     """
     if (dk := _dask(x, backend)) is not None:
-        raise TypeError("batch_norm_infer_backward does not take Dask arrays yet")
-    x, fam = checks.data_array(x, "x")
-    dy, _ = checks.data_array(dy, "dy", fam)
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    ax, plan = _channel_plan(x, channel_axis)
-    C = x.shape[ax]
-    pdt = checks.param_dtype(x.dtype)
-    scale = checks.vector(scale, "scale", C, fam)
-    mean = checks.vector(mean, "mean", C, fam, optional=False)
-    var = checks.vector(var, "var", C, fam, optional=False)
+        return dk.batch_norm_infer_backward(dy, x, scale, mean, var, channel_axis=channel_axis,
+                                            eps=eps, out=out, backend=backend)
+    x, dy, fam, F, bk, plan, w_scale, w_mean, out = _backward_input(dy, x, scale, mean,
+                                                                    channel_axis, out, backend)
+    C = plan.shape3[1]
+    _, w_var = checks.vector(var, "var", C, fam, optional=False)
     eps = checks.scalar(eps, "eps", low=0.0)
-    out = checks.out_array(out, x, fam)
-    bk = _backend(fam, backend)
-    x3 = layout.as3(x, plan)
-    dy3 = layout.as3(dy, plan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        invstd = 1.0 / np.sqrt(var + eps)
-    if x3.size == 0:
-        doffset, s_dyxc = np.zeros_like(mean), np.zeros_like(mean)
-    else:
-        doffset, s_dyxc = bk.dy_sums3(dy3, x3, mean)
-    dscale = s_dyxc * invstd
-    a = invstd if scale is None else scale * invstd
-    z = np.zeros_like(mean)
-    dx = _affine(bk, x3, plan, x, out, mean, z, z, dy3, a)
-    if fam == "cuda":
-        return dx, device.vec_out(dscale, x, pdt), device.vec_out(doffset, x, pdt)
-    return dx, dscale.astype(pdt), doffset.astype(pdt)
+    x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
+    dscale, doffset, a = core.infer_backward_coefficients(w_var, eps, w_scale,
+                                                          *_dy_sums(F, bk, dy3, x3, w_mean, C))
+    zero = F.full(C, 0.0)
+    dx = F.affine(bk, x3, plan, x, out, w_mean, zero, zero, dy3, a)
+    return (dx,) + _results(F, x, checks.param_dtype(x.dtype), dscale, doffset)

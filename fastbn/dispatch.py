@@ -1,7 +1,7 @@
 """Array family -> backend.
 
-A *family* is how an array lives: ``"numpy"`` (host memory), ``"cuda"``
-(device memory: CuPy, Numba device arrays, anything with
+A *family* is how an array lives (``fastbn.families``): ``"numpy"`` (host
+memory), ``"cuda"`` (device memory: CuPy, Numba device arrays, anything with
 ``__cuda_array_interface__``) or ``"dask"``.  Each backend module in
 ``fastbn.kernels`` says which families it takes; the first available backend
 in a family's preference list serves it unless the caller chose one
@@ -12,8 +12,9 @@ import contextlib
 import contextvars
 import importlib
 import os
-import sys
 import warnings
+
+from .families import family_of
 
 # name -> module in fastbn.kernels.  Adding a backend: one line here.
 _MODULES = {
@@ -63,28 +64,6 @@ def backends():
     return {name: ("available" if _load(name) is not None else _reasons[name]) for name in _MODULES}
 
 
-def family_of(x):
-    """``"numpy"``, ``"cuda"`` or ``"dask"``: where the array ``x`` lives."""
-    t = type(x)
-    mod = t.__module__.split(".", 1)[0]
-    if mod == "numpy":
-        return "numpy"
-    if mod == "dask":
-        return "dask"
-    if mod == "cupy" or hasattr(x, "__cuda_array_interface__"):
-        return "cuda"
-    # The CUDA simulator's device arrays have no __cuda_array_interface__.
-    if "numba.cuda" in sys.modules:
-        try:
-            from numba import cuda
-            # Name first: the simulator's numba.cuda has no is_cuda_array.
-            if type(x).__name__ in ("DeviceNDArray", "FakeCUDAArray") or cuda.is_cuda_array(x):
-                return "cuda"
-        except Exception:  # noqa: BLE001
-            pass
-    return "numpy"
-
-
 def _check_name(name, what):
     if not isinstance(name, str):  # a list would raise "unhashable type" below
         raise TypeError(f"{what}: a backend name must be a string, got {name!r}")
@@ -126,21 +105,6 @@ def choose(family, backend=None):
             return name
     raise TypeError(f"no fastbn backend is available for {family} arrays: "
                     + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
-
-
-def small_path_backend(backend=None):
-    """The Numba or Cython backend module if it serves this call (``backend``
-    or the default choice for NumPy arrays) and has the fused small-input path
-    ``train_small3``; else None.  Cheap: one context-var and one environment
-    lookup."""
-    name = backend if backend is not None else (_override.get() or os.environ.get("FASTBN_BACKEND") or None)
-    if name is None:  # the default for NumPy arrays: numba, else cython
-        mod = _loaded.get("numba") or _load("numba") or _loaded.get("cython") or _load("cython")
-    elif name in ("numba", "cython"):
-        mod = _loaded.get(name) or _load(name)
-    else:
-        return None
-    return mod if mod is not None and hasattr(mod, "train_small3") else None
 
 
 def module(name):

@@ -344,12 +344,8 @@ def _cupy():
 
 
 def _cupy_module():
-    """CuPy if usable here, else None (fastbn's CUDA runtime helper; it moved from
-    fastbn.device to fastbn.kernels.cuda_runtime in the house-plan refactor)."""
-    try:
-        from .kernels.cuda_runtime import cupy
-    except ImportError:
-        from .device import cupy
+    """CuPy if usable here, else None (fastbn's CUDA runtime helper)."""
+    from .kernels.cuda_runtime import cupy
     return cupy()
 
 

@@ -89,20 +89,12 @@ def view3(arr, plan):
 
 
 def as3(arr, plan):
-    """The canonical 3-D array of ``arr``: a view if possible, else a C-order copy."""
-    if not isinstance(arr, np.ndarray):  # device arrays: a Numba view (fastbn.device)
-        from . import device
-        return device.as3(arr, plan)
+    """The canonical 3-D array of ndarray ``arr``: a view if possible, else a C-order copy
+    (device arrays: ``fastbn.families.cuda.as3``)."""
     v = view3(arr, plan)
     if v is None:
         v = np.ascontiguousarray(arr.transpose(plan.perm)).reshape(plan.shape3)
     return v
-
-
-def channel_axis_plan(x, channel_axis, name="channel_axis"):
-    """Plan for per-channel statistics of ``x`` over all axes but ``channel_axis``."""
-    (ax,) = normalize_axes(channel_axis, x.ndim, name) if x.ndim else (None,)
-    return make_plan(x.shape, x.strides, (ax,))
 
 
 def empty_like_layout(x, dtype):

@@ -35,7 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import checks, dispatch, layout
+from . import checks, core, dispatch, layout
+from .families import host
 
 
 class Moments(NamedTuple):
@@ -100,52 +101,6 @@ class GradSums(NamedTuple):
 
 # -- merging -------------------------------------------------------------------
 
-def merge_packed(p, axis):
-    """Merge packed partial moments along ``axis``: the one Chan merge of fastbn.
-
-    ``p`` has shape ``(3, ...)`` with ``p[0], p[1], p[2] = count, mean, m2``;
-    every partial along ``axis`` (an int or tuple of axes of ``p[0]``, i.e.
-    numbered without the leading 3) is merged into one.  Returns the packed
-    result with those axes kept at length 1.
-
-    The many-way form of Chan's formula: ``n = sum(n_i)``,
-    ``mean = s + sum(n_i * (mean_i - s)) / n`` (``s``: the mean of the largest
-    partial, so the sum only sees small deviations), ``m2 = sum(m2_i) +
-    sum(n_i * (mean_i - mean)**2)``.  Exact in exact arithmetic and
-    associative; partials with ``n_i == 0`` contribute nothing, whatever
-    their mean and m2 hold.  Used by :func:`merge_moments` and by the Dask
-    backend's tree reduction.
-    """
-    axis = tuple(a + 1 for a in ((axis,) if np.isscalar(axis) else axis))
-    n_i = p[0:1]
-    live = n_i > 0
-    mean_i = np.where(live, p[1:2], 0.0)
-    m2_i = np.where(live, p[2:3], 0.0)
-    n = n_i.sum(axis=axis, keepdims=True)
-    # s: per output element, the mean of the partial with the largest count.
-    k = len(axis)
-    flat_n = np.moveaxis(n_i, axis, range(-k, 0))
-    flat_m = np.moveaxis(mean_i, axis, range(-k, 0))
-    lead = flat_n.shape[:-k]
-    many = int(np.prod(flat_n.shape[-k:], dtype=np.int64))
-    if many == 0 or n.size == 0:
-        s = np.zeros_like(n)
-    else:
-        flat_n = flat_n.reshape(lead + (many,))
-        flat_m = flat_m.reshape(lead + (many,))
-        idx = np.argmax(flat_n, axis=-1)[..., None]
-        s = np.take_along_axis(flat_m, idx, axis=-1).reshape(n.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = s + np.where(n > 0, (n_i * (mean_i - s)).sum(axis=axis, keepdims=True) / n, 0.0)
-        # An inf partial mean makes inf - inf above; the plain weighted sum gives what
-        # NumPy's mean gives (inf, or NaN for +inf with -inf).
-        plain = (n_i * mean_i).sum(axis=axis, keepdims=True) / n
-        mean = np.where(np.isfinite(mean) | (n == 0), mean, plain)
-        m2 = (m2_i.sum(axis=axis, keepdims=True)
-              + (n_i * (mean_i - mean) ** 2).sum(axis=axis, keepdims=True))
-    return np.concatenate([n, mean, m2], axis=0)
-
-
 def _stack(parts, cls, what):
     """Parts (NamedTuples, (3, C) or (P, 3, C) arrays) -> one (P, 3, C) float64 array."""
     if not parts:
@@ -174,7 +129,7 @@ def merge_moments(*parts):
     zero.  Returns a :class:`Moments` of (C,) float64 vectors.
     """
     p = _stack(parts, Moments, "merge_moments")
-    merged = merge_packed(np.moveaxis(p, 1, 0), axis=0)[:, 0]
+    merged = core.chan_merge(np.moveaxis(p, 1, 0), axis=0)[:, 0]
     return Moments(merged[0], merged[1], merged[2])
 
 
@@ -232,15 +187,12 @@ def _packed_arg(v, kind, C, name):
 
 def _apply(x, fam, plan, out, backend, m, q, r, u=None, p=None):
     """``out = q*(x - m) + r (+ p*u)`` per channel, via the backend's affine3."""
-    from .api import _affine  # same output handling (out=, aliasing) as the public API
     if fam != "numpy":
         raise TypeError(f"the synchronised batch-norm helpers take NumPy arrays; x is a {fam} array")
     out = checks.out_array(out, x, fam)
-    if x.size == 0:
-        return np.empty_like(x) if out is None else out
     bk = dispatch.module(dispatch.choose(fam, backend))
     u3 = None if u is None else layout.as3(u, plan)
-    return _affine(bk, layout.as3(x, plan), plan, x, out, m, q, r, u3, p)
+    return host.affine(bk, layout.as3(x, plan), plan, x, out, m, q, r, u3, p)
 
 
 def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channel_axis=1, eps=1e-5,
@@ -260,23 +212,28 @@ def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channe
     C = x.shape[ax]
     pdt = checks.param_dtype(x.dtype)
     n, mean, m2 = _packed_arg(moments, Moments, C, "moments")
-    scale = checks.vector(scale, "scale", C, fam)
-    offset = checks.vector(offset, "offset", C, fam)
+    scale, w_scale = checks.vector(scale, "scale", C, fam)
+    offset, w_offset = checks.vector(offset, "offset", C, fam)
     eps = checks.scalar(eps, "eps", low=0.0)
     momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
     running_mean = checks.running(running_mean, "running_mean", C, fam, pdt)
     running_var = checks.running(running_var, "running_var", C, fam, pdt)
-    if C and np.any(n < 2):
+    checks.no_overlaps(fam, (("running_mean", running_mean), ("running_var", running_var)),
+                       None if out is None else checks.out_array(out, x, fam),
+                       (("scale", scale), ("offset", offset)), (("x", x),))
+    if C and np.any(n == 1):
         raise ValueError(f"batch_norm_train_from_moments needs more than 1 value per channel in "
                          f"the whole batch to compute a variance; the merged count is {n.min():g}")
-    invstd = 1.0 / np.sqrt(m2 / n + eps)
-    q = invstd if scale is None else scale * invstd
-    r = np.zeros(C) if offset is None else offset
+    empty = C and np.all(n == 0)  # an empty batch: NaN statistics, running stats untouched
+    if empty:
+        mean = m2 = np.full(C, np.nan)
+    invstd, q, r = core.train_coefficients(m2, n, eps, w_scale, w_offset)
     y = _apply(x, fam, plan, out, backend, mean, q, r)
-    if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    if running_var is not None:
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (m2 / (n - 1))
+    if not empty:
+        new = core.running_update(None if running_mean is None else host.vector(running_mean),
+                                  None if running_var is None else host.vector(running_var),
+                                  mean, m2, n, momentum)
+        host.assign([(r, v) for r, v in zip((running_mean, running_var), new) if r is not None])
     return y, mean.astype(pdt), invstd.astype(pdt)
 
 
@@ -287,19 +244,17 @@ def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
     mean, invstd: the *global* (C,) statistics the forward returned.
     """
     x, fam, ax, plan = _shard(x, channel_axis)
-    dy, _ = checks.data_array(dy, "dy", fam)
-    if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                         f"got {tuple(dy.shape)} {dy.dtype}")
+    dy = checks.same_as_x(dy, x, fam)
     C = x.shape[ax]
-    mean = checks.vector(mean, "mean", C, fam, optional=False)
-    invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    _, mean = checks.vector(mean, "mean", C, fam, optional=False)
+    _, invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
     if plan.count == 0 or C == 0:
         z = np.zeros(C)
         return GradSums(z, z.copy(), z.copy())
     bk = dispatch.module(dispatch.choose(fam, backend))
     s_dy, s_dyxc = bk.dy_sums3(layout.as3(dy, plan), layout.as3(x, plan), mean)
-    return GradSums(np.full(C, float(plan.count)), _host(s_dy), _host(s_dyxc) * _host(invstd))
+    dscale, doffset = core.gradient_sums(_host(invstd), _host(s_dy), _host(s_dyxc))
+    return GradSums(np.full(C, float(plan.count)), doffset, dscale)
 
 
 def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_axis=1, out=None,
@@ -312,19 +267,13 @@ def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_a
     further all-reduce of the parameter gradients is needed).
     """
     x, fam, ax, plan = _shard(x, channel_axis)
-    dy, _ = checks.data_array(dy, "dy", fam)
-    if tuple(dy.shape) != tuple(x.shape) or dy.dtype != x.dtype:
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
-                         f"got {tuple(dy.shape)} {dy.dtype}")
+    dy = checks.same_as_x(dy, x, fam)
     C = x.shape[ax]
     pdt = checks.param_dtype(x.dtype)
-    scale = checks.vector(scale, "scale", C, fam)
-    mean = checks.vector(mean, "mean", C, fam, optional=False)
-    invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    scale, w_scale = checks.vector(scale, "scale", C, fam)
+    _, mean = checks.vector(mean, "mean", C, fam, optional=False)
+    _, invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
     n, doffset, dscale = _packed_arg(sums, GradSums, C, "sums")
-    a = invstd if scale is None else scale * invstd
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = -a * invstd * dscale / n
-        c = -a * doffset / n
+    a, b, c = core.backward_coefficients(n, invstd, w_scale, dscale, doffset)
     dx = _apply(x, fam, plan, out, backend, mean, b, c, dy, a)
     return dx, dscale.astype(pdt), doffset.astype(pdt)

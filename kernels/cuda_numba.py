@@ -1,9 +1,9 @@
 """The numba.cuda backend ("cuda") for GPU arrays: CuPy, Numba device arrays and
-anything with ``__cuda_array_interface__`` (see ``fastbn.device``).
+anything with ``__cuda_array_interface__`` (see ``fastbn.families.cuda``).
 
 The three primitives of ``kernels/__init__.py`` on a canonical view
 ``x3[outer, C, inner]`` in device memory; per-channel results are float64
-vectors in the working namespace of ``fastbn.device`` (CuPy arrays when CuPy
+vectors in the working namespace of ``fastbn.kernels.cuda_runtime`` (CuPy arrays when CuPy
 is installed, otherwise host NumPy arrays).
 
 Two ways of mapping threads to data, chosen by ``inner``:
@@ -43,7 +43,7 @@ import numba
 import numpy as np
 from numba.core.errors import NumbaPerformanceWarning
 
-from fastbn import device
+from . import cuda_runtime as rt
 
 NAME = "cuda"
 FAMILIES = ("cuda",)
@@ -80,7 +80,7 @@ def unavailable_reason():
     """None when kernels can run here (a GPU, or the CUDA simulator), else why not."""
     if cuda is None:
         return _IMPORT_ERROR
-    if device.simulator():
+    if rt.simulator():
         return None
     try:
         if not cuda.is_available():
@@ -93,7 +93,7 @@ def unavailable_reason():
 if cuda is not None:
     # Numba's own on-disk cache (next to this file) saves recompiling every
     # kernel in every process; FASTBN_CACHE=0 turns it off as for the CPU kernels.
-    _CACHE = (not device.simulator()
+    _CACHE = (not rt.simulator()
               and os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", ""))
     _f64 = numba.float64
 
@@ -538,7 +538,7 @@ if cuda is not None:
         """dst[doff + idx.dstr] = src[soff + idx.sstr] for every index idx of ``shape``.
 
         ``src``/``dst`` are flat element views of two arrays' memory (see
-        ``fastbn.device.flat``); strides in elements.  Rare path: layouts the
+        ``fastbn.rt.flat``); strides in elements.  Rare path: layouts the
         canonical view cannot express, on Numba arrays without CuPy.
         """
         start = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
@@ -565,10 +565,10 @@ def _launch(kern, grid, block, shmem, *args):
     """
     grid = grid if isinstance(grid, tuple) else (grid,)
     if math.prod(grid) >= 128:
-        return kern[grid, block, device.stream(), shmem](*args)
+        return kern[grid, block, rt.stream(), shmem](*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Grid size", category=NumbaPerformanceWarning)
-        return kern[grid, block, device.stream(), shmem](*args)
+        return kern[grid, block, rt.stream(), shmem](*args)
 
 
 def _tpb():
@@ -581,7 +581,7 @@ def _tpb():
 def _target_blocks(tpb):
     if TARGET_BLOCKS is not None:
         return max(1, int(TARGET_BLOCKS))
-    return 2 * device.sm_count() * max(1, 2048 // tpb)
+    return 2 * rt.sm_count() * max(1, 2048 // tpb)
 
 
 def _cols_config(ncols, rows, tpb):
@@ -626,39 +626,39 @@ def _reduce(x, fields, rows_kernel, cols_kernel, merge_kernel, lead):
     f64 = np.float64
     if _use_rows(inner):
         grid, chunk, nsplit = _rows_config(outer * inner, C, tpb)
-        part_o, part = device.empty((fields, C * nsplit), f64)
+        part_o, part = rt.empty((fields, C * nsplit), f64)
         _launch(rows_kernel, grid, tpb, 8 * fields * tpb, *lead, chunk, nsplit, part)
         P = nsplit
     else:
         grid, block, rows_per, nsplit = _cols_config(C * inner, outer, tpb)
-        part_o, part = device.empty((fields, C * inner * nsplit), f64)
+        part_o, part = rt.empty((fields, C * inner * nsplit), f64)
         _launch(cols_kernel, grid, block, 8 * fields * block[0] * block[1], *lead, rows_per, nsplit, part)
         P = inner * nsplit
-    res_o, res = device.empty((2, C), f64)
+    res_o, res = rt.empty((2, C), f64)
     _launch(merge_kernel, min(C, _MAX_GRID_Y), tpb, 8 * fields * tpb, part, P, res)
     del part_o  # CuPy's pool reuses it in stream order: no sync
-    return device.vector_pair(res_o, res)
+    return rt.vector_pair(res_o, res)
 
 
 def moments3(x3):
     """(outer, C, inner) device array -> per-channel (mean, m2), float64 working vectors."""
-    x = device.to_numba(x3)
+    x = rt.to_numba(x3)
     outer, C, inner = (int(s) for s in x.shape)
     if C == 0 or outer * inner == 0:
-        return device.vector_pair(*device.full((2, C), np.nan, np.float64))
+        return rt.vector_pair(*rt.full((2, C), np.nan, np.float64))
     zero = _acc(x.dtype).type(0)
     return _reduce(x, 3, _moments_rows, _moments_cols, _merge_chan, (x, zero))
 
 
 def dy_sums3(dy3, x3, m):
     """Per-channel (sum(dy), sum(dy*(x - m))) of two (outer, C, inner) device arrays, float64."""
-    x = device.to_numba(x3)
-    dy = device.to_numba(dy3)
+    x = rt.to_numba(x3)
+    dy = rt.to_numba(dy3)
     outer, C, inner = (int(s) for s in x.shape)
     if C == 0 or outer * inner == 0:
-        return device.vector_pair(*device.full((2, C), 0.0, np.float64))
+        return rt.vector_pair(*rt.full((2, C), 0.0, np.float64))
     acc = _acc(x.dtype)
-    m_o, md = device.param_stack((m,), acc)
+    m_o, md = rt.param_stack((m,), acc)
     return _reduce(x, 2, _dysums_rows, _dysums_cols, _merge_add, (dy, x, md, acc.type(0)))
 
 
@@ -668,25 +668,25 @@ def affine3(x3, m, q, r, out3, u3=None, p=None):
     Evaluated in float64 (float32 for float16 data) and rounded once to
     out3's dtype.  Returns out3.
     """
-    x = device.to_numba(x3)
-    out = device.to_numba(out3)
+    x = rt.to_numba(x3)
+    out = rt.to_numba(out3)
     outer, C, inner = (int(s) for s in x.shape)
     if outer * C * inner == 0:
         return out3
-    prm_o, prm = device.param_stack((m, q, r) if u3 is None else (m, q, r, p), _acc(x.dtype))
+    prm_o, prm = rt.param_stack((m, q, r) if u3 is None else (m, q, r, p), _acc(x.dtype))
     grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
     if u3 is None:
         _launch(_affine_cols, grid, block, 0, x, prm, out, rows_per)
     else:
-        _launch(_affine_u_cols, grid, block, 0, x, prm, out, device.to_numba(u3), rows_per)
+        _launch(_affine_u_cols, grid, block, 0, x, prm, out, rt.to_numba(u3), rows_per)
     del prm_o
     return out3
 
 
 def copy3(src3, dst3):
     """dst3[...] = src3 for two canonical device views of one shape and dtype."""
-    src = device.to_numba(src3)
-    dst = device.to_numba(dst3)
+    src = rt.to_numba(src3)
+    dst = rt.to_numba(dst3)
     outer, C, inner = (int(s) for s in src.shape)
     if outer * C * inner == 0:
         return dst3
@@ -696,7 +696,7 @@ def copy3(src3, dst3):
 
 
 def copy_nd(src_flat, soff, sstr, dst_flat, doff, dstr, shape):
-    """Strided N-d copy between flat element views (``fastbn.device.flat``)."""
+    """Strided N-d copy between flat element views (``fastbn.rt.flat``)."""
     n = math.prod(shape)
     if n == 0:
         return

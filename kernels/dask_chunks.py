@@ -10,7 +10,7 @@ Statistics (``moments``, ``batch_norm_train``)
     backend (chosen when the graph is built, honouring ``use_backend`` and
     ``FASTBN_BACKEND``) on its canonical ``(outer, C, inner)`` view, giving a
     partial ``(count, mean, m2)`` per channel.  The partials are merged in a
-    ``da.reduction`` tree with Chan's formula (``fastbn.merge.merge_packed``):
+    ``da.reduction`` tree with Chan's formula (``fastbn.core.chan_merge``):
     exact where E[x^2] - E[x]^2 would cancel, and correct for chunks of any,
     unequal, or zero size.  Chunks may split the channel axis, the reduced
     axes, or both.
@@ -31,8 +31,7 @@ import math
 
 import numpy as np
 
-from fastbn import checks, dispatch, layout
-from fastbn.merge import merge_packed
+from fastbn import broadcast, checks, core, dispatch, layout
 
 try:
     import dask
@@ -91,7 +90,7 @@ def _vec(v, name, C, chunks, *, optional=True):
     if dispatch.family_of(v) != "numpy":
         raise TypeError(f"{name} is a {dispatch.family_of(v)} array but x is a dask array of NumPy "
                         "chunks; pass a NumPy or Dask array")
-    v = checks.vector(v, name, C, "numpy", optional=optional)
+    _, v = checks.vector(v, name, C, "numpy", optional=optional)
     return da.from_array(v, chunks=(chunks,))
 
 
@@ -155,14 +154,17 @@ def _block_dy_sums(dyb, xb, m, *, ax, bk):
 
 def _block_affine(xb, m, q, r, u=None, p=None, *, ax, bk):
     """One chunk: ``q*(x - m) + r (+ p*u)`` per channel, via the backend's affine3."""
+    return _block_affine3(xb, layout.make_plan(xb.shape, xb.strides, (ax,)), bk, m, q, r, u, p)
+
+
+def _block_affine3(xb, plan, bk, m, q, r, u=None, p=None):
     y = layout.empty_like_layout(xb, xb.dtype)
     if xb.size == 0:
         return y
-    plan = layout.make_plan(xb.shape, xb.strides, (ax,))
     y3 = layout.view3(y, plan)
     if y3 is None:  # exotic block strides: write C-order, return that
         y = np.empty(xb.shape, dtype=xb.dtype)
-        plan_y = layout.make_plan(y.shape, y.strides, (ax,))
+        plan_y = layout.make_plan(y.shape, y.strides, plan.kept)
         y3 = layout.view3(y, plan_y)
         plan = plan_y
     vec = [np.ascontiguousarray(v, dtype=np.float64) for v in (m, q, r)]
@@ -173,14 +175,16 @@ def _block_affine(xb, m, q, r, u=None, p=None, *, ax, bk):
 
 
 def _block_batch_normalization(xb, mean, variance, offset, scale, *, eps, bk):
-    from fastbn import api
-    return api.batch_normalization(xb, mean, variance, offset, scale, eps, backend=bk)
+    """One chunk of ``tf.nn.batch_normalization`` with its slices of the parameters."""
+    params = dict(zip(broadcast.NAMES, (mean, variance, offset, scale)))
+    plan = broadcast.plan(xb, params)
+    m, q, r = broadcast.coefficients(params, eps, plan, xb, "numpy")
+    return _block_affine3(xb, plan, bk, m, q, r)
 
 
 def _var(m2, count, *, denom):
     """m2 / (n - ddof) as NumPy gives it (inf/NaN where n - ddof <= 0), NaN for no values."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(count > 0, m2 / denom, np.nan)
+    return np.where(count > 0, core.variance(m2, denom), np.nan)
 
 
 def _identity(p, axis=None, keepdims=True, computing_meta=False):
@@ -189,7 +193,7 @@ def _identity(p, axis=None, keepdims=True, computing_meta=False):
 
 def _merge(p, axis, keepdims=True, computing_meta=False):
     # axis numbers axes of p, whose axis 0 holds (count, mean, m2).
-    return merge_packed(p, tuple(a - 1 for a in axis))
+    return core.chan_merge(p, tuple(a - 1 for a in axis))
 
 
 # -- graph builders ------------------------------------------------------------------
@@ -316,13 +320,13 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     if running_mean is not None or running_var is not None:
         mean_np, m2_np = dask.compute(mean, m2)
         mean, m2 = da.from_array(mean_np, chunks=(cch,)), da.from_array(m2_np, chunks=(cch,))
-        if running_mean is not None:
-            running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean_np
-        if running_var is not None:
-            running_var[...] = (1.0 - momentum) * running_var + momentum * (m2_np / (n - 1))
-    invstd = 1.0 / da.sqrt(m2 / n + eps)
-    q = invstd if scale is None else scale * invstd
-    r = da.zeros_like(mean) if offset is None else offset
+        new = core.running_update(None if running_mean is None else running_mean.astype(np.float64),
+                                  None if running_var is None else running_var.astype(np.float64),
+                                  mean_np, m2_np, n, momentum)
+        for r, v in zip((running_mean, running_var), new):
+            if r is not None:
+                r[...] = v
+    invstd, q, r = core.train_coefficients(m2, n, eps, scale, offset)
     y = _affine(x, ax, bk, mean, q, r)
     return y, mean.astype(pdt), invstd.astype(pdt)
 
@@ -338,11 +342,34 @@ def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, o
     var = _vec(var, "var", C, cch, optional=False)
     eps = checks.scalar(eps, "eps", low=0.0)
     _no_out(out)
-    q = 1.0 / da.sqrt(var + eps)
-    if scale is not None:
-        q = scale * q
-    r = da.zeros_like(mean) if offset is None else offset
+    q, r = core.infer_coefficients(var, eps, scale, offset)
     return _affine(x, ax, _cpu(), mean, q, r)
+
+
+def _backward_input(dy, x, scale, mean, channel_axis, out):
+    x = _data(x)
+    dy = _data(dy, "dy", "dask")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    ax, C, n = _channel(x, channel_axis)
+    cch = x.chunks[ax]
+    scale = _vec(scale, "scale", C, cch)
+    mean = _vec(mean, "mean", C, cch, optional=False)
+    _no_out(out)
+    return x, dy.rechunk(x.chunks), ax, C, n, cch, scale, mean
+
+
+def _dy_sums(dy, x, mean, ax, bk):
+    """Lazy per-channel (sum(dy), sum(dy*(x - mean))) from per-chunk partials summed in a tree."""
+    reduced = tuple(a for a in range(x.ndim) if a != ax)
+    inds = _inds(x.ndim)
+    parts = da.blockwise(_block_dy_sums, (x.ndim,) + inds, dy, inds, x, inds, mean, (ax,),
+                         new_axes={x.ndim: 2}, adjust_chunks={a: 1 for a in reduced},
+                         dtype=np.float64, meta=np.empty((0,) * (x.ndim + 1)), ax=ax, bk=bk)
+    sums = parts.sum(axis=tuple(a + 1 for a in reduced))
+    return sums[0], sums[1]
 
 
 def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None, backend=None):
@@ -352,31 +379,26 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     Returns lazy ``(dx, dscale, doffset)``; the per-channel sums come from a
     tree reduction of per-chunk ``dy_sums3`` partials.
     """
-    x = _data(x)
-    dy = _data(dy, "dy", "dask")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy must have x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
-    ax, C, n = _channel(x, channel_axis)
-    pdt = checks.param_dtype(x.dtype)
-    cch = x.chunks[ax]
-    scale = _vec(scale, "scale", C, cch)
-    mean = _vec(mean, "mean", C, cch, optional=False)
+    x, dy, ax, C, n, cch, scale, mean = _backward_input(dy, x, scale, mean, channel_axis, out)
     invstd = _vec(invstd, "invstd", C, cch, optional=False)
-    _no_out(out)
     bk = _cpu()
-    dy = dy.rechunk(x.chunks)
-    reduced = tuple(a for a in range(x.ndim) if a != ax)
-    inds = _inds(x.ndim)
-    parts = da.blockwise(_block_dy_sums, (x.ndim,) + inds, dy, inds, x, inds, mean, (ax,),
-                         new_axes={x.ndim: 2}, adjust_chunks={a: 1 for a in reduced},
-                         dtype=np.float64, meta=np.empty((0,) * (x.ndim + 1)), ax=ax, bk=bk)
-    sums = parts.sum(axis=tuple(a + 1 for a in reduced))
-    doffset, s_dyxc = sums[0], sums[1]
-    dscale = s_dyxc * invstd
-    a = invstd if scale is None else scale * invstd
-    b = -a * invstd * dscale / n
-    c = -a * doffset / n
+    dscale, doffset = core.gradient_sums(invstd, *_dy_sums(dy, x, mean, ax, bk))
+    a, b, c = core.backward_coefficients(n, invstd, scale, dscale, doffset)
     dx = _affine(x, ax, bk, mean, b, c, dy, a)
+    pdt = checks.param_dtype(x.dtype)
+    return dx, dscale.astype(pdt), doffset.astype(pdt)
+
+
+def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e-5, out=None,
+                              backend=None):
+    """Lazy gradients of ``batch_norm_infer``'s ``y`` (see ``fastbn.batch_norm_infer_backward``)."""
+    x, dy, ax, C, n, cch, scale, mean = _backward_input(dy, x, scale, mean, channel_axis, out)
+    var = _vec(var, "var", C, cch, optional=False)
+    eps = checks.scalar(eps, "eps", low=0.0)
+    bk = _cpu()
+    dscale, doffset, a = core.infer_backward_coefficients(var, eps, scale,
+                                                          *_dy_sums(dy, x, mean, ax, bk))
+    zero = da.zeros_like(mean)
+    dx = _affine(x, ax, bk, mean, zero, zero, dy, a)
+    pdt = checks.param_dtype(x.dtype)
     return dx, dscale.astype(pdt), doffset.astype(pdt)

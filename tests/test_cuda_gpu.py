@@ -158,7 +158,7 @@ def test_numba_device_arrays_in_and_out(cuda, rng):
 
 def test_numba_arrays_without_cupy(cuda, rng, monkeypatch):
     """The host-vector path (no CuPy) on a real device, layouts included."""
-    from fastbn import device
+    from fastbn.kernels import cuda_runtime as device
     monkeypatch.setattr(device, "USE_CUPY", False)
     h = values(rng, (5, 3, 4, 6), np.float64, channel_axis=1)
     x = cuda.to_device(np.ascontiguousarray(np.moveaxis(h, 1, -1)))  # NHWC storage

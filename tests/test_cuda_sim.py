@@ -18,7 +18,8 @@ import pytest
 
 import reference as ref
 import fastbn as fbn
-from fastbn import device, layout
+from fastbn import layout
+from fastbn.families import cuda as device
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 if SIM:

@@ -304,12 +304,41 @@ def test_momentum_not_a_number(backend, momentum):
 # -- n == 1 in training ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,axis", [((1, C), 1), ((1, C, 1, 1), 1), ((1, 1, 1, C), -1),
-                                        ((C,), 0), ((0, C), 1)], ids=str)
+                                        ((C,), 0)], ids=str)
 def test_train_needs_two_values_per_channel(backend, shape, axis):
     x = np.ones(shape, np.float32)
     out = np.full(shape, 7.0, np.float32)
     call, watched = _case("train", backend, x=x, out=out, channel_axis=axis)
     _raises(ValueError, "x", call, watched)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, C), 1), ((0, C, 4, 4), 1), ((0, 4, 4, C), -1)], ids=str)
+def test_train_empty_batch_is_not_an_error(backend, shape, axis):
+    """PyTorch: an empty batch gives an empty y; mean/invstd NaN; running stats untouched."""
+    x = np.ones(shape, np.float32)
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    y, mean, invstd = fbn.batch_norm_train(x, channel_axis=axis, running_mean=rm, running_var=rv,
+                                           backend=backend)
+    assert y.shape == shape and y.dtype == x.dtype
+    assert mean.shape == invstd.shape == (C,) and np.isnan(mean).all() and np.isnan(invstd).all()
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 2.0)
+    dx, dscale, doffset = fbn.batch_norm_backward(x, x, None, mean, invstd, channel_axis=axis,
+                                                  backend=backend)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(dscale, 0.0)
+    np.testing.assert_array_equal(doffset, 0.0)
+
+
+def test_train_eps0_constant_channel_gives_offset(backend):
+    """PyTorch's rule: var + eps == 0 gives invstd 0 and y == offset, on every path."""
+    for shape in [(4, C, 3), (300, C, 600)]:  # the small fused path and the general path
+        x = np.full(shape, 3.0)
+        off = np.arange(C, dtype=np.float64)
+        y, mean, invstd = fbn.batch_norm_train(x, None, off, eps=0.0, backend=backend)
+        np.testing.assert_array_equal(invstd, 0.0)
+        np.testing.assert_array_equal(mean, 3.0)
+        np.testing.assert_array_equal(y, np.broadcast_to(off[None, :, None], shape))
 
 
 # -- out ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Helpers for the ``"cuda"`` array family (device memory).
+"""The ``"cuda"`` array family (device memory).
 
 Three kinds of arrays belong to the family:
 
@@ -32,105 +32,17 @@ CuPy branches (``cp = cupy()`` not None, ``is_cupy``) and :func:`stream` run
 only on a GPU machine (tests/test_cuda_gpu.py).
 """
 
-import importlib
 import math
-import os
 import sys
 
 import numpy as np
 
-USE_CUPY = True
+from ..kernels import cuda_runtime as rt
+from ..kernels.cuda_runtime import cupy, empty, flat, is_cupy, is_numba, stream, to_numba, xp  # noqa: F401
 
-_cupy_mod = None      # None: not looked up yet; False: not importable
-_streams = {}
-_sm_count = {}
+NAME = "cuda"
 
-
-# -- environment -----------------------------------------------------------------
-
-def simulator():
-    """True when Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1`` at import)."""
-    try:
-        from numba.cuda import config
-        return bool(config.ENABLE_CUDASIM)
-    except (ImportError, AttributeError):
-        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
-
-
-def _cuda():
-    from numba import cuda
-    return cuda
-
-
-def cupy():
-    """The cupy module if it is installed and used (not in the simulator), else None."""
-    global _cupy_mod
-    if not USE_CUPY:
-        return None
-    if _cupy_mod is None:
-        if simulator():
-            _cupy_mod = False
-        else:
-            try:
-                _cupy_mod = importlib.import_module("cupy")
-            except Exception:  # noqa: BLE001 - ImportError, or a CuPy without its CUDA libraries
-                _cupy_mod = False
-    return _cupy_mod or None
-
-
-def xp():
-    """The namespace of per-channel working vectors: cupy, or numpy (host) without CuPy."""
-    return cupy() or np
-
-
-def sm_count():
-    """Streaming multiprocessors of the current device (16 when it cannot tell: simulator)."""
-    cuda = _cuda()
-    try:
-        dev = cuda.get_current_device()
-        key = getattr(dev, "id", 0)
-        if key not in _sm_count:
-            _sm_count[key] = int(dev.MULTIPROCESSOR_COUNT)
-        return _sm_count[key]
-    except Exception:  # noqa: BLE001 - the simulator's device has no attributes
-        return 16
-
-
-def stream():
-    """The Numba stream kernels launch on: CuPy's current stream, or 0 (default stream).
-
-    CuPy's null stream (pointer 0) is the legacy default stream, which is
-    Numba's stream 0 too.  External-stream wrappers are cached per (device, pointer).
-    """
-    cp = cupy()
-    if cp is None:
-        return 0
-    ptr = cp.cuda.get_current_stream().ptr
-    if ptr == 0:
-        return 0
-    key = (cp.cuda.runtime.getDevice(), ptr)
-    s = _streams.get(key)
-    if s is None:
-        s = _streams[key] = _cuda().external_stream(ptr)
-    return s
-
-
-# -- kinds of arrays ---------------------------------------------------------------
-
-def is_cupy(a):
-    return type(a).__module__.split(".", 1)[0] == "cupy"
-
-
-def is_numba(a):
-    """A Numba device array (or the simulator's stand-in for one)."""
-    return bool(getattr(a, "__cuda_ndarray__", False)) and hasattr(a, "copy_to_host")
-
-
-def _is_fake(a):
-    return type(a).__name__ == "FakeCUDAArray"
-
-
-def asarray(obj):
+def asarray(obj, name=None, expected=None):
     """A cuda-family object as an array fastbn can work with, without copying.
 
     CuPy and Numba arrays come back as they are; another
@@ -144,63 +56,8 @@ def asarray(obj):
         cp = cupy()
         if cp is not None:
             return cp.asarray(obj)
-        return _cuda().as_cuda_array(obj, sync=False)
+        return rt.cuda_module().as_cuda_array(obj, sync=False)
     return obj
-
-
-def to_numba(a):
-    """``a`` as a Numba device array for a kernel argument: zero-copy, no sync.
-
-    Host NumPy arrays (per-channel vectors without CuPy) are copied to the device.
-    """
-    if is_numba(a):
-        return a
-    cuda = _cuda()
-    if isinstance(a, np.ndarray):
-        return cuda.to_device(np.ascontiguousarray(a), stream=stream())
-    cai = getattr(a, "__cuda_array_interface__", None)
-    if cai is None:
-        raise TypeError(f"expected a device array, got {type(a).__name__}")
-    return cuda.from_cuda_array_interface(cai, owner=a, sync=False)
-
-
-def _to_host(a):
-    """A device (or host) array's values as a NumPy array (waits for the device)."""
-    if isinstance(a, np.ndarray):
-        return a
-    if is_cupy(a):
-        return a.get()
-    if is_numba(a):
-        return a.copy_to_host()
-    if getattr(a, "__cuda_array_interface__", None) is not None:
-        return _cuda().as_cuda_array(a, sync=False).copy_to_host()
-    return np.asarray(a)
-
-
-# -- allocation --------------------------------------------------------------------
-
-def empty(shape, dtype):
-    """An uninitialised C-contiguous device array: ``(owner, numba_view)``.
-
-    ``owner`` is the CuPy array (keep it until the kernels using the view are
-    enqueued) or the Numba array itself.
-    """
-    cp = cupy()
-    if cp is not None:
-        a = cp.empty(shape, dtype=dtype)
-        return a, to_numba(a)
-    d = _cuda().device_array(shape, dtype=dtype, stream=stream())
-    return d, d
-
-
-def full(shape, value, dtype):
-    """Like :func:`empty`, filled with ``value``."""
-    cp = cupy()
-    if cp is not None:
-        a = cp.full(shape, value, dtype=dtype)
-        return a, to_numba(a)
-    d = _cuda().to_device(np.full(shape, value, dtype=dtype), stream=stream())
-    return d, d
 
 
 def _k_order(shape, strides):
@@ -213,7 +70,7 @@ def empty_like_layout(x, dtype):
     shape = tuple(int(s) for s in x.shape)
     if is_cupy(x):
         return sys.modules["cupy"].empty_like(x, dtype=dtype, order="K")
-    if _is_fake(x):
+    if rt.is_fake(x):
         return type(x)(np.empty_like(x._ary, dtype=dtype, order="K"))
     order = _k_order(shape, x.strides)
     inverse = np.argsort(order)
@@ -226,10 +83,8 @@ def empty_like_layout(x, dtype):
     for a in reversed(order):
         strides[a] = step
         step *= max(shape[a], 1)
-    return _cuda().device_array(shape, dtype=dtype, strides=tuple(strides), stream=stream())
+    return rt.cuda_module().device_array(shape, dtype=dtype, strides=tuple(strides), stream=stream())
 
-
-# -- per-channel vectors ----------------------------------------------------------------
 
 def vec_in(v, dtype=np.float64):
     """A per-channel input (device array, or a host number) as a working vector.
@@ -241,7 +96,7 @@ def vec_in(v, dtype=np.float64):
     if cp is not None:
         a = cp.asarray(v)
     else:
-        a = _to_host(v)
+        a = rt.to_host(v)
     return a if dtype is None else a.astype(dtype, copy=False)
 
 
@@ -254,70 +109,56 @@ def vec_out(v, like, dtype, shape=None):
     if cp is not None and is_cupy(v):
         a = cp.ascontiguousarray(v, dtype=dtype)
         return to_numba(a if shape is None else a.reshape(shape))
-    h = np.ascontiguousarray(_to_host(v), dtype=dtype)
-    return _cuda().to_device(h if shape is None else h.reshape(shape), stream=stream())
+    h = np.ascontiguousarray(rt.to_host(v), dtype=dtype)
+    return rt.cuda_module().to_device(h if shape is None else h.reshape(shape), stream=stream())
 
 
-def param_stack(vectors, dtype):
-    """Per-channel kernel parameters stacked as rows: ``(owner, numba view of shape (k, C))``.
+def is_array(v):
+    """True for a device array object (what in-place arguments must be)."""
+    return hasattr(v, "dtype") and hasattr(v, "shape")
 
-    One array (one conversion, one kernel argument) instead of k.
-    """
+
+def check_running(v, name):
+    """A running statistic of the cuda family must be contiguous (updated in place)."""
+    if len(v.shape) == 1 and v.shape[0] > 1 and v.strides[0] != np.dtype(v.dtype).itemsize:
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+
+
+def check_out(out, name):
+    """Device arrays have no read-only flag to check."""
+
+
+def vector(v):
+    """A per-channel input as a float64 working vector (see :func:`vec_in`)."""
+    return vec_in(v)
+
+
+def full(n, value):
+    return xp().full(n, value, dtype=np.float64)
+
+
+def result(v, like, dtype, shape=None):
+    return vec_out(v, like, dtype, shape)
+
+
+def assign(pairs):
+    """Write each ``(running statistic, new working vector)`` pair in place."""
     cp = cupy()
-    if cp is not None:
-        a = cp.stack([cp.asarray(v) for v in vectors]).astype(dtype, copy=False)
-        return a, to_numba(a)
-    h = np.ascontiguousarray(np.stack([_to_host(v) for v in vectors]), dtype=dtype)
-    d = _cuda().to_device(h, stream=stream())
-    return d, d
-
-
-def vector_pair(owner, view):
-    """Rows 0 and 1 of a (2, C) float64 kernel result as working vectors.
-
-    CuPy views (no wait) with CuPy; else one copy to the host, which waits for the kernels.
-    """
-    if cupy() is not None and is_cupy(owner):
-        return owner[0], owner[1]
-    h = view.copy_to_host()
-    return h[0], h[1]
-
-
-def running_array(v, name):
-    """A running statistic of the cuda family, checked for an in-place update: contiguous."""
-    v = asarray(v)
-    if hasattr(v, "strides") and hasattr(v, "shape") and len(v.shape) == 1 and v.shape[0] > 1:
-        if v.strides[0] != np.dtype(v.dtype).itemsize:
-            raise ValueError(f"{name} must be contiguous (it is updated in place)")
-    return v
-
-
-def update_running(pairs, momentum):
-    """``r = (1 - momentum) * r + momentum * batch`` in place for each (r, batch) pair.
-
-    Both new values are computed before either is written.
-    """
-    cp = cupy()
-    new = []
-    for r, batch in pairs:
-        if r is None:
-            continue
+    for r, val in pairs:
         if cp is not None:
-            rv = cp.asarray(r)  # a view: writing it writes r
-            new.append((rv, (1.0 - momentum) * rv + momentum * cp.asarray(batch)))
-        else:
-            h = _to_host(r)
-            new.append((r, ((1.0 - momentum) * h + momentum * _to_host(batch)).astype(h.dtype)))
-    for r, val in new:
-        if cp is not None:
-            r[...] = val
+            cp.asarray(r)[...] = val  # a view: writing it writes r
         elif is_cupy(r):
-            r.set(val)
+            r.set(np.asarray(val, dtype=r.dtype))
         else:
-            r.copy_to_device(np.ascontiguousarray(val))
+            r.copy_to_device(np.ascontiguousarray(val, dtype=r.dtype))
 
 
-# -- the canonical (outer, C, inner) view ----------------------------------------------------
+def overlaps(a, b):
+    """True if the memory spans of device arrays ``a`` and ``b`` intersect."""
+    alo, ahi = _span(a)
+    blo, bhi = _span(b)
+    return alo < bhi and blo < ahi
+
 
 def strides3(shape, strides, plan):
     """Byte strides of ``plan``'s canonical 3-D view of an array, or None if none exists.
@@ -340,42 +181,16 @@ def strides3(shape, strides, plan):
 
 def _view(arr, shape, strides):
     """A zero-copy Numba view of ``arr``'s memory with ``shape``/byte ``strides`` from element 0."""
-    if _is_fake(arr):
+    if rt.is_fake(arr):
         return type(arr)(np.lib.stride_tricks.as_strided(arr._ary, shape, strides))
     cai = arr.__cuda_array_interface__
     desc = {"shape": tuple(shape), "strides": tuple(strides), "data": cai["data"],
             "typestr": cai["typestr"], "version": 3}
-    return _cuda().from_cuda_array_interface(desc, owner=arr, sync=False)
-
-
-def _ptr(a):
-    if _is_fake(a):
-        return a._ary.__array_interface__["data"][0]
-    return a.__cuda_array_interface__["data"][0]
-
-
-def flat(a):
-    """``(flat, offset, strides)``: a 1-D element view spanning ``a``'s memory, the
-    position of ``a[0, ..., 0]`` in it, and ``a``'s strides in elements."""
-    item = np.dtype(a.dtype).itemsize
-    if any(s % item for s in a.strides):
-        raise ValueError(f"strides {tuple(a.strides)} are not multiples of the item size {item}")
-    shape = tuple(int(n) for n in a.shape)
-    st = tuple(int(s) // item for s in a.strides)
-    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, st))
-    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, st))
-    span = hi - lo + 1
-    if _is_fake(a):
-        low = a._ary[tuple(slice(n - 1, n) if s < 0 else slice(0, 1) for n, s in zip(shape, st))]
-        return type(a)(np.lib.stride_tricks.as_strided(low, (span,), (item,))), -lo, st
-    cai = a.__cuda_array_interface__
-    desc = {"shape": (span,), "strides": None, "data": (cai["data"][0] + lo * item, False),
-            "typestr": cai["typestr"], "version": 3}
-    return _cuda().from_cuda_array_interface(desc, owner=a, sync=False), -lo, st
+    return rt.cuda_module().from_cuda_array_interface(desc, owner=arr, sync=False)
 
 
 def _kernels():
-    from .kernels import cuda_numba
+    from ..kernels import cuda_numba
     return cuda_numba
 
 
@@ -415,7 +230,7 @@ def _c_strides(shape, item):
 
 def _span(a):
     item = np.dtype(a.dtype).itemsize
-    p = _ptr(a)
+    p = rt.ptr(a)
     lo = p + sum(min(0, (n - 1) * s) for n, s in zip(a.shape, a.strides))
     hi = p + sum(max(0, (n - 1) * s) for n, s in zip(a.shape, a.strides)) + item
     return lo, hi
@@ -428,7 +243,7 @@ def _separate(y3, *inputs3):
         if a is None:
             continue
         lo, hi = _span(a)
-        if lo < yhi and ylo < hi and not (_ptr(a) == _ptr(y3) and tuple(a.strides) == tuple(y3.strides)
+        if lo < yhi and ylo < hi and not (rt.ptr(a) == rt.ptr(y3) and tuple(a.strides) == tuple(y3.strides)
                                           and tuple(a.shape) == tuple(y3.shape)):
             return False
     return True

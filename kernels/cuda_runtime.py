@@ -1,0 +1,204 @@
+"""Low-level CUDA helpers shared by the CUDA kernels and the CUDA array family.
+
+Which numba.cuda / CuPy is in use, the stream kernels launch on, device
+allocation, and zero-copy Numba views of device memory.  Nothing here knows
+fastbn's public API; ``fastbn.families.cuda`` builds the family on top.
+
+Module attribute ``USE_CUPY`` (default True; never in the simulator) lets
+tests exercise the no-CuPy path on a machine that has CuPy, with Numba arrays.
+"""
+
+import importlib
+import os
+
+import numpy as np
+
+USE_CUPY = True
+
+_cupy_mod = None      # None: not looked up yet; False: not importable
+_streams = {}
+_sm_count = {}
+
+def simulator():
+    """True when Numba's CUDA simulator is on (``NUMBA_ENABLE_CUDASIM=1`` at import)."""
+    try:
+        from numba.cuda import config
+        return bool(config.ENABLE_CUDASIM)
+    except (ImportError, AttributeError):
+        return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+def cuda_module():
+    """numba.cuda (imported on first use)."""
+    from numba import cuda
+    return cuda
+
+
+def cupy():
+    """The cupy module if it is installed and used (not in the simulator), else None."""
+    global _cupy_mod
+    if not USE_CUPY:
+        return None
+    if _cupy_mod is None:
+        if simulator():
+            _cupy_mod = False
+        else:
+            try:
+                _cupy_mod = importlib.import_module("cupy")
+            except Exception:  # noqa: BLE001 - ImportError, or a CuPy without its CUDA libraries
+                _cupy_mod = False
+    return _cupy_mod or None
+
+
+def xp():
+    """The namespace of per-channel working vectors: cupy, or numpy (host) without CuPy."""
+    return cupy() or np
+
+
+def sm_count():
+    """Streaming multiprocessors of the current device (16 when it cannot tell: simulator)."""
+    cuda = cuda_module()
+    try:
+        dev = cuda.get_current_device()
+        key = getattr(dev, "id", 0)
+        if key not in _sm_count:
+            _sm_count[key] = int(dev.MULTIPROCESSOR_COUNT)
+        return _sm_count[key]
+    except Exception:  # noqa: BLE001 - the simulator's device has no attributes
+        return 16
+
+
+def stream():
+    """The Numba stream kernels launch on: CuPy's current stream, or 0 (default stream).
+
+    CuPy's null stream (pointer 0) is the legacy default stream, which is
+    Numba's stream 0 too.  External-stream wrappers are cached per (device, pointer).
+    """
+    cp = cupy()
+    if cp is None:
+        return 0
+    ptr = cp.cuda.get_current_stream().ptr
+    if ptr == 0:
+        return 0
+    key = (cp.cuda.runtime.getDevice(), ptr)
+    s = _streams.get(key)
+    if s is None:
+        s = _streams[key] = cuda_module().external_stream(ptr)
+    return s
+
+
+def is_cupy(a):
+    return type(a).__module__.split(".", 1)[0] == "cupy"
+
+
+def is_numba(a):
+    """A Numba device array (or the simulator's stand-in for one)."""
+    return bool(getattr(a, "__cuda_ndarray__", False)) and hasattr(a, "copy_to_host")
+
+
+def is_fake(a):
+    return type(a).__name__ == "FakeCUDAArray"
+
+
+def to_numba(a):
+    """``a`` as a Numba device array for a kernel argument: zero-copy, no sync.
+
+    Host NumPy arrays (per-channel vectors without CuPy) are copied to the device.
+    """
+    if is_numba(a):
+        return a
+    cuda = cuda_module()
+    if isinstance(a, np.ndarray):
+        return cuda.to_device(np.ascontiguousarray(a), stream=stream())
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(f"expected a device array, got {type(a).__name__}")
+    return cuda.from_cuda_array_interface(cai, owner=a, sync=False)
+
+
+def to_host(a):
+    """A device (or host) array's values as a NumPy array (waits for the device)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if is_cupy(a):
+        return a.get()
+    if is_numba(a):
+        return a.copy_to_host()
+    if getattr(a, "__cuda_array_interface__", None) is not None:
+        return cuda_module().as_cuda_array(a, sync=False).copy_to_host()
+    return np.asarray(a)
+
+
+def empty(shape, dtype):
+    """An uninitialised C-contiguous device array: ``(owner, numba_view)``.
+
+    ``owner`` is the CuPy array (keep it until the kernels using the view are
+    enqueued) or the Numba array itself.
+    """
+    cp = cupy()
+    if cp is not None:
+        a = cp.empty(shape, dtype=dtype)
+        return a, to_numba(a)
+    d = cuda_module().device_array(shape, dtype=dtype, stream=stream())
+    return d, d
+
+
+def full(shape, value, dtype):
+    """Like :func:`empty`, filled with ``value``."""
+    cp = cupy()
+    if cp is not None:
+        a = cp.full(shape, value, dtype=dtype)
+        return a, to_numba(a)
+    d = cuda_module().to_device(np.full(shape, value, dtype=dtype), stream=stream())
+    return d, d
+
+
+def param_stack(vectors, dtype):
+    """Per-channel kernel parameters stacked as rows: ``(owner, numba view of shape (k, C))``.
+
+    One array (one conversion, one kernel argument) instead of k.
+    """
+    cp = cupy()
+    if cp is not None:
+        a = cp.stack([cp.asarray(v) for v in vectors]).astype(dtype, copy=False)
+        return a, to_numba(a)
+    h = np.ascontiguousarray(np.stack([to_host(v) for v in vectors]), dtype=dtype)
+    d = cuda_module().to_device(h, stream=stream())
+    return d, d
+
+
+def vector_pair(owner, view):
+    """Rows 0 and 1 of a (2, C) float64 kernel result as working vectors.
+
+    CuPy views (no wait) with CuPy; else one copy to the host, which waits for the kernels.
+    """
+    if cupy() is not None and is_cupy(owner):
+        return owner[0], owner[1]
+    h = view.copy_to_host()
+    return h[0], h[1]
+
+
+def ptr(a):
+    if is_fake(a):
+        return a._ary.__array_interface__["data"][0]
+    return a.__cuda_array_interface__["data"][0]
+
+
+def flat(a):
+    """``(flat, offset, strides)``: a 1-D element view spanning ``a``'s memory, the
+    position of ``a[0, ..., 0]`` in it, and ``a``'s strides in elements."""
+    item = np.dtype(a.dtype).itemsize
+    if any(s % item for s in a.strides):
+        raise ValueError(f"strides {tuple(a.strides)} are not multiples of the item size {item}")
+    shape = tuple(int(n) for n in a.shape)
+    st = tuple(int(s) // item for s in a.strides)
+    lo = sum(min(0, (n - 1) * s) for n, s in zip(shape, st))
+    hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, st))
+    span = hi - lo + 1
+    if is_fake(a):
+        low = a._ary[tuple(slice(n - 1, n) if s < 0 else slice(0, 1) for n, s in zip(shape, st))]
+        return type(a)(np.lib.stride_tricks.as_strided(low, (span,), (item,))), -lo, st
+    cai = a.__cuda_array_interface__
+    desc = {"shape": (span,), "strides": None, "data": (cai["data"][0] + lo * item, False),
+            "typestr": cai["typestr"], "version": 3}
+    return cuda_module().from_cuda_array_interface(desc, owner=a, sync=False), -lo, st

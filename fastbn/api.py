@@ -131,12 +131,9 @@ def train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=
     x, fam, F, bk, plan = _channel_input(x, channel_axis, backend)
     C, n = plan.shape3[1], plan.count
     pdt = checks.param_dtype(x.dtype)
-    scale, w_scale = checks.vector(scale, "scale", C, fam)
-    offset, w_offset = checks.vector(offset, "offset", C, fam)
-    eps = checks.scalar(eps, "eps", low=0.0)
-    momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
-    running_mean = checks.running(running_mean, "running_mean", C, fam, pdt)
-    running_var = checks.running(running_var, "running_var", C, fam, pdt)
+    (scale, w_scale, offset, w_offset, eps, momentum, running_mean,
+     running_var) = checks.train_state(scale, offset, eps, momentum, running_mean, running_var, C,
+                                       fam, pdt)
     out = checks.out_array(out, x, fam)
     checks.no_overlaps(fam, (("running_mean", running_mean), ("running_var", running_var)), out,
                        (("scale", scale), ("offset", offset)), (("x", x),))

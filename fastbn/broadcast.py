@@ -24,6 +24,11 @@ def param(v, name, x, family):
     if vf != family and not (vf == "numpy" and np.ndim(v) == 0):
         raise TypeError(f"{name} is a {vf} array but x is a {family} array")
     v = families.module(vf).asarray(v, name, "a real float array or number")
+    return families.module(family).vector(align(v, name, x))
+
+
+def align(v, name, x):
+    """Array ``v`` checked as a real parameter broadcastable to ``x``, reshaped to ``x.ndim`` dims."""
     if v.dtype.kind not in "fiu" or v.dtype == np.bool_:
         raise TypeError(f"{name} must be a real float array or number, got dtype {v.dtype}")
     if v.ndim > x.ndim:
@@ -33,7 +38,7 @@ def param(v, name, x, family):
         if s not in (1, t):
             raise ValueError(f"{name} of shape {tuple(v.shape)} does not broadcast to x's shape "
                              f"{tuple(x.shape)} (axis {a}: {s} vs {t})")
-    return families.module(family).vector(v)
+    return v
 
 
 def plan(x, params):

@@ -183,3 +183,16 @@ def no_overlaps(family, running=(), out=None, vectors=(), data=()):
         if fam.overlaps(va, vb):
             raise ValueError(f"{a} and {b} overlap in memory; {a} is written in place, so it "
                              "must not share memory with another argument")
+
+
+def train_state(scale, offset, eps, momentum, running_mean, running_var, C, family, dtype):
+    """The training forward's per-channel arguments, checked: ``(scale, w_scale,
+    offset, w_offset, eps, momentum, running_mean, running_var)`` (``w_*``: the
+    float64 working vectors; ``dtype``: the per-channel dtype)."""
+    scale, w_scale = vector(scale, "scale", C, family)
+    offset, w_offset = vector(offset, "offset", C, family)
+    eps = scalar(eps, "eps", low=0.0)
+    momentum = scalar(momentum, "momentum", low=0.0, high=1.0)
+    running_mean = running(running_mean, "running_mean", C, family, dtype)
+    running_var = running(running_var, "running_var", C, family, dtype)
+    return scale, w_scale, offset, w_offset, eps, momentum, running_mean, running_var

@@ -212,12 +212,9 @@ def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channe
     C = x.shape[ax]
     pdt = checks.param_dtype(x.dtype)
     n, mean, m2 = _packed_arg(moments, Moments, C, "moments")
-    scale, w_scale = checks.vector(scale, "scale", C, fam)
-    offset, w_offset = checks.vector(offset, "offset", C, fam)
-    eps = checks.scalar(eps, "eps", low=0.0)
-    momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
-    running_mean = checks.running(running_mean, "running_mean", C, fam, pdt)
-    running_var = checks.running(running_var, "running_var", C, fam, pdt)
+    (scale, w_scale, offset, w_offset, eps, momentum, running_mean,
+     running_var) = checks.train_state(scale, offset, eps, momentum, running_mean, running_var, C,
+                                       fam, pdt)
     checks.no_overlaps(fam, (("running_mean", running_mean), ("running_var", running_var)),
                        None if out is None else checks.out_array(out, x, fam),
                        (("scale", scale), ("offset", offset)), (("x", x),))

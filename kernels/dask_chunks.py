@@ -102,15 +102,7 @@ def _param(v, name, x):
         if dispatch.family_of(v) != "numpy":
             raise TypeError(f"{name} is a {dispatch.family_of(v)} array but x is a dask array")
         v = np.asarray(v)
-    if v.dtype.kind not in "fiu" or v.dtype == np.bool_:
-        raise TypeError(f"{name} must be a real float array or number, got dtype {v.dtype}")
-    if v.ndim > x.ndim:
-        raise ValueError(f"{name} has shape {v.shape}, more dimensions than x {x.shape}")
-    v = v.reshape((1,) * (x.ndim - v.ndim) + tuple(v.shape))
-    for a, (s, t) in enumerate(zip(v.shape, x.shape)):
-        if s not in (1, t):
-            raise ValueError(f"{name} of shape {v.shape} does not broadcast to x's shape {x.shape} "
-                             f"(axis {a}: {s} vs {t})")
+    v = broadcast.align(v, name, x)
     chunks = tuple(x.chunks[a] if s > 1 else (s,) for a, s in enumerate(v.shape))
     if isinstance(v, np.ndarray):
         return da.from_array(v.astype(np.float64), chunks=chunks)

@@ -185,7 +185,7 @@ def copy_kernel():
     """2-thread Numba copy ``f(src, dst, nblocks)`` (the one ``fastbn bench`` uses)."""
     import numba
 
-    from fastbn.bench import _make_numba_copy
+    from fastbn.tools.harness import make_numba_copy as _make_numba_copy
     return _make_numba_copy(numba) or None
 
 

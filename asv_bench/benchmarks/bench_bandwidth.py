@@ -25,7 +25,7 @@ ELEMS = {s: math.prod(SHAPES["NC"][s]) for s in SIZES}
 
 def _streaming_copy():
     """fastbn.bench's streaming-store copy, or None (not x86, no Numba backend)."""
-    from fastbn.bench import _streaming_copy as make
+    from fastbn.tools.harness import streaming_copy as make
     return make()
 
 
@@ -61,7 +61,7 @@ class Copy(_CopyCase):
         np.copyto(self.dst, self.src)
 
     def track_bandwidth_gbps(self, dtype, size):
-        from fastbn.bench import Runner, measure
+        from fastbn.tools.harness import Runner, measure
         r = Runner("copy", lambda: self.kernel(self.src, self.dst, THREADS), "copy")
         measure([r], repeat=15, warmup=2, min_batch=0.005)
         return 2 * self.src.nbytes / min(r.times) / 1e9
@@ -114,7 +114,7 @@ class Roofline:
     def track_roofline_fraction(self, mode, layout, size):
         """Against the faster of an ordinary and a streaming-store copy (fastbn streams
         big float32 outputs, so the ordinary copy alone would flatter it)."""
-        from fastbn.bench import Runner, measure
+        from fastbn.tools.harness import Runner, measure
         runs = [Runner("fastbn", self.call, "fastbn"),
                 Runner("copy", lambda: self.kernel(self.src, self.dst, THREADS), "copy")]
         scopy = _streaming_copy()

@@ -13,35 +13,33 @@ with streaming (non-temporal) stores, which does not.  The fraction uses the
 fastest copy of the size; where fastbn streams its output (big float32
 outputs) a fraction above 1 against an ordinary copy is that saved read.
 
-Timing: every callable is warmed up first (Numba compilation, page faults on
-preallocated outputs), then each repeat times a batch of ``number`` calls
-(``number`` chosen so a batch lasts a few ms; 1 for large arrays) for every
-runner of the case in turn, alternating the order between repeats so machine
-noise hits fastbn and the peers alike.  Min and median over repeats are
-reported; the roofline fraction uses the best copy of the case.
+Timing (:mod:`fastbn.tools.harness`): warm-up, then batches of calls,
+runners interleaved, order alternating between repeats; min and median over
+repeats.
 
-Cases are the target rows of the CPU performance issue; ``--quick`` shrinks
-them for a smoke test.  ``--gpu`` / ``--dask`` hand over to
-``fastbn.bench_gpu.run_gpu(args)`` / ``fastbn.bench_dask.run_dask(args)``.
+The cases are fastbn's performance goals (roofline fractions at 103 MB, call
+times for tiny inputs, ratios to PyTorch); ``--quick`` shrinks them for a
+smoke test.  ``--sweep`` runs :mod:`fastbn.tools.sweep` instead (every op x
+layout x size against PyTorch); ``--gpu`` / ``--dask`` add
+:mod:`fastbn.tools.bench_gpu` / :mod:`fastbn.tools.bench_dask`.
 """
 
-import gc
-import importlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from .harness import Env, Runner, cpu_count, load_average, load_note, measure, min_median
+
 EPS = 1e-5
-# The environment before fastbn's kernels load (they set GOMP_SPINCOUNT for this
-# process): new processes of the import case start from what the user had.
+# The environment as this module loads (before any benchmark runs): new
+# processes of the import case start from it.
 _USER_ENV = dict(os.environ)
 _ROOF = {"train": 3, "fresh": 3, "infer": 2, "backward": 5}  # bytes moved, in units of B
 
@@ -55,7 +53,6 @@ class Target:
     ``"ratio"`` (peer time / fastbn time >= goal, against ``peer``)."""
     kind: str
     goal: float
-    source: str             # where the goal comes from (issue)
     peer: str = "torch"     # for kind "ratio": which peer's ratio
 
 
@@ -84,15 +81,15 @@ class Case:
         return f"{self.title} ({','.join(map(str, shape))}){self.suffix}"
 
 
-def _frac(goal, src="issue 5"):
-    return Target("frac", goal, src)
+def _frac(goal):
+    return Target("frac", goal)
 
 
 CASES = (
     Case("train NCHW", "train", (128, 64, 56, 56), (4, 8, 12, 12), 1,
-         targets=(_frac(0.80), _frac(0.6, "issue 2"), Target("ratio", 2.0, "issue 2"))),
+         targets=(_frac(0.80), Target("ratio", 2.0))),
     Case("train NHWC", "train", (128, 56, 56, 64), (4, 12, 12, 8), -1,
-         targets=(_frac(0.80), _frac(0.6, "issue 2"), Target("ratio", 1.0, "issue 2"))),
+         targets=(_frac(0.80), Target("ratio", 1.0))),
     Case("infer NCHW", "infer", (128, 64, 56, 56), (4, 8, 12, 12), 1,
          targets=(_frac(0.85),)),
     Case("infer NHWC", "infer", (128, 56, 56, 64), (4, 12, 12, 8), -1,
@@ -108,33 +105,35 @@ CASES = (
     Case("train", "train", (4096, 1024), (256, 64), -1,
          targets=(_frac(0.6),), suffix=" over axis 0"),
     Case("train", "train", (2500, 30), (250, 30), -1, unit="us",
-         torch_threads=1, targets=(Target("time", 15.0, "issue 5"),), suffix=" over axis 0"),
+         torch_threads=1, targets=(Target("time", 15.0),), suffix=" over axis 0"),
     Case("train", "train", (16, 4), (16, 4), -1, unit="us",
-         torch_threads=1, targets=(Target("time", 5.0, "issue 5"),), suffix=" over axis 0, whole call"),
+         torch_threads=1, targets=(Target("time", 5.0),), suffix=" over axis 0, whole call"),
     Case("fresh out NCHW", "fresh", (128, 64, 56, 56), (4, 8, 12, 12), 1,
-         targets=(Target("ratio", 1.0, "issue 5", "torch F.batch_norm"),)),
+         targets=(Target("ratio", 1.0, "torch F.batch_norm"),)),
     Case("fresh out NHWC", "fresh", (128, 56, 56, 64), (4, 12, 12, 8), -1,
-         targets=(Target("ratio", 1.0, "issue 5", "torch F.batch_norm"),)),
+         targets=(Target("ratio", 1.0, "torch F.batch_norm"),)),
     Case("train float64 NCHW", "train", (32, 64, 56, 56), (2, 8, 12, 12), 1,
          dtype="float64", targets=(_frac(0.7),)),
     Case("import + first train call, new process, NCHW", "import", (8, 16, 28, 28), (8, 16, 28, 28), 1,
-         unit="s", targets=(Target("time", 0.5, "issue 5"),)),
+         unit="s", targets=(Target("time", 0.5),)),
 )
 
 
 # -- command line ----------------------------------------------------------------
 
 def add_arguments(parser):
-    """Options of ``python -m fastbn bench``."""
+    """Options of ``python -m fastbn bench`` (the cases and ``--sweep``)."""
     parser.add_argument("--backend", default=None,
                         help="fastbn CPU backend: numba, cython or numpy (default: the dispatcher's choice)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: a smoke test, not a measurement")
     parser.add_argument("--repeat", type=int, default=None,
-                        help="timed repeats per runner (default 7; 3 with --quick)")
+                        help="timed repeats per runner (default 7; 3 with --quick; "
+                             "with --sweep: chosen by size)")
     parser.add_argument("--cases", default=None,
                         help="run only cases whose name contains this substring (case-insensitive; "
-                             "several separated by '|', e.g. 'NCHW (128|(16,4)')")
+                             "several separated by '|', e.g. 'NCHW (128|(16,4)'; with --sweep: "
+                             "points named like 'train NHWC 4 MB')")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for fastbn (Numba) and PyTorch (default: the CPUs this process may use)")
     parser.add_argument("--settle", type=float, default=0.02, metavar="S",
@@ -144,207 +143,25 @@ def add_arguments(parser):
     parser.add_argument("--no-naive", action="store_true", help="leave the NumPy naive peer out")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU cases (with --gpu / --dask)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--list", action="store_true", help="list the cases (or sweep points) and exit")
     parser.add_argument("--gpu", action="store_true",
-                        help="also run fastbn.bench_gpu.run_gpu(args) (CUDA; if that module exists)")
+                        help="also run the CUDA benchmark (needs CuPy and a GPU)")
     parser.add_argument("--dask", action="store_true",
-                        help="also run fastbn.bench_dask.run_dask(args) (if that module exists)")
+                        help="also run the Dask benchmark (needs dask[distributed])")
+    sweep = parser.add_argument_group(
+        "sweep", "--sweep: train forward, inference and backward x NCHW, NHWC (channels_last) and "
+                 "(N, C) x sizes from 4 KB to 103 MB, fastbn against PyTorch, out= on both sides")
+    sweep.add_argument("--sweep", action="store_true",
+                       help="run the sweep instead of the cases; prints the speed-up table")
+    sweep.add_argument("--dtype", default="float32", choices=("float16", "float32", "float64", "all"),
+                       help="data type of the sweep (default float32; float16 uses float32 "
+                            "parameters; 'all': the three)")
+    sweep.add_argument("--sizes", default=None, metavar="LIST",
+                       help="comma-separated sizes of the sweep, as in its table (e.g. '4KB,103MB'; "
+                            "default all)")
+    sweep.add_argument("--plot", default=None, metavar="PATH",
+                       help="write a PNG of speed-up against size per op and layout (matplotlib)")
     return parser
-
-
-# -- timing ----------------------------------------------------------------------
-
-@dataclass
-class Runner:
-    """One timed callable.  ``role``: ``fastbn``, ``peer`` or ``copy``.
-    ``before`` runs untimed before each batch (e.g. set PyTorch's thread count)."""
-    label: str
-    fn: object
-    role: str
-    before: object = None
-    threads: str = ""
-    number: int = 1
-    times: list = field(default_factory=list)   # seconds per call, one per repeat
-
-
-def _calibrate(r, warmup, min_batch):
-    if r.before:
-        r.before()
-    r.fn()                      # first call: compiles, faults in output pages
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        r.fn()
-    per = (time.perf_counter() - t0) / max(warmup, 1)
-    r.number = max(1, min(100_000, int(min_batch / max(per, 1e-9))))
-
-
-def measure(runners, repeat, warmup=2, min_batch=0.005, settle=0.0):
-    """Time every runner ``repeat`` times, interleaved; fills ``r.times`` (s per call).
-
-    ``settle`` seconds of sleep precede each timed batch.  Why: PyTorch and
-    Numba each bring their own OpenMP runtime (two libgomp copies), and a
-    libgomp worker spins for a few ms of CPU after every parallel region
-    (GOMP_SPINCOUNT).  On a 2-core machine, a batch started right after the
-    other runtime's call shares the cores with those spinning threads: a
-    systematic penalty (measured here: 6 ms for a tiny Numba copy after
-    torch, 20+ ms for a tiny torch call after Numba), not noise.
-    """
-    for r in runners:
-        _calibrate(r, warmup, min_batch)
-    gc_was = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(repeat):
-            for r in (runners if i % 2 == 0 else runners[::-1]):
-                if r.before:
-                    r.before()
-                if settle:
-                    time.sleep(settle)
-                fn, n = r.fn, r.number
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                r.times.append((time.perf_counter() - t0) / n)
-    finally:
-        if gc_was:
-            gc.enable()
-    return runners
-
-
-# -- the environment: threads, torch, copy kernels -----------------------------------
-
-def _cpu_count():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-class Env:
-    """What this run uses: thread count, PyTorch (or None), the copy kernels."""
-
-    def __init__(self, args):
-        self.threads = args.threads or _cpu_count()
-        self.torch = None
-        self.torch_omp = None
-        if not args.no_torch:
-            # libgomp reads its spin settings when it loads; fastbn sets
-            # GOMP_SPINCOUNT (kernels/_jit.py) for its own runtime, so torch's
-            # copy gets the user's settings only if it loads first.  Record them.
-            fresh = "torch" not in sys.modules
-            try:
-                import torch
-                self.torch = torch
-                self.torch_omp = _omp_env() if fresh else "set before this run"
-            except ImportError:
-                pass
-        # Load fastbn's backend now, so its runtime settings (kernels/_jit.py sets
-        # GOMP_SPINCOUNT) are in place before Numba's OpenMP pool first starts,
-        # whichever runner calls first.
-        self.backend = backend_name(args.backend)
-        self.numba = None
-        try:
-            import numba
-            self.numba = numba
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        except Exception:  # noqa: BLE001 - no Numba: no Numba copy, fastbn uses another backend
-            self.numba = None
-        if self.torch is not None:
-            self.torch.set_num_threads(self.threads)
-        self._pcopy = None
-
-    def torch_threads(self, n):
-        torch = self.torch
-
-        def before():
-            if torch.get_num_threads() != n:
-                torch.set_num_threads(n)
-        return before
-
-    def numba_copy(self):
-        """A parallel Numba copy kernel (compiled once per process), or None."""
-        if self._pcopy is None and self.numba is not None:
-            self._pcopy = _make_numba_copy(self.numba)
-        return self._pcopy or None
-
-    def copy_runners(self, nbytes):
-        """2-thread copies of ``nbytes``: PyTorch ``copy_`` and a Numba kernel where
-        available, else a single-thread ``np.copyto``."""
-        n = max(nbytes // 4, 1)
-        src = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
-        dst = np.zeros_like(src)
-        out = []
-        if self.torch is not None:
-            ts, td = self.torch.from_numpy(src), self.torch.from_numpy(dst)
-            out.append(Runner("copy torch copy_", lambda: td.copy_(ts), "copy",
-                              self.torch_threads(self.threads), f"{self.threads}t"))
-        pcopy = self.numba_copy()
-        if pcopy is not None:
-            nt = self.numba.get_num_threads()
-            out.append(Runner("copy numba prange", lambda: pcopy(src, dst, nt), "copy",
-                              threads=f"{nt}t"))
-        scopy = _streaming_copy()
-        if scopy is not None:
-            out.append(Runner("copy numba streaming stores", lambda: scopy(src, dst), "copy",
-                              threads=f"{self.numba.get_num_threads()}t"))
-        if not out:
-            out.append(Runner("copy np.copyto", lambda: np.copyto(dst, src), "copy", threads="1t"))
-        return out
-
-
-def _streaming_copy():
-    """``copy(src, dst)`` with non-temporal stores (fastbn's own streaming kernel with
-    y = 1*(x - 0) + 0, exact), or None.  It moves 2B, where an ordinary copy also
-    reads the destination first (write-allocate); including it makes the "best copy"
-    the true streaming limit for fastbn's streamed passes."""
-    try:
-        from .kernels import _stream, cpu_numba
-    except ImportError:
-        return None
-    if not _stream.AVAILABLE:
-        return None
-    P = _stream.period(1)
-    mt, qt, rt = _stream.tables([np.zeros(1), np.ones(1), np.zeros(1)], P)
-
-    def scopy(src, dst):
-        cpu_numba.run(cpu_numba._affine_flat_stream, True, src, dst, None, mt, qt, rt, qt, P,
-                      cpu_numba.TILE)
-    return scopy
-
-
-def _omp_env():
-    vals = [f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ]
-    return " ".join(vals) or "libgomp defaults"
-
-
-def _make_numba_copy(numba):
-    """``copy(src, dst, nblocks)`` for 1-D arrays: one contiguous block per thread,
-    so each thread streams its own part (prefetch friendly).
-
-    The inner loop walks 1-D views from index 0: indexing ``dst[i]`` with
-    ``i`` running from ``lo`` kept LLVM from vectorising it (Numba's
-    negative-index wraparound), which ran at 9 GB/s instead of 33 GB/s here
-    and made every roofline fraction look > 1.
-    """
-    njit, prange = numba.njit, numba.prange
-    try:
-        @njit(parallel=True, nogil=True, cache=True)
-        def pcopy(src, dst, nblocks):
-            n = src.size
-            blk = (n + nblocks - 1) // nblocks
-            for t in prange(nblocks):
-                lo = min(n, t * blk)
-                hi = min(n, lo + blk)
-                s = src[lo:hi]
-                d = dst[lo:hi]
-                for i in range(s.size):
-                    d[i] = s[i]
-        a = np.zeros(16, np.float32)
-        pcopy(a, a.copy(), 2)
-        return pcopy
-    except Exception:  # noqa: BLE001 - a missing threading layer etc.: fall back
-        return False
 
 
 # -- data and callables ----------------------------------------------------------------
@@ -491,10 +308,6 @@ def naive_runner(case, d):
 _UNIT = {"s": 1.0, "ms": 1e3, "us": 1e6}
 
 
-def _stats(times):
-    return (min(times), statistics.median(times)) if times else (math.nan, math.nan)
-
-
 def run_case(case, args, env, backend, repeat):
     """Measure one (non-import) case; returns a result dict."""
     shape = case.quick_shape if args.quick else case.shape
@@ -515,7 +328,7 @@ def run_case(case, args, env, backend, repeat):
             min_batch=(0.001 if args.quick else 0.01 if small else 0.005), settle=args.settle)
     rows = []
     for r in runners:
-        tmin, tmed = _stats(r.times)
+        tmin, tmed = min_median(r.times)
         row = {"label": r.label, "role": r.role, "threads": r.threads, "number": r.number,
                "min_s": tmin, "median_s": tmed, "times_s": r.times}
         if r.role == "copy":
@@ -608,7 +421,7 @@ def run_import_case(case, args, env, backend, repeat):
     rows = []
     for k, vals in res.items():
         totals = [v[2] for v in vals]
-        tmin, tmed = _stats(totals)
+        tmin, tmed = min_median(totals)
         rows.append({"label": k + " (import + first call)", "role": "fastbn" if k == "fastbn" else "peer",
                      "threads": "", "number": 1, "min_s": tmin, "median_s": tmed, "times_s": totals,
                      "import_s_median": statistics.median(v[0] for v in vals),
@@ -669,8 +482,7 @@ def evaluate(result, case):
                     else f"faster than {peer['label']}")
             shown = _pair(*vals) + " x"
         verdict = "yes" if all(met) else ("min only" if met[0] else "no")
-        out.append({"case": result["case"], "target": text, "source": t.source, "value": shown,
-                    "met": verdict})
+        out.append({"case": result["case"], "target": text, "value": shown, "met": verdict})
     return out
 
 
@@ -697,46 +509,19 @@ def table(results):
 
 
 def targets_table(verdicts):
-    lines = ["| case | target | source | fastbn (min / median) | met |", "|---|---|---|---|---|"]
+    lines = ["| case | target | fastbn (min / median) | met |", "|---|---|---|---|"]
     for v in verdicts:
-        lines.append(f"| {v['case']} | {v['target']} | {v['source']} | {v['value']} | {v['met']} |")
+        lines.append(f"| {v['case']} | {v['target']} | {v['value']} | {v['met']} |")
     return "\n".join(lines)
 
 
-def backend_name(backend):
-    """The CPU backend a call with ``backend=`` uses (loading, and so validating, it)."""
-    import fastbn as fbn
-    return fbn.backend_for(np.zeros(1, np.float32), backend=backend)
-
-
-def describe_machine(env, backend, args_no_torch=False):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    parts = [f"CPU: {cpu}, {_cpu_count()} usable CPUs; threads: {env.threads}",
-             f"numpy {np.__version__}"]
-    omp = _omp_env()
-    if env.numba is not None:
-        layer = "?"
-        try:
-            layer = env.numba.threading_layer()
-        except ValueError:
-            pass
-        parts.append(f"numba {env.numba.__version__} ({env.numba.get_num_threads()} threads, "
-                     f"layer {layer}{', ' + omp if layer == 'omp' else ''})")
-    parts.append(f"torch {env.torch.__version__} ({env.threads} threads, 1 for the us cases, "
-                 f"OpenMP {env.torch_omp})"
-                 if env.torch is not None else
-                 "torch: " + ("left out (--no-torch)" if args_no_torch else "not installed") + " (no torch peer)")
-    parts.append(f"fastbn backend: {backend_name(backend)}")
-    envs = [f"{k}={os.environ[k]}" for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
-                                              "FASTBN_BACKEND") if k in os.environ]
-    if envs:
-        parts.append("env: " + " ".join(envs))
-    return "; ".join(parts)
+def describe_machine(env, args_no_torch=False):
+    """The machine and libraries of this run, one paragraph."""
+    text = env.describe(", 1 for the us cases")
+    if env.torch is None:
+        text = text.replace("not installed or left out", "left out (--no-torch)" if args_no_torch
+                            else "not installed")
+    return text
 
 
 def select(cases, pattern):
@@ -746,20 +531,11 @@ def select(cases, pattern):
     return [c for c in cases if any(p in c.name.lower() for p in pats)]
 
 
-def _optional(modname, func, args):
-    """Run ``fastbn.<modname>.<func>(args)`` if that module exists."""
-    try:
-        mod = importlib.import_module(f"fastbn.{modname}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"fastbn.{modname}":
-            raise
-        print(f"\n(fastbn.{modname} is not available: skipping {func})")
-        return 0
-    return getattr(mod, func)(args) or 0
-
-
 def run(args):
     """Entry point of ``python -m fastbn bench``; prints the tables, returns 0."""
+    if args.sweep:
+        from . import sweep
+        return sweep.run(args)
     cases = select(CASES, args.cases)
     if args.list:
         for c in CASES:
@@ -769,9 +545,11 @@ def run(args):
     if not args.no_cpu and cases:
         rc = run_cpu(cases, args)
     if args.gpu:
-        rc = _optional("bench_gpu", "run_gpu", args) or rc
+        from .bench_gpu import run_gpu
+        rc = run_gpu(args) or rc
     if args.dask:
-        rc = _optional("bench_dask", "run_dask", args) or rc
+        from .bench_dask import run_dask
+        rc = run_dask(args) or rc
     return rc
 
 
@@ -792,16 +570,9 @@ def _command(args):
     return " ".join(parts)
 
 
-def _load():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return math.nan
-
-
 def run_cpu(cases, args):
-    load0 = _load()
-    env = Env(args)
+    load0 = load_average()
+    env = Env(args.threads, torch=not args.no_torch, backend=args.backend)
     backend = args.backend
     repeat = args.repeat or (3 if args.quick else 7)
     results = []
@@ -818,12 +589,8 @@ def run_cpu(cases, args):
     verdicts = [v for case, res in zip(cases, results) for v in evaluate(res, case)]
     quick = " (--quick: tiny sizes, NOT a measurement)" if args.quick else ""
     print(f"\n## fastbn bench{quick}\n")
-    print(describe_machine(env, backend, args.no_torch) + "\n")
-    load1, ncpu = _load(), _cpu_count()
-    busy = max(load0, load1) > 0.5 * ncpu
-    print(f"Load average (1 min) at start / end: {load0:.2f} / {load1:.2f} on {ncpu} CPUs"
-          + (" — **machine busy: other processes share the cores; medians are noisy, "
-             "trust the min columns and rerun on a quiet machine**" if busy else "") + "\n")
+    print(describe_machine(env, args.no_torch) + "\n")
+    print(load_note(load0, load_average()) + "\n")
     print(f"Command: `{_command(args)}`; "
           f"repeats: {repeat} (x3 for us cases); float32 unless the case says; out= preallocated "
           "except 'fresh out'. Roofline: train 3B, infer 2B, backward 5B (B = bytes of x) at the "
@@ -841,7 +608,7 @@ def run_cpu(cases, args):
               f"total bench time {time.perf_counter() - t_start:.0f} s.")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": describe_machine(env, backend, args.no_torch), "quick": bool(args.quick),
+            json.dump({"machine": describe_machine(env, args.no_torch), "quick": bool(args.quick),
                        "repeat": repeat, "bandwidth": {str(b): v for b, v in best.items()},
                        "results": results, "targets": verdicts}, fh, indent=1)
     return 0

@@ -460,7 +460,14 @@ def test_batch_norm_train(backend, data):
     before = snapshot(*inputs)
     stats_before = snapshot(rm, rv)
 
-    if n < 2:  # no variance from fewer than two values per channel: refused, nothing written
+    if n == 0:  # an empty batch (PyTorch): empty y, NaN statistics, running stats untouched
+        y, mean, invstd = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, eps=eps,
+                                               running_mean=rm, running_var=rv, momentum=momentum,
+                                               out=out, backend=backend)
+        assert y.shape == x.shape and np.isnan(mean).all() and np.isnan(invstd).all()
+        unchanged(inputs + [rm, rv], before + stats_before)
+        return
+    if n < 2:  # no variance from one value per channel: refused, nothing written
         out_before = snapshot(out)
         with pytest.raises(ValueError, match="more than 1 value"):
             fbn.batch_norm_train(x, scale, offset, channel_axis=axis, eps=eps, running_mean=rm,

@@ -185,8 +185,8 @@ def copy_kernel():
     """2-thread Numba copy ``f(src, dst, nblocks)`` (the one ``fastbn bench`` uses)."""
     import numba
 
-    from fastbn.tools.harness import make_numba_copy as _make_numba_copy
-    return _make_numba_copy(numba) or None
+    from fastbn.tools.harness import make_numba_copy
+    return make_numba_copy() or None
 
 
 __all__ = ["fbn", "np", "BACKEND", "THREADS", "SMOKE", "DTYPES", "LAYOUTS", "SIZES", "SHAPES", "EPS", "GRID", "DTYPE_GRID",

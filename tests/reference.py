@@ -22,6 +22,10 @@ import math
 import numpy as np
 
 
+#: Every dtype fastbn takes for x (per-channel vectors: :func:`param_dtype`).
+DTYPES = (np.float16, np.float32, np.float64)
+
+
 def f64(a):
     """``a`` as a float64 array (a copy when it is not float64 already)."""
     return np.asarray(a, dtype=np.float64)
@@ -179,3 +183,23 @@ def assert_close(actual, expected, what="", rtol=None):
             f"{what}: {bad.shape[0]} of {ok.size} values off (dtype {actual.dtype}, rtol {rtol:g}); "
             f"first at {i}: got {a[i]!r}, expected {expected[i]!r}; "
             f"worst error / max|expected| = {worst:.3g}")
+
+
+# -- numerical gradients -------------------------------------------------------
+
+def numerical_gradient(f, v, h=1e-6):
+    """Central finite-difference gradient of the scalar ``f()`` w.r.t. the float64 array ``v``.
+
+    ``v`` is perturbed in place one element at a time (and restored), so ``f``
+    must read it.  Error: O(h**2) truncation plus O(eps64 |f| / h) rounding.
+    """
+    g = np.zeros(v.shape)
+    for i in np.ndindex(v.shape):
+        old = v[i]
+        v[i] = old + h
+        up = f()
+        v[i] = old - h
+        down = f()
+        v[i] = old
+        g[i] = (up - down) / (2 * h)
+    return g

@@ -20,11 +20,18 @@ _NAN = float("nan")
 _SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _dask(x, backend):
-    """The Dask backend if ``x`` is a Dask array (it implements the public functions), else None."""
-    if type(x) is np.ndarray or families.family_of(x) != "dask":
+def _whole(x, backend, fn):
+    """What runs the whole call of public function ``fn`` when ``x`` is not host
+    data: the Dask backend's ``fn`` for a Dask array (it builds a graph), the
+    torch family's tensor version of ``fn`` for a CPU tensor; else None."""
+    if type(x) is np.ndarray:
         return None
-    return dispatch.module(dispatch.choose("dask", backend))
+    fam = families.family_of(x)
+    if fam == "dask":
+        return getattr(dispatch.module(dispatch.choose("dask", backend)), fn.__name__)
+    if fam == "torch":
+        return families.module("torch").wrapped(fn)
+    return None
 
 
 def _channel_input(x, channel_axis, backend):
@@ -49,8 +56,8 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     None (all), an int, or a tuple of ints.  TensorFlow's
     ``tf.nn.moments(x, axes)`` is ``moments(x, axes)``.
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.moments(x, axis, keepdims=keepdims, ddof=ddof, backend=backend)
+    if (whole := _whole(x, backend, moments)) is not None:
+        return whole(x, axis, keepdims=keepdims, ddof=ddof, backend=backend)
     x, fam = checks.data_array(x, "x")
     axes = layout.normalize_axes(axis, x.ndim)
     ddof = checks.scalar(ddof, "ddof")
@@ -78,9 +85,9 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
     ``x.shape``; the axes on which any of them varies act as the channel
     axes of one fused pass (e.g. what ``moments(..., keepdims=True)`` gives).
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.batch_normalization(x, mean, variance, offset, scale, variance_epsilon, out=out,
-                                      backend=backend)
+    if (whole := _whole(x, backend, batch_normalization)) is not None:
+        return whole(x, mean, variance, offset, scale, variance_epsilon, out=out,
+                     backend=backend)
     x, fam = checks.data_array(x, "x")
     params, eps = broadcast.arguments(x, fam, mean, variance, offset, scale, variance_epsilon)
     out = checks.out_array(out, x, fam)
@@ -174,10 +181,10 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     statistics, if given, are updated in place with momentum (PyTorch
     convention, unbiased running variance).
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.batch_norm_train(x, scale, offset, channel_axis=channel_axis, eps=eps,
-                                   running_mean=running_mean, running_var=running_var,
-                                   momentum=momentum, out=out, backend=backend)
+    if (whole := _whole(x, backend, batch_norm_train)) is not None:
+        return whole(x, scale, offset, channel_axis=channel_axis, eps=eps,
+                     running_mean=running_mean, running_var=running_var,
+                     momentum=momentum, out=out, backend=backend)
     return train(x, scale, offset, channel_axis=channel_axis, eps=eps, running_mean=running_mean,
                  running_var=running_var, momentum=momentum, out=out, backend=backend)
 
@@ -188,9 +195,9 @@ def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, o
     ``y = (x - mean) * scale / sqrt(var + eps) + offset`` per channel;
     ``scale``/``offset`` may be None (ones / zeros).
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.batch_norm_infer(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
-                                   out=out, backend=backend)
+    if (whole := _whole(x, backend, batch_norm_infer)) is not None:
+        return whole(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
+                     out=out, backend=backend)
     x, fam, F, bk, plan = _channel_input(x, channel_axis, backend)
     C = plan.shape3[1]
     scale, w_scale = checks.vector(scale, "scale", C, fam)
@@ -233,9 +240,9 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     for any data dtype (the exact statistics keep the gradients accurate at
     large means).
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
-                                      backend=backend)
+    if (whole := _whole(x, backend, batch_norm_backward)) is not None:
+        return whole(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
+                     backend=backend)
     x, dy, fam, F, bk, plan, w_scale, w_mean, out = _backward_input(dy, x, scale, mean,
                                                                     channel_axis, out, backend)
     C = plan.shape3[1]
@@ -257,9 +264,9 @@ def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e
     ``dscale = sum(dy * (x - mean)) / sqrt(var + eps)``, ``doffset = sum(dy)``,
     sums per channel.  ``scale=None`` means ones.
     """
-    if (dk := _dask(x, backend)) is not None:
-        return dk.batch_norm_infer_backward(dy, x, scale, mean, var, channel_axis=channel_axis,
-                                            eps=eps, out=out, backend=backend)
+    if (whole := _whole(x, backend, batch_norm_infer_backward)) is not None:
+        return whole(dy, x, scale, mean, var, channel_axis=channel_axis,
+                     eps=eps, out=out, backend=backend)
     x, dy, fam, F, bk, plan, w_scale, w_mean, out = _backward_input(dy, x, scale, mean,
                                                                     channel_axis, out, backend)
     C = plan.shape3[1]

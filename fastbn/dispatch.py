@@ -81,6 +81,8 @@ def _env_default():
 def choose(family, backend=None):
     """Name of the backend serving ``family`` (honouring ``backend=``, overrides, env)."""
     global _warned_fallback
+    if family == "torch":   # CPU tensors run on their NumPy views
+        family = "numpy"
     if backend is not None:
         _check_name(backend, "backend")
         mod = _load(backend)

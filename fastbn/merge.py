@@ -31,12 +31,24 @@ Per-channel vectors here are float64 (exact counts up to 2**53) and live in
 host memory; the apply helpers take NumPy arrays.
 """
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
 
-from . import checks, core, dispatch, layout
+from . import checks, core, dispatch, families, layout
 from .families import host
+
+
+def _tensor_calls(fn):
+    """``fn``, also taking CPU torch tensors: a call whose first argument holds
+    one runs on NumPy views and returns tensors (``fastbn.families.torch_cpu``)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if args and families.holds_tensor(args[0]):
+            return families.module("torch").wrapped(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 
 
 class Moments(NamedTuple):
@@ -120,6 +132,7 @@ def _stack(parts, cls, what):
     return np.concatenate(blocks, axis=0)
 
 
+@_tensor_calls
 def merge_moments(*parts):
     """Merge partial moments of shards into the moments of their concatenation.
 
@@ -133,6 +146,7 @@ def merge_moments(*parts):
     return Moments(merged[0], merged[1], merged[2])
 
 
+@_tensor_calls
 def merge_grad_sums(*parts):
     """Add up :class:`GradSums` of shards (same part forms as :func:`merge_moments`)."""
     s = _stack(parts, GradSums, "merge_grad_sums").sum(axis=0)
@@ -147,6 +161,7 @@ def _shard(x, channel_axis, name="x"):
     return x, fam, ax, layout.make_plan(x.shape, x.strides, (ax,))
 
 
+@_tensor_calls
 def partial_moments(x, channel_axis=1, *, backend=None):
     """Per-channel partial moments of one shard ``x``: a :class:`Moments`.
 
@@ -195,6 +210,7 @@ def _apply(x, fam, plan, out, backend, m, q, r, u=None, p=None):
     return host.affine(bk, layout.as3(x, plan), plan, x, out, m, q, r, u3, p)
 
 
+@_tensor_calls
 def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channel_axis=1, eps=1e-5,
                                   running_mean=None, running_var=None, momentum=0.1, out=None,
                                   backend=None):
@@ -234,6 +250,7 @@ def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channe
     return y, mean.astype(pdt), invstd.astype(pdt)
 
 
+@_tensor_calls
 def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
     """Per-channel backward sums of one shard: a :class:`GradSums`.
 
@@ -254,6 +271,7 @@ def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
     return GradSums(np.full(C, float(plan.count)), doffset, dscale)
 
 
+@_tensor_calls
 def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_axis=1, out=None,
                                   backend=None):
     """Backward of a shard, with the merged :class:`GradSums` of the whole batch.

@@ -109,6 +109,14 @@ def _param(v, name, x):
     return v.astype(np.float64).rechunk(chunks)
 
 
+def _running(v, name, C, pdt):
+    """A running statistic: a NumPy array updated in place (never lazy, never another family)."""
+    if v is not None and dispatch.family_of(v) != "numpy":
+        raise TypeError(f"{name} must be a NumPy array updated in place (a lazy Dask array "
+                        f"cannot be written to), got {checks.describe(v)}")
+    return checks.running(v, name, C, "numpy", pdt)
+
+
 def _channel(x, channel_axis):
     ax = checks.channel_axis(channel_axis, x.ndim)
     return ax, x.shape[ax], math.prod(s for a, s in enumerate(x.shape) if a != ax)
@@ -298,8 +306,8 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     offset = _vec(offset, "offset", C, cch)
     eps = checks.scalar(eps, "eps", low=0.0)
     momentum = checks.scalar(momentum, "momentum", low=0.0, high=1.0)
-    running_mean = checks.running(running_mean, "running_mean", C, "numpy", pdt)
-    running_var = checks.running(running_var, "running_var", C, "numpy", pdt)
+    running_mean = _running(running_mean, "running_mean", C, pdt)
+    running_var = _running(running_var, "running_var", C, pdt)
     _no_out(out)
     if n < 2:
         raise ValueError(f"batch_norm_train needs more than 1 value per channel to compute a "

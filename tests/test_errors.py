@@ -464,3 +464,81 @@ def test_backend_not_a_string(bad):
     call, watched = BUILDERS["train"](_arrays(), backend=bad)
     with pytest.raises((TypeError, ValueError), match="backend"):
         call()
+
+
+# -- issue 14, item 9: messages of other families ----------------------------------------
+
+@running
+def test_dask_x_with_dask_running_stat_names_it(name):
+    """Dask x with a Dask running statistic: TypeError naming it and saying it must be a
+    NumPy array updated in place (not "but x is a numpy array"); nothing written."""
+    da = pytest.importorskip("dask.array")
+    a = _arrays()
+    x = da.from_array(a["x"], chunks=(2, C, 5, 2))
+    other = "running_var" if name == "running_mean" else "running_mean"
+    kw = {name: da.from_array(a[name]), other: a[other]}
+    watched = [a["x"], a[other], a[name]]
+    call = lambda: fbn.batch_norm_train(x, a["scale"], a["offset"], **kw)  # noqa: E731
+    _raises(TypeError, f"{name} must be a NumPy array updated in place", call, watched)
+    with pytest.raises(TypeError) as info:
+        call()
+    assert "x is a numpy array" not in str(info.value)
+
+
+def test_dask_x_with_dask_vectors_is_accepted():
+    """The other per-channel arguments of a Dask call may be Dask arrays (they are read only)."""
+    dask = pytest.importorskip("dask")
+    da = pytest.importorskip("dask.array")
+    a = _arrays()
+    x = da.from_array(a["x"], chunks=(2, C, 5, 2))
+    dy = da.from_array(a["dy"], chunks=(2, C, 5, 2))
+    d = {k: da.from_array(a[k]) for k in ("scale", "offset", "mean", "var", "invstd")}
+    y = fbn.batch_norm_infer(x, d["scale"], d["offset"], d["mean"], d["var"])
+    dx, _, _ = fbn.batch_norm_backward(dy, x, d["scale"], d["mean"], d["invstd"])
+    y_np = fbn.batch_norm_infer(a["x"], a["scale"], a["offset"], a["mean"], a["var"])
+    dx_np, _, _ = fbn.batch_norm_backward(a["dy"], a["x"], a["scale"], a["mean"], a["invstd"])
+    y, dx = dask.compute(y, dx)
+    np.testing.assert_allclose(y, y_np, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, dx_np, rtol=1e-5, atol=1e-6)
+
+
+def _no_cuda_here():
+    if fbn.backends()["cuda"] == "available":
+        pytest.skip("a CUDA backend runs here: the fake device array would be read")
+
+
+CUDA_CALLS = dict(BUILDERS, partial_moments=lambda a, x, backend=None: (
+    (lambda: fbn.partial_moments(x, 1, backend=backend)), list(a.values())))
+
+
+@pytest.mark.parametrize("fn", list(CUDA_CALLS))
+@pytest.mark.parametrize("backend_arg", [None, "numpy"])
+def test_cuda_interface_without_cuda_is_a_clean_type_error(fn, backend_arg):
+    """A bare ``__cuda_array_interface__`` object as x on a host where CUDA cannot start:
+    the TypeError backend_for gives (naming x), not Numba's CudaSupportError; nothing written."""
+    _no_cuda_here()
+    with pytest.raises(TypeError) as info:
+        fbn.backend_for(FakeCudaArray((4, C, 5, 2)))
+    reason = str(info.value)
+    a = _arrays()
+    call, watched = CUDA_CALLS[fn](a, x=FakeCudaArray((4, C, 5, 2)), backend=backend_arg)
+    _raises(TypeError, "x is a CUDA array", call, watched)
+    with pytest.raises(Exception) as info:
+        call()
+    assert type(info.value) is TypeError and reason in str(info.value)
+
+
+def test_cuda_interface_dy_without_cuda_is_a_clean_type_error():
+    """The same for a device ``dy`` beside a device ``x``: x is refused first, cleanly."""
+    _no_cuda_here()
+    fake = FakeCudaArray((4, C, 5, 2))
+    a = _arrays()
+    call = lambda: fbn.batch_norm_backward(fake, fake, a["scale"], a["mean"], a["invstd"])  # noqa: E731
+    _raises(TypeError, "x is a CUDA array", call, list(a.values()))
+
+
+def test_cuda_interface_layer_without_cuda_is_a_clean_type_error():
+    _no_cuda_here()
+    layer = fbn.BatchNorm(C)
+    with pytest.raises(TypeError):
+        layer(FakeCudaArray((4, C, 5, 2)))

@@ -53,11 +53,29 @@ def asarray(obj, name=None, expected=None):
     if is_cupy(obj) or is_numba(obj):
         return obj
     if getattr(obj, "__cuda_array_interface__", None) is not None:
+        usable(name)
         cp = cupy()
         if cp is not None:
             return cp.asarray(obj)
         return rt.cuda_module().as_cuda_array(obj, sync=False)
     return obj
+
+
+def usable(name=None):
+    """Raise the ``TypeError`` of :func:`fastbn.backend_for` (naming the argument)
+    when no backend serves device arrays here (no driver or GPU, no numba-cuda).
+
+    Asked before the first touch of the CUDA driver (a view of a
+    ``__cuda_array_interface__`` object initialises it), so a host without a
+    usable GPU gets fastbn's error, not Numba's ``CudaSupportError``, and
+    nothing has been written.  Cheap once the backend is loaded.
+    """
+    from .. import dispatch
+    try:
+        dispatch.choose(NAME)
+    except TypeError as exc:
+        raise TypeError(f"{name or 'the array'} is a CUDA array (__cuda_array_interface__), "
+                        f"but {exc}") from None
 
 
 def _k_order(shape, strides):

@@ -61,13 +61,12 @@ def values(rng, shape, dtype, loc=0.5, sd=2.0, channel_axis=None):
     return v.astype(dtype)
 
 
-DTYPES = (np.float16, np.float32, np.float64)
 # (shape, channel_axis): NCHW, NHWC, (N, C), NCL with a large spatial extent
 LAYOUTS = [((8, 16, 14, 14), 1), ((8, 14, 14, 16), -1), ((300, 40), -1), ((4, 6, 1000), 1)]
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_train_backward_cupy(cp, rng, shape, axis, dtype):
     h = values(rng, shape, dtype, channel_axis=axis)
     g = values(rng, shape, dtype)
@@ -103,7 +102,7 @@ def test_small_blocks_multi_block_paths(cp, rng, small_blocks, shape, axis):
     ref.assert_close(invstd.get(), einv, "invstd")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_infer_and_moments_cupy(cp, rng, dtype):
     h = values(rng, (6, 5, 7, 9), dtype)
     pdt = ref.param_dtype(dtype)

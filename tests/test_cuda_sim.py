@@ -30,9 +30,6 @@ if SIM:
 sim = pytest.mark.skipif(not SIM, reason="CUDA simulator tests: run with NUMBA_ENABLE_CUDASIM=1 "
                                          "in their own pytest process (numba.cuda importable)")
 
-DTYPES = (np.float16, np.float32, np.float64)
-
-
 @pytest.fixture
 def K(monkeypatch):
     """The cuda backend module with launches shrunk for the simulator."""
@@ -98,7 +95,7 @@ SHAPES3 = [(3, 4, 20), (2, 3, 9), (13, 5, 1), (7, 3, 3), (1, 2, 11), (9, 1, 1)]
 
 @sim
 @pytest.mark.parametrize("shape", SHAPES3)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_moments3(K, cuda, rng, shape, dtype):
     x = values(rng, shape, dtype, loc=3.0)
     mean, m2 = K.moments3(cuda.to_device(x))
@@ -111,7 +108,7 @@ def test_moments3(K, cuda, rng, shape, dtype):
 
 @sim
 @pytest.mark.parametrize("shape", SHAPES3)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_dy_sums3(K, cuda, rng, shape, dtype):
     x = values(rng, shape, dtype)
     dy = values(rng, shape, dtype, loc=-0.3)
@@ -125,7 +122,7 @@ def test_dy_sums3(K, cuda, rng, shape, dtype):
 
 @sim
 @pytest.mark.parametrize("shape", SHAPES3)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 @pytest.mark.parametrize("with_u", [False, True])
 def test_affine3(K, cuda, rng, shape, dtype, with_u):
     x = values(rng, shape, dtype)
@@ -218,7 +215,7 @@ MEMORIES = ("C", "F", "sliced", "negstride", "chlast")
 
 @sim
 @pytest.mark.parametrize("memory", MEMORIES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_batch_norm_train(K, cuda, rng, memory, dtype):
     shape = (3, 4, 2, 5)
     h = values(rng, shape, dtype, channel_axis=1)
@@ -267,7 +264,7 @@ def test_batch_norm_infer(K, cuda, rng, memory, dtype):
 
 @sim
 @pytest.mark.parametrize("memory", ("C", "chlast", "negstride"))
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 def test_batch_norm_backward(K, cuda, rng, memory, dtype):
     shape = (3, 4, 2, 5)
     h = values(rng, shape, dtype, channel_axis=1)

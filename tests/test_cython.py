@@ -34,7 +34,6 @@ if cy.unavailable_reason() is not None:
     pytest.skip(cy.unavailable_reason(), allow_module_level=True)
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-DTYPES = (np.float16, np.float32, np.float64)
 #: Kernel results against the float64 NumPy kernels; elementwise outputs are
 #: rounded once from float64 on both sides, so they must agree to an ulp.
 KERNEL_RTOL = {np.float16: 1e-3, np.float32: 1e-6, np.float64: 1e-12}
@@ -191,7 +190,7 @@ def assert_kernel_close(got, want, dtype, what):
     assert ok.all(), f"{what}: max error {np.nanmax(np.abs(got - want))} (dtype {np.dtype(dtype)})"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("how", ["C", "F", "gaps", "negative"])
 @pytest.mark.parametrize("case", sorted(SHAPES))
 def test_primitives_match_numpy_kernels(small_tiles, rng, case, how, dtype):

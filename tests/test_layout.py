@@ -14,7 +14,6 @@ import fastbn as fbn
 from fastbn import layout
 
 MEMORY = ("C", "F", "sliced", "negstride")  # see conftest.random_array
-DTYPES = (np.float16, np.float32, np.float64)
 
 #: id -> (shape, channel_axis).  Odd sizes: C=1, C=3, N=2, spatial 1x1, 7x5.
 LAYOUTS = {
@@ -31,7 +30,7 @@ LAYOUTS = {
 
 layouts = pytest.mark.parametrize("shape,axis", list(LAYOUTS.values()), ids=list(LAYOUTS))
 memories = pytest.mark.parametrize("memory", MEMORY)
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+dtypes = pytest.mark.parametrize("dtype", ref.DTYPES, ids=lambda d: np.dtype(d).name)
 
 
 def _vec(rng, C, dtype, low=-1.5, high=1.5):

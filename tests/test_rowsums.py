@@ -25,7 +25,7 @@ def used(monkeypatch):
 
 
 @pytest.mark.parametrize("C", [16, 32, 48, 64])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ref.DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("rows", [1, 3, 257, 5000, 70001])
 def test_moments_and_train_match_the_oracle(used, rng, C, dtype, rows):
     # |mean| / std up to 100: float64 outputs are checked to 1e-12, which a larger

@@ -17,8 +17,7 @@ import reference as ref
 
 import fastbn as fbn
 
-DTYPES = (np.float16, np.float32, np.float64)
-dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+dtypes = pytest.mark.parametrize("dtype", ref.DTYPES, ids=lambda d: np.dtype(d).name)
 
 #: id -> (shape, channel_axis): serial and parallel sizes, both loop nests; C = 6.
 CASES = {

@@ -10,7 +10,7 @@ Every knob that changes machine code is read here from the environment, once:
     so exact division costs nothing.  ``nnan``/``ninf``
     are refused: they would let the compiler drop NaN propagation, and a NaN in
     one channel must give NaN statistics for that channel.
-``FASTBN_CACHE`` (``0`` disables on-disk caching of compiled kernels)
+``FASTBN_CACHE`` (``0`` disables on-disk caching of compiled kernels; :func:`cache_enabled`)
 ``FASTBN_CACHE_DIR`` (where the cache goes; see :func:`cache_dir`)
 
 Numba's on-disk cache is keyed by function name, source file and signature,
@@ -47,8 +47,14 @@ def _fastmath_flags():
     return frozenset(flags)
 
 
+def cache_enabled():
+    """``FASTBN_CACHE`` read from the environment: False for ``0``, ``false``, ``no`` or
+    empty, else True (the default).  The one parser of it, for the CPU and CUDA kernels."""
+    return os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")
+
+
 FASTMATH = _fastmath_flags()
-CACHE = os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")
+CACHE = cache_enabled()
 _KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Modules whose code is compiled into the kernels as intrinsics.  Numba
 #: invalidates a cached kernel when the kernel's own source file changes, not
@@ -201,9 +207,10 @@ def kernel(func):
 # 6.4 MB float32 moments3 then four 256^2 float32 matmuls, x10, min of 30):
 # Numba 93 ms without it vs 12.4 ms with it, Cython 72 vs 16 ms; ten
 # back-to-back moments3 calls 1.5 vs 2.1 ms.  A user who mixes fastbn with
-# OpenBLAS/other thread pools sets OMP_WAIT_POLICY=passive or GOMP_SPINCOUNT.  Numba's default layer is tbb, then omp, then workqueue;
-# only workqueue is not thread-safe (it aborts the process when two threads
-# enter a parallel region at once), so under it parallel calls take a lock.
+# OpenBLAS/other thread pools sets OMP_WAIT_POLICY=passive or GOMP_SPINCOUNT.
+# Numba's default layer is tbb, then omp, then workqueue; only workqueue is not
+# thread-safe (it aborts the process when two threads enter a parallel region
+# at once), so under it parallel calls take a lock.
 _workqueue_lock = threading.Lock()
 _layer_checked = None
 
@@ -233,7 +240,3 @@ def run(kern, parallel, *args):
         return kern.parallel(*args)
     with _workqueue_lock:
         return kern.parallel(*args)
-
-
-def num_threads():
-    return numba.get_num_threads()

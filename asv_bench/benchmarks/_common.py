@@ -46,9 +46,8 @@ import numpy as np  # noqa: E402
 import fastbn as fbn  # noqa: E402
 
 #: The backend under test (``FASTBN_BACKEND`` chooses).  Resolving it loads the
-#: backend module now, so fastbn's threading settings (kernels/_jit.py sets
-#: GOMP_SPINCOUNT) apply before any OpenMP pool starts, in every benchmark,
-#: including the copies that never call fastbn.
+#: backend module now, before any benchmark is timed, so no timing includes the
+#: import (fastbn changes no threading setting: see kernels/_jit.py).
 BACKEND = fbn.backend_for(np.zeros(1, np.float32))
 
 DTYPES = ["float16", "float32", "float64"]

@@ -41,9 +41,13 @@ except ImportError as exc:  # not compiled (no compiler at install time)
 NAME = "cython"
 FAMILIES = ("numpy",)
 
-#: Values per channels-first run: 16 KiB of float32, re-read from L1.
+# -- tuning constants: all of this backend's, here.  cpu_numba keeps its own; a
+# value that differs between the two says why on its "vs cpu_numba" line. ------
+
+#: Values per channels-first run: 16 KiB of float32, re-read from L1.  Same as cpu_numba.
 CHUNK = 4096
 #: Values per channels-last tile (rows x channels); 64 KiB of float32 fits L2.
+#: vs cpu_numba (64K): statistics here are two-pass, re-reading each tile from L2.
 TILE = 16384
 #: Channels per channels-last block (bounds the per-task scratch).
 CBLOCK = 2048
@@ -59,7 +63,17 @@ MAX_PARTIALS = 1 << 22
 FOLD_MAX = 64
 #: Inputs smaller than this many values run on one thread: a parallel
 #: region's thread hand-off costs more than the work.
+#: vs cpu_numba (PARALLEL_FROM, 2^16 to 2^18 per op, measured): one value for every op.
 SERIAL_BELOW = 1 << 16
+#: Streaming stores for float32 outputs of at least this many bytes:
+#: channels-first, channels-last.  Same values as cpu_numba (same stores, its measurements).
+STREAM_FROM = 64 << 20
+STREAM_FROM_CL = 16 << 20
+#: Largest input (values) that :func:`train_small3` takes: below it the work is
+#: microseconds and the per-call Python work of separate kernels dominates.
+#: vs cpu_numba (2^17): its channels-last small kernel walks several rows as one
+#: wide row, which the one here does not.
+SMALL = 1 << 15
 
 
 def unavailable_reason():
@@ -174,12 +188,6 @@ def moments3(x3):
     return mean, m2
 
 
-#: Streaming stores (as in cpu_numba, same thresholds and reasons) for float32
-#: outputs of at least this many bytes: channels-first, channels-last.
-STREAM_FROM = 64 << 20
-STREAM_FROM_CL = 16 << 20
-
-
 def _streamable(out, channels_first):
     """Write ``out`` (the kernel's view) with streaming stores?  The kernels
     also require unit stride along each run, else they store normally."""
@@ -250,11 +258,6 @@ def dy_sums3(dy3, x3, m):
 
 
 # -- small inputs: the whole training forward in one serial call ----------------
-
-#: Largest input (values) that :func:`train_small3` takes: below it the work is
-#: microseconds and the per-call Python work of separate kernels dominates.
-SMALL = 1 << 15
-
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """Fused training forward for inputs of at most SMALL values (serial).

@@ -30,12 +30,16 @@ from ._stream import cast, ld
 NAME = "numba"
 FAMILIES = ("numpy",)
 
+# -- tuning constants: all of this backend's, here.  cpu_cython keeps its own; a
+# value that differs between the two says why on its "vs cpu_cython" line. -----
+
 #: Values per channels-first work unit (16 KiB of float32): enough units for
-#: both cores even at C = 1, few enough partials to merge.
+#: both cores even at C = 1, few enough partials to merge.  Same as cpu_cython.
 CHUNK = 4096
 #: Target values per channels-last tile (rows x C).  Statistics are one pass,
 #: so tiles need not fit L1; each tile ends in a Chan merge of C values, so
 #: larger tiles mean fewer merges (NHWC 103 MB moments: 4.9 ms at 16K, 4.3 ms at 64K).
+#: vs cpu_cython (16K): its statistics are two-pass, so a tile must stay in L2.
 TILE = 65536
 #: Inputs of at least this many values run the parallel kernels, per (op,
 #: channels-first?); smaller ones run serially, where a parallel region's thread
@@ -45,11 +49,28 @@ TILE = 65536
 #: (I = 256): moments 2^16 (19 vs 14 us), affine 2^17 (22 vs 15), dy_sums 2^17
 #: (37 vs 30); channels-last (N, 64): moments 2^18 (33 vs 25), affine 2^17
 #: (31 vs 18), dy_sums 2^18 (63 vs 48).
+#: vs cpu_cython (one SERIAL_BELOW = 2^16 for every op): not measured per op there.
 PARALLEL_FROM = {("moments", True): 1 << 16, ("affine", True): 1 << 17,
                  ("dy_sums", True): 1 << 17, ("moments", False): 1 << 18,
                  ("affine", False): 1 << 17, ("dy_sums", False): 1 << 18}
 #: Set to a number to override PARALLEL_FROM for every op (tests, benchmarks).
 SERIAL_BELOW = None
+#: Outputs of at least this many bytes are written with streaming stores; smaller
+#: ones may still be in cache when they are read next, and streaming would send
+#: them to memory.  Measured here (inference, float32, ms, streaming vs ordinary):
+#: channels-first 26 MB 0.97 vs 0.67, 51 MB 2.09 vs 1.56, 103 MB 4.4 vs 5.5;
+#: channels-last 8 MB 0.36 vs 0.27, 16 MB 0.52 vs 0.65, 26 MB (train) 1.22 vs 1.50.
+#: Same values in cpu_cython: the same stores, taken from these measurements.
+STREAM_FROM = 64 << 20
+STREAM_FROM_CL = 16 << 20
+#: Channels-first units per sfence.
+STREAM_GROUP = 16
+#: Largest input (values) that :func:`train_small3` takes.  Below this the
+#: work is a few microseconds and the per-call overhead of separate kernels
+#: (allocations, dispatch, NumPy on length-C vectors) would dominate.
+#: vs cpu_cython (2^15): the channels-last kernel here walks k rows as one wide
+#: row (_widen), which kept it fast up to 2^17 values; Cython's does not.
+SMALL = 1 << 17
 
 
 def _parallel(op, x3):
@@ -390,17 +411,6 @@ def _affine_flat_stream(x, out, u, mt, qt, rt, pt, P, block):
 affine_flat_stream = _affine_flat_stream
 
 
-#: Outputs of at least this many bytes are written with streaming stores; smaller
-#: ones may still be in cache when they are read next, and streaming would send
-#: them to memory.  Measured here (inference, float32, ms, streaming vs ordinary):
-#: channels-first 26 MB 0.97 vs 0.67, 51 MB 2.09 vs 1.56, 103 MB 4.4 vs 5.5;
-#: channels-last 8 MB 0.36 vs 0.27, 16 MB 0.52 vs 0.65, 26 MB (train) 1.22 vs 1.50.
-STREAM_FROM = 64 << 20
-STREAM_FROM_CL = 16 << 20
-#: Channels-first units per sfence.
-STREAM_GROUP = 16
-
-
 def _streamable(out3, *arrays):
     """Streaming stores apply: float32, big, x86, and unit stride along the runs."""
     big = out3.nbytes >= (STREAM_FROM if out3.shape[2] > 1 else STREAM_FROM_CL)
@@ -525,12 +535,6 @@ def dy_sums3(dy3, x3, m):
 
 
 # -- small inputs: the whole training forward in one serial call --------------
-
-#: Largest input (values) that :func:`train_small3` takes.  Below this the
-#: work is a few microseconds and the per-call overhead of separate kernels
-#: (allocations, dispatch, NumPy on length-C vectors) would dominate.
-SMALL = 1 << 17
-
 
 @kernel
 def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):

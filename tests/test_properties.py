@@ -746,3 +746,176 @@ def test_backward_matches_finite_differences(backend, data):
             fd[i] = (up - down) / (2 * h)
         # central differences: O(h^2) truncation, O(eps64 |L| / h) rounding
         ref.assert_close(got, fd, what, rtol=1e-5)
+
+
+# -- aliasing: every pair of array arguments as overlapping views of one buffer -------------
+
+#: The array arguments of each function, in call order.
+ALIAS_ARGS = {
+    "batch_norm_train": ("x", "scale", "offset", "running_mean", "running_var", "out"),
+    "batch_norm_infer": ("x", "scale", "offset", "mean", "var", "out"),
+    "batch_norm_backward": ("dy", "x", "scale", "mean", "invstd", "out"),
+    "batch_norm_infer_backward": ("dy", "x", "scale", "mean", "var", "out"),
+    "batch_normalization": ("x", "mean", "variance", "offset", "scale", "out"),
+}
+#: Arguments shaped like x (the others are per-channel vectors).
+DATA_ARGS = ("x", "dy", "out")
+RUNNING_ARGS = ("running_mean", "running_var")
+#: Arguments the call writes.
+WRITTEN_ARGS = ("out",) + RUNNING_ARGS
+
+
+def overlap_forbidden(a, b):
+    """API.md, Errors: running statistics may overlap nothing; scale/offset may not overlap
+    out.  Every other overlap (out with x/dy in any way, read-only inputs with each other,
+    out with mean/var/invstd) must give the result of non-overlapping copies."""
+    pair = {a, b}
+    return bool(pair & set(RUNNING_ARGS)) or ("out" in pair and bool(pair & {"scale", "offset"}))
+
+
+def _alias_call(fn, args, channels_shape):
+    """Call public function ``fn`` with ``args`` (name -> array or None)."""
+    kw = dict(out=args["out"], backend=args["backend"])
+    if fn == "batch_norm_train":
+        return fbn.batch_norm_train(args["x"], args["scale"], args["offset"], eps=1e-3,
+                                    running_mean=args["running_mean"],
+                                    running_var=args["running_var"], momentum=0.25, **kw)
+    if fn == "batch_norm_infer":
+        return fbn.batch_norm_infer(args["x"], args["scale"], args["offset"], args["mean"],
+                                    args["var"], eps=1e-3, **kw)
+    if fn == "batch_norm_backward":
+        return fbn.batch_norm_backward(args["dy"], args["x"], args["scale"], args["mean"],
+                                       args["invstd"], **kw)
+    if fn == "batch_norm_infer_backward":
+        return fbn.batch_norm_infer_backward(args["dy"], args["x"], args["scale"], args["mean"],
+                                             args["var"], eps=1e-3, **kw)
+    p = {k: args[k].reshape(channels_shape) for k in ("mean", "variance", "offset", "scale")}
+    return fbn.batch_normalization(args["x"], p["mean"], p["variance"], p["offset"], p["scale"],
+                                   1e-3, **kw)
+
+
+def _place(buf, start, name, shape, general):
+    """A view of ``buf`` from element ``start``: a (C,) vector, or an x-shaped array, C-order
+    (small path) or channels-last in memory (general path: not C-contiguous)."""
+    item = buf.itemsize
+    if name not in DATA_ARGS:
+        return np.ndarray((shape[1],), buf.dtype, buffer=buf, offset=start * item)
+    if not general:
+        return np.ndarray(shape, buf.dtype, buffer=buf, offset=start * item)
+    N, C, H = shape
+    return np.ndarray((N, H, C), buf.dtype, buffer=buf, offset=start * item).transpose(0, 2, 1)
+
+
+@st.composite
+def alias_case(draw, fn, general):
+    """(dtype, shape, starts, pair, same_object): where each argument of ``fn`` starts in one
+    shared buffer.  ``pair`` (or None) overlaps partially or wholly; the rest are apart."""
+    dt = draw(st.sampled_from([F32, F64]), "dtype")
+    lo = 2 if general else 1
+    shape = (draw(st.integers(2, 5), "N"), draw(st.integers(lo, 6), "C"),
+              draw(st.integers(lo, 5), "H"))
+    names = ALIAS_ARGS[fn]
+    size = {k: (math.prod(shape) if k in DATA_ARGS else shape[1]) for k in names}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    pair = draw(st.sampled_from(pairs) | st.none(), "overlapping pair")
+    starts, pos = {}, 0
+    if pair is not None:
+        a, b = pair
+        # b starts anywhere from len(b) - 1 elements before a to a's last element
+        shift = draw(st.integers(-(size[b] - 1), size[a] - 1), "shift of b from a")
+        starts[a] = size[b] - 1
+        starts[b] = starts[a] + shift
+        pos = size[a] + 2 * size[b]
+    for k in names:
+        if k not in starts:
+            pos += draw(st.integers(0, 2), f"gap before {k}")
+            starts[k] = pos
+            pos += size[k]
+    same_object = (pair in (("x", "out"), ("dy", "out")) and starts[pair[0]] == starts[pair[1]]
+                   and draw(st.booleans(), "out is the same object"))
+    return dt, shape, starts, pos, pair, same_object
+
+
+def _fresh_like(a):
+    """A separate array with ``a``'s values and memory order."""
+    c = np.empty_like(a, order="K")
+    c[...] = a
+    return c
+
+
+def _named_pair(message):
+    import re
+    m = re.match(r"(\w+) and (\w+) overlap", message)
+    return None if m is None else frozenset(m.groups())
+
+
+#: A known bug, reported: batch_normalization does not check scale/offset against out
+#: (api.batch_normalization calls no checks.no_overlaps), so those forbidden overlaps do
+#: not raise (the result is right: the parameters are copied before out is written).
+#: Only that failure (pytest.raises' "DID NOT RAISE") is expected; wrong values still fail.
+#: tests/test_errors.py::test_batch_normalization_scale_offset_overlapping_out (strict)
+#: flips when it is fixed: then drop this mark.
+_BN_OVERLAP_BUG = pytest.mark.xfail(
+    raises=pytest.fail.Exception, strict=False,
+    reason="batch_normalization does not refuse scale/offset overlapping out (API.md, Errors)")
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+@pytest.mark.parametrize("fn", [pytest.param(f, marks=_BN_OVERLAP_BUG)
+                                if f == "batch_normalization" else f for f in ALIAS_ARGS])
+@given(data=st.data())
+def test_aliasing(backend, fn, path, data):
+    """Arguments as views of one buffer, one pair overlapping (partially, wholly, or ``out``
+    being ``x``/``dy`` itself): a forbidden overlap raises ValueError naming both before
+    anything is written; any other gives the result of the call on non-overlapping copies,
+    and writes nothing but ``out`` and the running statistics."""
+    general = path == "general"
+    dt, shape, starts, total, pair, same_object = data.draw(alias_case(fn, general), "case")
+    seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+    rng = np.random.default_rng(seed)
+    names = ALIAS_ARGS[fn]
+    buf = rng.uniform(0.5, 2.0, total + 2).astype(dt)   # positive: var, invstd, scales valid
+    index = np.arange(buf.size, dtype=np.int64)
+    views = {k: _place(buf, starts[k], k, shape, general) for k in names}
+    if same_object:
+        views["out"] = views[pair[0]]
+    cells = {k: _place(index, starts[k], k, shape, general) for k in names}
+    if general:
+        assert not views["x"].flags.c_contiguous
+    channels = (1, shape[1], 1)
+    overlapping = [frozenset((a, b)) for i, a in enumerate(names) for b in names[i + 1:]
+                   if np.shares_memory(views[a], views[b])]
+    bad = [p for p in overlapping if overlap_forbidden(*p)]
+    note(f"starts {starts}, overlapping {[tuple(p) for p in overlapping]}")
+    before = buf.copy()
+    args = dict.fromkeys(("x", "dy", "scale", "offset", "running_mean", "running_var", "mean",
+                          "var", "variance", "invstd", "out"))
+    args.update(views, backend=backend)
+
+    if bad:
+        with pytest.raises(ValueError, match="overlap") as info:
+            _alias_call(fn, args, channels)
+        assert _named_pair(str(info.value)) in bad, (str(info.value), bad)
+        assert buf.tobytes() == before.tobytes(), "written before the overlap was refused"
+        return
+
+    copies = {k: _fresh_like(v) for k, v in views.items()}
+    want = _alias_call(fn, dict(args, **copies), channels)
+    got = _alias_call(fn, args, channels)
+    want = want if isinstance(want, tuple) else (want,)
+    got = got if isinstance(got, tuple) else (got,)
+    assert got[0] is views["out"]
+    tol = ROUND[dt]
+    for g, w, what in zip(got, want, ("y/dx", "mean/dscale", "invstd/doffset")):
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * np.max(np.abs(w), initial=1.0),
+                                   err_msg=f"{fn} {what}: overlapping arguments")
+    for k in RUNNING_ARGS:
+        if k in names:
+            np.testing.assert_allclose(views[k], copies[k], rtol=tol, atol=tol,
+                                       err_msg=f"{k}: overlapping arguments")
+    written = np.zeros(buf.size, bool)
+    for k in WRITTEN_ARGS:
+        if k in names:
+            written[cells[k].ravel()] = True
+    np.testing.assert_array_equal(buf[~written], before[~written],
+                                  err_msg="an input outside out and the running statistics changed")

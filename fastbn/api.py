@@ -8,13 +8,37 @@ The family module of ``x`` (host NumPy or CUDA device arrays) answers every
 question that depends on where the arrays live; the backend module only runs
 kernels on canonical ``(outer, C, inner)`` views.  Dask arrays are handed, as
 a whole call, to the Dask backend, which builds the same steps into a graph.
+
+Array families.  Every array argument may be a NumPy array (or anything
+``numpy.asarray`` takes: lists, scalars, memoryviews; ``np.matrix`` and other
+subclasses as their base ndarray; masked arrays are refused), a CuPy array, a
+Numba device array or another ``__cuda_array_interface__`` object (the CUDA
+backend), a ``dask.array.Array`` (lazy results; ``out=`` not supported), or a
+CPU ``torch.Tensor`` (run on zero-copy NumPy views; results come back as
+tensors, ``out=`` as the given tensor; tensors that require grad are refused).
+All the arrays of one call are of one family.  Results are arrays of ``x``'s
+family.  The type hints say ``ArrayLike`` for what goes in and ``Array``
+(``typing.Any``) for what comes out, so a result keeps the caller's array type.
 """
 
+# mypy: allow-redefinition
+# (the public functions rebind their ArrayLike arguments to the checked arrays)
+from __future__ import annotations
+
 import math
+from typing import Any, TypeAlias
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import broadcast, checks, core, dispatch, families, layout
+
+#: An array of ``x``'s family: ``numpy.ndarray`` for host input, ``cupy.ndarray``
+#: (or a Numba device array) for CUDA input, a lazy ``dask.array.Array`` for Dask
+#: input, ``torch.Tensor`` for CPU tensors.  ``Any`` to a type checker.
+Array: TypeAlias = Any
+#: ``axis=`` of :func:`moments`: None (every axis), an axis or a tuple of axes.
+Axes: TypeAlias = int | tuple[int, ...] | None
 
 _NAN = float("nan")
 _SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -48,13 +72,62 @@ def _results(F, like, dtype, *vectors):
 
 # -- moments -----------------------------------------------------------------
 
-def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
+def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: float = 0,
+            backend: str | None = None) -> tuple[Array, Array]:
     """Mean and variance of ``x`` over ``axis``, in one read of ``x``.
 
     Equal to ``(np.mean(x, axis), np.var(x, axis, ddof=ddof))`` computed in
-    float64, returned in ``x``'s dtype (float32 for float16 input).  ``axis``:
-    None (all), an int, or a tuple of ints.  TensorFlow's
-    ``tf.nn.moments(x, axes)`` is ``moments(x, axes)``.
+    float64 (shifted sums merged exactly with Chan's formula, accurate at large
+    means).  TensorFlow's ``tf.nn.moments(x, axes)`` is ``moments(x, axes)``.
+
+    Parameters
+    ----------
+    x : array_like, any shape
+        float16, float32 or float64 data: a NumPy array (or anything
+        ``numpy.asarray`` takes), CuPy/CUDA array, Dask array or CPU
+        ``torch.Tensor``.
+    axis : None, int or tuple of ints, optional
+        Axes to reduce (negative counts from the end); None: every axis.
+    keepdims : bool, optional
+        Keep the reduced axes with length 1 (the results then broadcast
+        against ``x``, e.g. into :func:`batch_normalization`).
+    ddof : float, optional
+        Delta degrees of freedom: the variance divides by ``n - ddof``.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+
+    Returns
+    -------
+    mean, var : arrays of x's family
+        Shaped like ``x`` without the reduced axes (with them as 1 if
+        ``keepdims``); dtype float32 for float16 ``x``, else ``x``'s dtype.
+        NaN where nothing was reduced (an empty axis).  Lazy for Dask input,
+        tensors for tensor input.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float16/32/64 array (integer, bool, complex, a masked
+        array, a tensor that requires grad), ``backend`` does not take ``x``'s
+        family, or a bad argument type.
+    ValueError
+        An axis out of range or repeated, ``ddof`` NaN, an unknown or
+        unavailable ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> mean, var = fbn.moments(x, axis=0)
+    >>> mean, var
+    (array([ 2., 20.], dtype=float32), array([  1., 100.], dtype=float32))
+    >>> fbn.moments(x, axis=0, ddof=1)[1]
+    array([  1.3333334, 133.33333  ], dtype=float32)
+    >>> fbn.moments(x, axis=0, keepdims=True)[0].shape
+    (1, 2)
     """
     if (whole := _whole(x, backend, moments)) is not None:
         return whole(x, axis, keepdims=keepdims, ddof=ddof, backend=backend)
@@ -77,13 +150,66 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
 
 # -- tf.nn.batch_normalization -----------------------------------------------
 
-def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, out=None, backend=None):
+def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
+                        offset: ArrayLike | None, scale: ArrayLike | None,
+                        variance_epsilon: float, *, out: Array | None = None,
+                        backend: str | None = None) -> Array:
     """TensorFlow's ``tf.nn.batch_normalization`` with NumPy broadcasting.
 
-    ``y = (x - mean) / sqrt(variance + variance_epsilon) * scale + offset``;
-    ``offset``/``scale`` may be None.  The parameters must broadcast to
-    ``x.shape``; the axes on which any of them varies act as the channel
-    axes of one fused pass (e.g. what ``moments(..., keepdims=True)`` gives).
+    ``y = (x - mean) / sqrt(variance + variance_epsilon) * scale + offset``.
+    The axes on which any parameter varies act as the channel axes of one
+    fused pass over ``x`` (e.g. what ``moments(..., keepdims=True)`` gives).
+
+    Parameters
+    ----------
+    x : array_like, any shape
+        float16, float32 or float64 data (NumPy, CuPy/CUDA, Dask or a CPU
+        ``torch.Tensor``).
+    mean, variance : array_like
+        Broadcastable to ``x.shape`` (scalars, ``(C,)`` for channels last, or
+        keepdims-shaped such as ``(1, C, 1, 1)``); any float dtype.
+    offset, scale : array_like or None
+        Broadcastable to ``x.shape``, like ``mean``; None means 0 / 1.
+    variance_epsilon : float
+        Added to ``variance`` (>= 0).
+    out : array, optional
+        Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
+        may be ``x`` itself (in place) or overlap ``x`` in any way; it may not
+        overlap ``mean``, ``variance``, ``offset`` or ``scale``.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice.
+
+    Returns
+    -------
+    y : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x`` or parameters, arrays of different families in one
+        call (e.g. ``x`` a CuPy array, ``scale`` a NumPy array), a tensor that
+        requires grad, ``out`` of another dtype, ``out=`` with Dask input.
+    ValueError
+        Parameters that do not broadcast to ``x.shape``, ``out`` of another
+        shape, ``variance_epsilon`` < 0, an unknown or unavailable ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> mean, var = fbn.moments(x, axis=0, keepdims=True)  # (1, 2) each
+    >>> fbn.batch_normalization(x, mean, var, None, None, 1e-3)
+    array([[-0.9995004, -0.999995 ],
+           [ 0.9995004,  0.999995 ],
+           [-0.9995004, -0.999995 ],
+           [ 0.9995004,  0.999995 ]], dtype=float32)
+    >>> y = fbn.batch_normalization(x, mean, var, 0.5, 2.0, 1e-3, out=x)  # in place
+    >>> y is x
+    True
     """
     if (whole := _whole(x, backend, batch_normalization)) is not None:
         return whole(x, mean, variance, offset, scale, variance_epsilon, out=out,
@@ -130,8 +256,11 @@ def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, runnin
     return out, mean, invstd
 
 
-def train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
-          running_var=None, momentum=0.1, out=None, backend=None, stats_dtype=None):
+def train(x: ArrayLike, scale: ArrayLike | None = None, offset: ArrayLike | None = None, *,
+          channel_axis: int = 1, eps: float = 1e-5, running_mean: Array | None = None,
+          running_var: Array | None = None, momentum: float = 0.1, out: Array | None = None,
+          backend: str | None = None,
+          stats_dtype: DTypeLike | None = None) -> tuple[Array, Array, Array]:
     """:func:`batch_norm_train`, with the batch ``mean``/``invstd`` returned in
     ``stats_dtype`` (None: the per-channel dtype; ``numpy.float64`` keeps the
     exact statistics for a backward at large means - what the layers use)."""
@@ -171,15 +300,118 @@ def train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=
     return (y,) + _results(F, x, rdt, mean, invstd)
 
 
-def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, backend=None):
+def batch_norm_train(x: ArrayLike, scale: ArrayLike | None = None,
+                     offset: ArrayLike | None = None, *, channel_axis: int = 1, eps: float = 1e-5,
+                     running_mean: Array | None = None, running_var: Array | None = None,
+                     momentum: float = 0.1, out: Array | None = None,
+                     backend: str | None = None) -> tuple[Array, Array, Array]:
     """Training-mode forward: normalise with the batch's per-channel statistics.
 
-    x: any shape with channels on ``channel_axis`` (1 for NCHW, -1 for NHWC).
-    Returns ``(y, mean, invstd)``: ``y`` shaped like x, ``mean`` and
-    ``invstd = 1/sqrt(var + eps)`` (biased var) of length C.  Running
-    statistics, if given, are updated in place with momentum (PyTorch
-    convention, unbiased running variance).
+    ``y = (x - mean) * invstd * scale + offset`` per channel, with the batch's
+    ``mean`` and ``invstd = 1/sqrt(var + eps)`` (biased variance) over every
+    axis but ``channel_axis`` (cuDNN's ForwardTraining, TensorFlow's
+    ``FusedBatchNormV3(is_training=True)``, PyTorch's training-mode
+    ``batch_norm``).  Running statistics, if given, are updated in place:
+    ``r = (1 - momentum) * r + momentum * batch``, with the unbiased variance
+    ``var * n / (n - 1)`` for ``running_var`` (PyTorch's convention;
+    TensorFlow's ``decay`` is ``1 - momentum``).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        float16, float32 or float64 data of any shape with ``C`` channels on
+        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
+        in any memory layout: a NumPy array (or anything ``numpy.asarray``
+        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
+        array argument of the call is of ``x``'s family.
+    scale, offset : array_like, shape (C,), optional
+        Per-channel affine parameters, any float dtype; None means ones /
+        zeros.  Must not overlap ``out`` or the running statistics.
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (negative counts from the end);
+        statistics are over every other axis.
+    eps : float, optional
+        Added to the variance (>= 0).  Where ``var + eps == 0`` (a constant
+        channel with ``eps=0``) ``invstd`` is 0 and ``y`` equals ``offset``.
+    running_mean, running_var : array, shape (C,), optional
+        Running statistics updated in place: arrays of ``x``'s family (NumPy
+        arrays for Dask input) of exactly the per-channel dtype (float32 for
+        float16 ``x``, else ``x``'s dtype), contiguous and writeable.  They
+        may not overlap each other, ``x``, ``out``, ``scale`` or ``offset``.
+        Written last: a call that raises leaves them untouched.
+    momentum : float, optional
+        Weight of the batch statistics in the update, in [0, 1].
+    out : array, optional
+        Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
+        may be ``x`` itself (in place) or overlap ``x`` in any way.  Not
+        supported for Dask input.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+
+    Returns
+    -------
+    y : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+    mean, invstd : arrays of x's family, shape (C,)
+        The batch mean and ``1/sqrt(var + eps)``, float32 for float16 ``x``,
+        else ``x``'s dtype: what :func:`batch_norm_backward` takes.  NaN for
+        an empty batch (``n == 0``, not an error: ``y`` is empty and the
+        running statistics are left unchanged).
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x``; a running statistic that is not an array of the
+        per-channel dtype; ``out`` of another dtype; arrays of different
+        families in one call; a CPU tensor that requires grad (use
+        ``fastbn.torch`` for autograd); ``out=`` with Dask input; a
+        ``backend`` that does not take ``x``'s family.
+    ValueError
+        ``channel_axis`` out of range; vectors not of shape ``(C,)``; ``out``
+        of another shape; ``eps`` < 0; ``momentum`` outside [0, 1]; one value
+        per channel (``n == 1``: no variance); running statistics that overlap
+        another argument, or ``scale``/``offset`` that overlap ``out``; an
+        unknown or unavailable ``backend``.  Nothing is written before these
+        checks.
+
+    See Also
+    --------
+    batch_norm_backward : the gradients of this ``y``.
+    BatchNorm : the same as a stateful layer.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
+    >>> y, mean, invstd = fbn.batch_norm_train(x, running_mean=rm, running_var=rv)
+    >>> y
+    array([[-0.999995  , -0.99999994],
+           [ 0.999995  ,  0.99999994],
+           [-0.999995  , -0.99999994],
+           [ 0.999995  ,  0.99999994]], dtype=float32)
+    >>> mean, invstd
+    (array([ 2., 20.], dtype=float32), array([0.999995  , 0.09999999], dtype=float32))
+    >>> rm, rv                                            # updated in place
+    (array([0.2, 2. ], dtype=float32), array([ 1.0333333, 14.233334 ], dtype=float32))
+
+    Running statistics may not share memory with another argument:
+
+    >>> fbn.batch_norm_train(x, running_mean=rm, running_var=rm)
+    Traceback (most recent call last):
+        ...
+    ValueError: running_mean and running_var overlap in memory; ...
+
+    Channels last (NHWC) and float16 data, normalised in place:
+
+    >>> x = np.ones((8, 4, 4, 3), dtype=np.float16)
+    >>> x[::2] = 3.0
+    >>> y, mean, invstd = fbn.batch_norm_train(x, channel_axis=-1, out=x)
+    >>> y is x, mean.shape, mean.dtype
+    (True, (3,), dtype('float32'))
     """
     if (whole := _whole(x, backend, batch_norm_train)) is not None:
         return whole(x, scale, offset, channel_axis=channel_axis, eps=eps,
@@ -189,11 +421,71 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
                  running_var=running_var, momentum=momentum, out=out, backend=backend)
 
 
-def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, out=None, backend=None):
+def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | None,
+                     mean: ArrayLike, var: ArrayLike, *, channel_axis: int = 1,
+                     eps: float = 1e-5, out: Array | None = None,
+                     backend: str | None = None) -> Array:
     """Inference-mode forward with given (running) statistics.
 
-    ``y = (x - mean) * scale / sqrt(var + eps) + offset`` per channel;
-    ``scale``/``offset`` may be None (ones / zeros).
+    ``y = (x - mean) * scale / sqrt(var + eps) + offset`` per channel (PyTorch's
+    eval-mode ``batch_norm``, TensorFlow's ``FusedBatchNormV3(is_training=False)``).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        float16, float32 or float64 data of any shape with ``C`` channels on
+        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
+        in any memory layout: a NumPy array (or anything ``numpy.asarray``
+        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
+        array argument of the call is of ``x``'s family.
+    scale, offset : array_like, shape (C,) or None
+        Per-channel affine parameters, any float dtype; None means ones /
+        zeros.  Must not overlap ``out``.
+    mean, var : array_like, shape (C,)
+        The statistics to normalise with (e.g. running statistics), any float
+        dtype.
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (negative counts from the end).
+    eps : float, optional
+        Added to ``var`` (>= 0).
+    out : array, optional
+        Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
+        may be ``x`` itself (in place) or overlap ``x`` in any way.  Not
+        supported for Dask input.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+
+    Returns
+    -------
+    y : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
+        ``x``; a missing (None) required vector; arrays of different families
+        in one call; a CPU tensor that requires grad; ``out=`` with Dask
+        input; a ``backend`` that does not take ``x``'s family.
+    ValueError
+        ``channel_axis`` out of range; vectors not of shape ``(C,)``; ``out``
+        of another shape; ``eps`` < 0; ``scale``/``offset`` overlapping
+        ``out``; an unknown or unavailable ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> mean = np.array([2.0, 20.0], np.float32)
+    >>> var = np.array([1.0, 100.0], np.float32)
+    >>> fbn.batch_norm_infer(x, None, np.array([0.0, 1.0], np.float32), mean, var, eps=0.0)
+    array([[-1.,  0.],
+           [ 1.,  2.],
+           [-1.,  0.],
+           [ 1.,  2.]], dtype=float32)
     """
     if (whole := _whole(x, backend, batch_norm_infer)) is not None:
         return whole(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
@@ -230,15 +522,82 @@ def _dy_sums(F, bk, dy3, x3, mean, C):
     return bk.dy_sums3(dy3, x3, mean)
 
 
-def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None, backend=None):
+def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, mean: ArrayLike,
+                        invstd: ArrayLike, *, channel_axis: int = 1, out: Array | None = None,
+                        backend: str | None = None) -> tuple[Array, Array, Array]:
     """Gradients of ``batch_norm_train``'s ``y`` (batch statistics).
 
-    Returns ``(dx, dscale, doffset)``: ``doffset = sum(dy)``,
-    ``dscale = sum(dy * xhat)``, ``dx = scale*invstd/n * (n*dy - doffset -
-    xhat*dscale)`` with ``xhat = (x - mean)*invstd``; sums per channel over n
-    values.  ``scale=None`` means ones.  ``mean``/``invstd`` may be float64
-    for any data dtype (the exact statistics keep the gradients accurate at
-    large means).
+    ``doffset = sum(dy)``, ``dscale = sum(dy * xhat)`` and
+    ``dx = scale * invstd / n * (n * dy - doffset - xhat * dscale)`` with
+    ``xhat = (x - mean) * invstd``, sums per channel over its ``n`` values.
+
+    Parameters
+    ----------
+    dy : array_like, shape of x
+        The gradient of the loss with respect to ``y``: ``x``'s family, shape
+        and dtype (any memory layout).
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        float16, float32 or float64 data of any shape with ``C`` channels on
+        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
+        in any memory layout: a NumPy array (or anything ``numpy.asarray``
+        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
+        array argument of the call is of ``x``'s family.
+    scale : array_like, shape (C,) or None
+        The forward's ``scale`` (any float dtype); None means ones.
+    mean, invstd : array_like, shape (C,)
+        What :func:`batch_norm_train` returned for this ``x``.  Any float
+        dtype: float64 statistics (e.g. exact ones kept from the forward) keep
+        the gradients accurate for data with a large mean.
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (negative counts from the end).
+    out : array, optional
+        Where to write ``dx``: an array of ``x``'s family, shape and dtype.  It
+        may be ``dy`` or ``x`` itself, or overlap them in any way; it may not
+        overlap ``scale``.  Not supported for Dask input.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+
+    Returns
+    -------
+    dx : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+    dscale, doffset : arrays of x's family, shape (C,)
+        The gradients of ``scale`` and ``offset``, float32 for float16 ``x``,
+        else ``x``'s dtype.  For an empty batch ``dx`` is empty and both are 0.
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
+        ``x``; a missing (None) required vector; arrays of different families
+        in one call; a CPU tensor that requires grad; ``out=`` with Dask
+        input; a ``backend`` that does not take ``x``'s family.
+    ValueError
+        ``dy`` not of ``x``'s shape; vectors not of shape ``(C,)``; ``out`` of
+        another shape; ``channel_axis`` out of range; ``scale`` overlapping
+        ``out``; an unknown or unavailable ``backend``.
+
+    See Also
+    --------
+    batch_norm_train : the forward whose ``mean``/``invstd`` this takes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> y, mean, invstd = fbn.batch_norm_train(x)
+    >>> dy = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]], np.float32)
+    >>> dx, dscale, doffset = fbn.batch_norm_backward(dy, x, None, mean, invstd)
+    >>> dscale, doffset
+    (array([-0.999995  , -0.99999994], dtype=float32), array([ 1., -1.], dtype=float32))
+    >>> dx.shape, dx.dtype
+    ((4, 2), dtype('float32'))
+    >>> dx = fbn.batch_norm_backward(dy, x, None, mean, invstd, out=dy)[0]  # dx over dy
+    >>> dx is dy
+    True
     """
     if (whole := _whole(x, backend, batch_norm_backward)) is not None:
         return whole(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
@@ -256,13 +615,76 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     return (dx,) + _results(F, x, checks.param_dtype(x.dtype), dscale, doffset)
 
 
-def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e-5, out=None,
-                              backend=None):
+def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None,
+                              mean: ArrayLike, var: ArrayLike, *, channel_axis: int = 1,
+                              eps: float = 1e-5, out: Array | None = None,
+                              backend: str | None = None) -> tuple[Array, Array, Array]:
     """Gradients of ``batch_norm_infer``'s ``y`` (fixed statistics, e.g. frozen BN).
 
-    Returns ``(dx, dscale, doffset)``: ``dx = dy * scale / sqrt(var + eps)``,
-    ``dscale = sum(dy * (x - mean)) / sqrt(var + eps)``, ``doffset = sum(dy)``,
-    sums per channel.  ``scale=None`` means ones.
+    ``dx = dy * scale / sqrt(var + eps)``,
+    ``dscale = sum(dy * (x - mean)) / sqrt(var + eps)`` and
+    ``doffset = sum(dy)``, sums per channel.
+
+    Parameters
+    ----------
+    dy : array_like, shape of x
+        The gradient of the loss with respect to ``y``: ``x``'s family, shape
+        and dtype (any memory layout).
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        float16, float32 or float64 data of any shape with ``C`` channels on
+        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
+        in any memory layout: a NumPy array (or anything ``numpy.asarray``
+        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
+        array argument of the call is of ``x``'s family.
+    scale : array_like, shape (C,) or None
+        The forward's ``scale`` (any float dtype); None means ones.
+    mean, var : array_like, shape (C,)
+        The statistics the forward normalised with (any float dtype).
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (negative counts from the end).
+    eps : float, optional
+        The forward's ``eps`` (>= 0).
+    out : array, optional
+        Where to write ``dx``: an array of ``x``'s family, shape and dtype.  It
+        may be ``dy`` or ``x`` itself, or overlap them in any way; it may not
+        overlap ``scale``.  Not supported for Dask input.
+    backend : str, optional
+        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
+        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+
+    Returns
+    -------
+    dx : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+    dscale, doffset : arrays of x's family, shape (C,)
+        The gradients of ``scale`` and ``offset``, float32 for float16 ``x``,
+        else ``x``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
+        ``x``; a missing (None) required vector; arrays of different families
+        in one call; a CPU tensor that requires grad; ``out=`` with Dask
+        input; a ``backend`` that does not take ``x``'s family.
+    ValueError
+        ``dy`` not of ``x``'s shape; vectors not of shape ``(C,)``; ``out`` of
+        another shape; ``channel_axis`` out of range; ``eps`` < 0; ``scale``
+        overlapping ``out``; an unknown or unavailable ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> mean = np.array([2.0, 20.0], np.float32)
+    >>> var = np.array([1.0, 100.0], np.float32)
+    >>> dy = np.ones_like(x)
+    >>> dx, dscale, doffset = fbn.batch_norm_infer_backward(dy, x, None, mean, var, eps=0.0)
+    >>> dx[0], dscale, doffset
+    (array([1. , 0.1], dtype=float32), array([0., 0.], dtype=float32),
+     array([4., 4.], dtype=float32))
     """
     if (whole := _whole(x, backend, batch_norm_infer_backward)) is not None:
         return whole(dy, x, scale, mean, var, channel_axis=channel_axis,

@@ -8,11 +8,17 @@ in a family's preference list serves it unless the caller chose one
 (``backend=``, :func:`use_backend`, ``FASTBN_BACKEND``).
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
+from types import ModuleType
+
+from numpy.typing import ArrayLike
 
 from .families import family_of
 
@@ -32,9 +38,9 @@ _DEFAULTS = {
     "dask": ("dask",),
 }
 
-_loaded = {}
-_reasons = {}
-_override = contextvars.ContextVar("fastbn_backend", default=None)
+_loaded: dict[str, ModuleType] = {}
+_reasons: dict[str, str] = {}
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastbn_backend", default=None)
 _warned_fallback = False
 
 
@@ -59,8 +65,27 @@ def _load(name):
     return mod
 
 
-def backends():
-    """Every backend name mapped to ``"available"`` or why it is not."""
+def backends() -> dict[str, str]:
+    """Every backend name mapped to ``"available"`` or why it is not.
+
+    Asking loads (imports) each backend once; a backend that fails to import
+    is reported, not raised.
+
+    Returns
+    -------
+    dict of str to str
+        ``{"numba": ..., "cython": ..., "numpy": ..., "cuda": ..., "dask": ...}``,
+        each ``"available"`` or the reason it is not (e.g. ``"no CUDA driver
+        or GPU (...)"``, ``"disabled by FASTBN_DISABLE_NUMBA"``).
+
+    Examples
+    --------
+    >>> import fastbn as fbn
+    >>> sorted(fbn.backends())
+    ['cuda', 'cython', 'dask', 'numba', 'numpy']
+    >>> fbn.backends()["numpy"]                          # the reference, always there
+    'available'
+    """
     return {name: ("available" if _load(name) is not None else _reasons[name]) for name in _MODULES}
 
 
@@ -78,7 +103,7 @@ def _env_default():
     return name
 
 
-def choose(family, backend=None):
+def choose(family: str, backend: str | None = None) -> str:
     """Name of the backend serving ``family`` (honouring ``backend=``, overrides, env)."""
     global _warned_fallback
     if family == "torch":   # CPU tensors run on their NumPy views
@@ -109,7 +134,7 @@ def choose(family, backend=None):
                     + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
 
 
-def module(name):
+def module(name: str) -> ModuleType:
     """The loaded backend module ``name`` (which must be available)."""
     mod = _load(name)
     if mod is None:
@@ -117,18 +142,81 @@ def module(name):
     return mod
 
 
-def backend_for(x, backend=None):
-    """Which backend a fastbn call on ``x`` would use."""
+def backend_for(x: ArrayLike, backend: str | None = None) -> str:
+    """Which backend a fastbn call on ``x`` would use.
+
+    Parameters
+    ----------
+    x : array_like
+        An array of any family: NumPy (or anything ``numpy.asarray`` takes),
+        CuPy/CUDA, Dask or a CPU ``torch.Tensor`` (served by the CPU
+        backends).  Its dtype and shape do not matter.
+    backend : str, optional
+        What the call would pass as ``backend=``.
+
+    Returns
+    -------
+    str
+        ``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"`` or ``"dask"``:
+        ``backend`` if given, else the :func:`use_backend` block's, else
+        ``FASTBN_BACKEND``'s (each if it takes ``x``'s family), else the
+        family's first available one.
+
+    Raises
+    ------
+    TypeError
+        ``backend`` does not take ``x``'s family, or no backend for it is
+        available (e.g. CuPy input without a GPU driver).
+    ValueError
+        ``backend`` (or ``FASTBN_BACKEND``) names an unknown or unavailable
+        backend.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> fbn.backend_for(np.ones(3)) in ("numba", "cython", "numpy")
+    True
+    >>> fbn.backend_for(np.ones(3), backend="numpy")
+    'numpy'
+    """
     return choose(family_of(x), backend)
 
 
 @contextlib.contextmanager
-def use_backend(name):
+def use_backend(name: str) -> Iterator[str]:
     """Context manager: use backend ``name`` for the arrays it takes inside the block.
 
     Like ``FASTBN_BACKEND``, it sets the default CPU backend (``"numba"``,
-    ``"cython"``, ``"numpy"``); arrays of other families keep their own.
-    Thread- and task-local (a ``contextvars`` variable).
+    ``"cython"``, ``"numpy"``); arrays of other families keep their own.  An
+    explicit ``backend=`` argument still wins.  Thread- and task-local (a
+    ``contextvars`` variable); blocks nest.
+
+    Parameters
+    ----------
+    name : str
+        ``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"`` or ``"dask"``.
+
+    Yields
+    ------
+    str
+        ``name``.
+
+    Raises
+    ------
+    TypeError
+        ``name`` is not a string.
+    ValueError
+        ``name`` is unknown or not available here (raised on entering).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.ones((4, 2), np.float32)
+    >>> with fbn.use_backend("numpy"):                   # the plain NumPy reference
+    ...     fbn.backend_for(x)
+    'numpy'
     """
     _check_name(name, "use_backend")
     if _load(name) is None:

@@ -10,12 +10,20 @@ Parameter names follow TensorFlow's ``tf.nn.batch_normalization``: ``scale``
 (PyTorch's ``weight``, Keras's ``gamma``) and ``offset`` (``bias``, ``beta``).
 """
 
+# mypy: allow-redefinition
+# (the public functions rebind their ArrayLike arguments to the checked arrays)
+from __future__ import annotations
+
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from . import checks
-from .api import batch_norm_backward, batch_norm_infer, batch_norm_infer_backward, batch_norm_train
+from .api import (Array, batch_norm_backward, batch_norm_infer, batch_norm_infer_backward,
+                  batch_norm_train)
 from .dispatch import family_of
 from .merge import partial_moments
 
@@ -29,8 +37,10 @@ _TORCH_NAMES = {"weight": "scale", "bias": "offset"}
 _ROUNDED_MEAN_OK = 1.0
 
 
-def train_forward_f64(x, scale, offset, *, channel_axis, eps, running_mean, running_var, momentum,
-                      out=None):
+def train_forward_f64(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | None, *,
+                      channel_axis: int, eps: float, running_mean: Array | None,
+                      running_var: Array | None, momentum: float,
+                      out: Array | None = None) -> tuple[Array, Array, Array]:
     """``batch_norm_train``, returning the batch ``mean``/``invstd`` in float64 for the backward.
 
     Same arguments and ``y`` as ``batch_norm_train`` (``x`` of any shape, channels
@@ -92,16 +102,103 @@ class BatchNorm:
     place before calling ``backward``.  Pickling or copying the layer carries
     its state (parameters, statistics, settings), not that input.
 
-    ``dtype`` is the data dtype the layer is built for; its per-channel
-    arrays are float32 for float16 (API.md), otherwise ``dtype``.  Input of
-    any dtype with the same per-channel dtype is taken (a float32 layer takes
-    float16 and float32 input).  Parameters live in host memory and move to
-    the GPU as CuPy arrays on the first call with a CUDA input (CuPy, a
-    Numba device array, a PyTorch CUDA tensor); that needs CuPy installed.
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels (>= 1).
+    channel_axis : int, optional
+        The axis of the input holding the channels: 1 for ``(N, C)``, NCL,
+        NCHW and NCDHW, -1 for ``(N, ..., C)`` (NHWC).
+    eps : float, optional
+        Added to the variance (>= 0).
+    momentum : float or None, optional
+        Weight of each batch in the running statistics, in [0, 1]; None: the
+        cumulative average over ``num_batches_tracked`` batches.
+    affine : bool, optional
+        Learn ``scale`` and ``offset`` (else they are None: ones and zeros).
+    track_running_stats : bool, optional
+        Keep ``running_mean``/``running_var`` (else eval mode uses the batch's
+        statistics).
+    dtype : dtype, optional
+        The data dtype the layer is built for: float16, float32 or float64.
+        Its per-channel arrays are float32 for float16, otherwise ``dtype``;
+        input of any dtype with the same per-channel dtype is taken (a
+        float32 layer takes float16 and float32 input).
+
+    Attributes
+    ----------
+    scale, offset : array, shape (C,) or None
+        The affine parameters (PyTorch's ``weight``/``bias``), per-channel
+        dtype; None when ``affine=False``.
+    running_mean, running_var : array, shape (C,) or None
+        The running statistics (start 0 and 1), updated in place in training.
+    num_batches_tracked : int or None
+        Training batches seen (None without running statistics).
+    training : bool
+        Training mode (``train()``) or eval mode (``eval()``).
+    dscale, doffset : array, shape (C,) or None
+        The parameter gradients of the last ``backward``.
+
+    Raises
+    ------
+    TypeError
+        ``num_features`` or ``channel_axis`` not an int, ``dtype`` not
+        float16/32/64, ``eps``/``momentum`` not numbers.
+    ValueError
+        ``num_features`` < 1, ``eps`` < 0, ``momentum`` outside [0, 1].
+
+    Notes
+    -----
+    Array families: NumPy input, and CUDA input (CuPy, a Numba device array,
+    a PyTorch CUDA tensor).  Parameters live in host memory and move to the
+    GPU as CuPy arrays on the first call with CUDA input (that needs CuPy);
+    a layer on the GPU then takes only CUDA input.  Dask arrays are refused
+    (use the functions).  For CPU ``torch.Tensor`` models use the
+    ``fastbn.torch`` modules, which also give autograd.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    >>> bn = fbn.BatchNorm(2, channel_axis=-1)
+    >>> bn(x)                                             # training mode
+    array([[-0.999995  , -0.99999994],
+           [ 0.999995  ,  0.99999994],
+           [-0.999995  , -0.99999994],
+           [ 0.999995  ,  0.99999994]], dtype=float32)
+    >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
+    (array([0.2, 2. ], dtype=float32), array([ 1.0333333, 14.233334 ], dtype=float32), 1)
+    >>> dx = bn.backward(np.ones_like(x))                 # sets dscale, doffset
+    >>> dx.shape, bn.doffset
+    ((4, 2), array([4., 4.], dtype=float32))
+    >>> bn.eval()(x)[0]                                   # eval: running statistics
+    array([0.7869872, 2.1204915], dtype=float32)
     """
 
-    def __init__(self, num_features, *, channel_axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+    num_features: int
+    channel_axis: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    dtype: np.dtype[Any]
+    param_dtype: np.dtype[Any]
+    training: bool
+    scale: Array | None
+    offset: Array | None
+    running_mean: Array | None
+    running_var: Array | None
+    num_batches_tracked: int | None
+    dscale: Array | None
+    doffset: Array | None
+    _family: str
+    _saved: tuple[Any, ...] | None
+
+    def __init__(self, num_features: int, *, channel_axis: int = 1, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, dtype: DTypeLike = np.float32) -> None:
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(num_features, numbers.Integral):
             raise TypeError(f"num_features must be an int (the number of channels), got {num_features!r}")
         if num_features < 1:
@@ -137,21 +234,43 @@ class BatchNorm:
 
     # -- mode ------------------------------------------------------------------
 
-    def train(self, mode=True):
-        """Training mode (batch statistics, running statistics updated). Returns self."""
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Training mode (batch statistics, running statistics updated). Returns self.
+
+        ``mode=False`` is :meth:`eval`.
+        """
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> BatchNorm:
         """Evaluation mode (running statistics). Returns self."""
         return self.train(False)
 
     # -- forward ---------------------------------------------------------------
 
-    def __call__(self, x):
+    def __call__(self, x: ArrayLike) -> Array:
         """Normalise ``x`` (any shape with ``num_features`` channels on ``channel_axis``).
 
-        Returns ``y`` shaped like ``x``, in ``x``'s dtype.
+        Parameters
+        ----------
+        x : array_like, shape (N, C, ...) or (N, ..., C)
+            NumPy or CUDA data of a dtype with the layer's per-channel dtype
+            (float16 or float32 for a float32 layer, float64 for float64).
+            Kept (not copied) for :meth:`backward`.
+
+        Returns
+        -------
+        y : array of x's family
+            A new array, shaped like ``x``, in ``x``'s dtype.
+
+        Raises
+        ------
+        TypeError
+            ``x`` of another dtype or of the Dask family; NumPy input to a
+            layer whose parameters moved to the GPU; CUDA input without CuPy.
+        ValueError
+            ``x`` without ``num_features`` channels on ``channel_axis``; one
+            value per channel in training.
         """
         x, fam = self._check_input(x)
         self._follow(fam)
@@ -193,12 +312,8 @@ class BatchNorm:
 
     # -- backward --------------------------------------------------------------
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> Array:
         """Gradient of a loss through the last forward call.
-
-        ``dy``: dLoss/dy, shaped and typed like the last input.  Returns
-        ``dx`` and sets ``dscale`` = dLoss/dscale and ``doffset`` =
-        dLoss/doffset (per-channel dtype; None when ``affine=False``).
 
         After a training-mode forward this is the batch-statistics gradient
         (``batch_norm_backward``, with the batch statistics in float64).  After
@@ -206,6 +321,27 @@ class BatchNorm:
         ``y = (x - running_mean) * scale * invstd + offset`` with
         ``invstd = 1/sqrt(running_var + eps)`` (``batch_norm_infer_backward``),
         so ``dx = dy * scale * invstd``.
+
+        Parameters
+        ----------
+        dy : array_like
+            dLoss/dy: the last input's family, shape and dtype.
+
+        Returns
+        -------
+        dx : array of x's family
+            A new array shaped and typed like the last input.  Also sets
+            ``dscale`` = dLoss/dscale and ``doffset`` = dLoss/doffset ((C,),
+            per-channel dtype; None when ``affine=False``).
+
+        Raises
+        ------
+        RuntimeError
+            No forward call before (also on a copied or unpickled layer).
+        TypeError
+            ``dy`` of another dtype or family than the last input.
+        ValueError
+            ``dy`` of another shape than the last input.
         """
         if self._saved is None:
             raise RuntimeError("BatchNorm.backward called before a forward pass (or on a "
@@ -228,25 +364,57 @@ class BatchNorm:
 
     # -- state -------------------------------------------------------------------
 
-    def state_dict(self):
-        """Copies of the layer's state: ``scale``, ``offset`` (if affine),
-        ``running_mean``, ``running_var``, ``num_batches_tracked`` (if present)."""
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the layer's state, by name.
+
+        Returns
+        -------
+        dict
+            ``scale``, ``offset`` (if affine), ``running_mean``,
+            ``running_var`` (if tracked): copies of the (C,) arrays, in the
+            layer's family; ``num_batches_tracked``: an int (if tracked).
+        """
         d = {name: getattr(self, name).copy() for name in self._state_vectors()}
         if self.num_batches_tracked is not None:
             d["num_batches_tracked"] = int(self.num_batches_tracked)
         return d
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Copy ``state`` into the layer's existing arrays, in place.
 
-        ``state``: what ``state_dict`` returns, or a PyTorch BatchNorm's
-        ``state_dict()`` (``weight``/``bias`` for ``scale``/``offset``; torch
-        tensors on any device, NumPy or CuPy arrays, numbers for
-        ``num_batches_tracked``).  The keys must be exactly the layer's;
-        vectors float arrays of shape ``(num_features,)``, cast to the
-        per-channel dtype.  Arrays are written in place, so references to
-        ``bn.scale`` etc. (an optimizer's) stay live.  Everything is checked
-        before anything is written.
+        Arrays are written in place, so references to ``bn.scale`` etc. (an
+        optimizer's) stay live.  Everything is checked before anything is
+        written.
+
+        Parameters
+        ----------
+        state : mapping
+            What :meth:`state_dict` returns, or a PyTorch BatchNorm's
+            ``state_dict()`` (``weight``/``bias`` for ``scale``/``offset``).
+            The keys must be exactly the layer's.  Vectors: float arrays of
+            shape ``(num_features,)`` (NumPy or CuPy arrays, torch tensors on
+            any device), cast to the per-channel dtype; ``num_batches_tracked``
+            an int >= 0 (a number or a 0-d array/tensor).
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys, vectors of another shape, a negative
+            ``num_batches_tracked``.
+        TypeError
+            Non-float vectors, a non-integer ``num_batches_tracked``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbn as fbn
+        >>> bn = fbn.BatchNorm(2)
+        >>> scale = bn.scale                              # e.g. held by an optimizer
+        >>> bn.load_state_dict({"weight": np.array([2.0, 3.0]), "bias": np.zeros(2),
+        ...                     "running_mean": np.zeros(2), "running_var": np.ones(2),
+        ...                     "num_batches_tracked": 10})   # PyTorch's names
+        >>> scale, bn.num_batches_tracked
+        (array([2., 3.], dtype=float32), 10)
         """
         state = dict(state)
         torch_style = [k for k in _TORCH_NAMES if k in state]

@@ -28,19 +28,32 @@ two: sum ``count`` and ``count*mean`` for the global mean ``M``, then sum
 ``m2 + count*(mean - M)**2`` for the global ``m2``.
 
 Per-channel vectors here are float64 (exact counts up to 2**53) and live in
-host memory; the apply helpers take NumPy arrays.
+host memory.  The data arguments are NumPy arrays (or anything
+``numpy.asarray`` takes) or CPU ``torch.Tensor`` objects: a call whose first
+argument holds a tensor runs on zero-copy NumPy views and returns tensors
+(``Moments``/``GradSums`` of float64 tensors); CuPy and Dask arrays are not
+taken here.
 """
 
+# mypy: allow-redefinition
+# (the public functions rebind their ArrayLike arguments to the checked arrays)
+from __future__ import annotations
+
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from . import checks, core, dispatch, families, layout
+from .api import Array
 from .families import host
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-def _tensor_calls(fn):
+
+def _tensor_calls(fn: _F) -> _F:
     """``fn``, also taking CPU torch tensors: a call whose first argument holds
     one runs on NumPy views and returns tensors (``fastbn.families.torch_cpu``)."""
     @functools.wraps(fn)
@@ -48,31 +61,61 @@ def _tensor_calls(fn):
         if args and families.holds_tensor(args[0]):
             return families.module("torch").wrapped(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
-    return call
+    return call  # type: ignore[return-value]
 
 
 class Moments(NamedTuple):
     """Per-channel partial moments of a shard: three float64 arrays of shape (C,).
 
-    ``count``: values per channel; ``mean``: their mean; ``m2``: the sum of
-    squared deviations from ``mean``.  An empty shard has count 0, mean 0, m2 0.
-    """
-    count: np.ndarray
-    mean: np.ndarray
-    m2: np.ndarray
+    What :func:`partial_moments` returns and :func:`merge_moments` merges (and
+    returns, for the whole batch).  An empty shard has count 0, mean 0, m2 0.
 
-    def var(self, ddof=0):
-        """Per-channel variance ``m2 / (count - ddof)`` (NaN/inf where undefined)."""
+    Attributes
+    ----------
+    count : ndarray, shape (C,), float64
+        Values per channel.
+    mean : ndarray, shape (C,), float64
+        Their mean.
+    m2 : ndarray, shape (C,), float64
+        The sum of squared deviations from ``mean``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> m = fbn.partial_moments(np.array([[1.0, 10.0], [3.0, 30.0]]))   # (N, C) = (2, 2)
+    >>> m
+    Moments(count=array([2., 2.]), mean=array([ 2., 20.]), m2=array([  2., 200.]))
+    >>> m.var(), m.var(ddof=1)
+    (array([  1., 100.]), array([  2., 200.]))
+    >>> packed = m.pack()                                # what goes over the wire
+    >>> packed.shape, packed.dtype
+    ((3, 2), dtype('float64'))
+    >>> fbn.Moments.unpack(packed).mean
+    array([ 2., 20.])
+    """
+    count: NDArray[np.float64]  # type: ignore[assignment]  # tuple.count: the contract's name
+    mean: NDArray[np.float64]
+    m2: NDArray[np.float64]
+
+    def var(self, ddof: float = 0) -> NDArray[np.float64]:
+        """Per-channel variance ``m2 / (count - ddof)``, shape (C,), float64.
+
+        NaN or inf where ``count - ddof <= 0`` (no warning).
+        """
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.m2 / np.maximum(self.count - ddof, 0)
 
-    def pack(self):
+    def pack(self) -> NDArray[np.float64]:
         """The three vectors stacked as one (3, C) float64 array, for transport."""
         return _pack(self)
 
     @classmethod
-    def unpack(cls, a):
-        """Inverse of :meth:`pack`: a (3, C) array -> Moments."""
+    def unpack(cls, a: ArrayLike) -> Moments:
+        """Inverse of :meth:`pack`: a (3, C) array -> Moments (copies of its rows).
+
+        Raises ``ValueError`` if ``a`` is not of shape (3, C).
+        """
         return _unpack(cls, a, "packed moments")
 
 
@@ -92,22 +135,48 @@ def _unpack(cls, a, what):
 class GradSums(NamedTuple):
     """Per-channel backward sums of a shard: three float64 arrays of shape (C,).
 
-    ``count``: values per channel; ``sum_dy``: ``sum(dy)``; ``sum_dy_xhat``:
-    ``sum(dy * xhat)`` with ``xhat = (x - mean) * invstd`` for the *global*
-    mean and invstd.  They merge by plain addition; merged, ``sum_dy`` is
-    ``doffset`` and ``sum_dy_xhat`` is ``dscale``.
-    """
-    count: np.ndarray
-    sum_dy: np.ndarray
-    sum_dy_xhat: np.ndarray
+    What :func:`partial_grad_sums` returns.  They merge by plain addition
+    (:func:`merge_grad_sums`, or an all-reduce(sum) of :meth:`pack`); merged,
+    ``sum_dy`` is ``doffset`` and ``sum_dy_xhat`` is ``dscale``.
 
-    def pack(self):
+    Attributes
+    ----------
+    count : ndarray, shape (C,), float64
+        Values per channel.
+    sum_dy : ndarray, shape (C,), float64
+        ``sum(dy)``.
+    sum_dy_xhat : ndarray, shape (C,), float64
+        ``sum(dy * xhat)`` with ``xhat = (x - mean) * invstd`` for the
+        *global* ``mean`` and ``invstd``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> y, mean, invstd = fbn.batch_norm_train(x)       # global statistics
+    >>> dy = np.ones_like(x)
+    >>> ga = fbn.partial_grad_sums(dy[:1], a, mean, invstd)
+    >>> gb = fbn.partial_grad_sums(dy[1:], b, mean, invstd)
+    >>> fbn.GradSums.unpack(ga.pack() + gb.pack()).sum_dy   # an all-reduce(sum)
+    array([4., 4.])
+    """
+    count: NDArray[np.float64]  # type: ignore[assignment]  # tuple.count: the contract's name
+    sum_dy: NDArray[np.float64]
+    sum_dy_xhat: NDArray[np.float64]
+
+    def pack(self) -> NDArray[np.float64]:
         """The three vectors stacked as one (3, C) float64 array (all-reduce with sum)."""
         return _pack(self)
 
     @classmethod
-    def unpack(cls, a):
-        """Inverse of :meth:`pack`: a (3, C) array -> GradSums."""
+    def unpack(cls, a: ArrayLike) -> GradSums:
+        """Inverse of :meth:`pack`: a (3, C) array -> GradSums (copies of its rows).
+
+        Raises ``ValueError`` if ``a`` is not of shape (3, C).
+        """
         return _unpack(cls, a, "packed grad sums")
 
 
@@ -133,13 +202,44 @@ def _stack(parts, cls, what):
 
 
 @_tensor_calls
-def merge_moments(*parts):
+def merge_moments(*parts: Moments | ArrayLike) -> Moments:
     """Merge partial moments of shards into the moments of their concatenation.
 
-    Each part is a :class:`Moments`, a packed (3, C) array (``Moments.pack()``)
-    or a stacked (P, 3, C) array (what an all-gather of packed parts gives).
-    Associative and commutative up to rounding; counts may differ and may be
-    zero.  Returns a :class:`Moments` of (C,) float64 vectors.
+    Chan's exact pairwise merge (never ``E[x^2] - E[x]^2``): associative and
+    commutative up to rounding; counts may differ and may be zero.
+
+    Parameters
+    ----------
+    *parts : Moments or array_like
+        One or more of: a :class:`Moments`, a packed ``(3, C)`` array
+        (``Moments.pack()``) or a stacked ``(P, 3, C)`` array (what an
+        all-gather of packed parts gives); any mix, the same ``C`` for all.
+        CPU tensors are taken too (the first part decides: tensors in,
+        tensors out).
+
+    Returns
+    -------
+    Moments
+        The moments of the whole batch: (C,) float64 vectors.
+
+    Raises
+    ------
+    ValueError
+        No parts, a part of another shape, parts with different ``C``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> total = fbn.merge_moments(fbn.partial_moments(a), fbn.partial_moments(b))
+    >>> total.count, total.mean, total.var()
+    (array([4., 4.]), array([ 2., 20.]), array([  1., 100.]))
+    >>> gathered = np.stack([fbn.partial_moments(a).pack(), fbn.partial_moments(b).pack()])
+    >>> fbn.merge_moments(gathered).mean                 # (P, 3, C) = (2, 3, 2)
+    array([ 2., 20.])
     """
     p = _stack(parts, Moments, "merge_moments")
     merged = core.chan_merge(np.moveaxis(p, 1, 0), axis=0)[:, 0]
@@ -147,8 +247,39 @@ def merge_moments(*parts):
 
 
 @_tensor_calls
-def merge_grad_sums(*parts):
-    """Add up :class:`GradSums` of shards (same part forms as :func:`merge_moments`)."""
+def merge_grad_sums(*parts: GradSums | ArrayLike) -> GradSums:
+    """Add up :class:`GradSums` of shards: the sums of the whole batch.
+
+    Parameters
+    ----------
+    *parts : GradSums or array_like
+        One or more of: a :class:`GradSums`, a packed ``(3, C)`` array or a
+        stacked ``(P, 3, C)`` array (as for :func:`merge_moments`).
+
+    Returns
+    -------
+    GradSums
+        The sums over every part: (C,) float64 vectors.
+
+    Raises
+    ------
+    ValueError
+        No parts, a part of another shape, parts with different ``C``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> y, mean, invstd = fbn.batch_norm_train(x)
+    >>> dy = np.ones_like(x)
+    >>> g = fbn.merge_grad_sums(fbn.partial_grad_sums(dy[:1], a, mean, invstd),
+    ...                         fbn.partial_grad_sums(dy[1:], b, mean, invstd))
+    >>> g.count, g.sum_dy
+    (array([4., 4.]), array([4., 4.]))
+    """
     s = _stack(parts, GradSums, "merge_grad_sums").sum(axis=0)
     return GradSums(s[0], s[1], s[2])
 
@@ -162,12 +293,50 @@ def _shard(x, channel_axis, name="x"):
 
 
 @_tensor_calls
-def partial_moments(x, channel_axis=1, *, backend=None):
+def partial_moments(x: ArrayLike, channel_axis: int = 1, *,
+                    backend: str | None = None) -> Moments:
     """Per-channel partial moments of one shard ``x``: a :class:`Moments`.
 
-    x: any shape with channels on ``channel_axis``; statistics over every
-    other axis, in one read of x by the chosen CPU backend.  An empty shard
-    (e.g. batch size 0) gives count 0, mean 0, m2 0.
+    Statistics over every axis but ``channel_axis``, in one read of ``x``.
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        This worker's shard: float16, float32 or float64 data with ``C``
+        channels on ``channel_axis``, in any memory layout; a NumPy array (or
+        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
+        differ between workers and may be 0.
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
+    backend : str, optional
+        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
+        dispatcher's choice.
+
+    Returns
+    -------
+    Moments
+        ``count``, ``mean``, ``m2``: (C,) float64 vectors (float64 tensors for
+        a tensor ``x``).  An empty shard gives count 0, mean 0, m2 0.
+
+    Raises
+    ------
+    TypeError
+        Non-float ``x``, a CPU tensor that requires grad or tensors mixed
+        with other arrays, a ``backend`` that does not take ``x``.
+    ValueError
+        ``channel_axis`` out of range, an unknown or unavailable ``backend``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> fbn.partial_moments(a)
+    Moments(count=array([1., 1.]), mean=array([ 1., 10.]), m2=array([0., 0.]))
+    >>> fbn.partial_moments(np.zeros((0, 2), np.float32)).count   # an empty shard
+    array([0., 0.])
     """
     x, fam, ax, plan = _shard(x, channel_axis)
     C, n = x.shape[ax], plan.count
@@ -211,18 +380,78 @@ def _apply(x, fam, plan, out, backend, m, q, r, u=None, p=None):
 
 
 @_tensor_calls
-def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channel_axis=1, eps=1e-5,
-                                  running_mean=None, running_var=None, momentum=0.1, out=None,
-                                  backend=None):
+def batch_norm_train_from_moments(x: ArrayLike, moments: Moments | ArrayLike,
+                                  scale: ArrayLike | None = None,
+                                  offset: ArrayLike | None = None, *, channel_axis: int = 1,
+                                  eps: float = 1e-5, running_mean: Array | None = None,
+                                  running_var: Array | None = None, momentum: float = 0.1,
+                                  out: Array | None = None,
+                                  backend: str | None = None) -> tuple[Array, Array, Array]:
     """Training-mode forward of a shard, with the merged moments of the whole batch.
 
-    ``moments``: :func:`merge_moments` of every worker's :func:`partial_moments`.
-    Returns ``(y, mean, invstd)`` exactly as ``batch_norm_train`` on the
-    concatenated batch would: ``y`` shaped like this shard, ``mean`` and
-    ``invstd = 1/sqrt(var + eps)`` (biased var) of length C.  Running
-    statistics, if given, are updated in place with the global statistics
-    (unbiased running variance from the global count), identically on every
-    worker.  A global count < 2 raises ValueError.
+    Returns what ``batch_norm_train`` on the concatenated batch would, for
+    this shard's rows; running statistics are updated identically on every
+    worker (unbiased running variance from the global count).
+
+    Parameters
+    ----------
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        This worker's shard: float16, float32 or float64 data with ``C``
+        channels on ``channel_axis``, in any memory layout; a NumPy array (or
+        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
+        differ between workers and may be 0.
+    moments : Moments or array_like, shape (3, C)
+        :func:`merge_moments` of every worker's :func:`partial_moments` (or
+        its packed form).
+    scale, offset : array_like, shape (C,), optional
+        Per-channel affine parameters, any float dtype; None means ones /
+        zeros.  Must not overlap ``out`` or the running statistics.
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
+    eps : float, optional
+        Added to the variance (>= 0).
+    running_mean, running_var : array, shape (C,), optional
+        Updated in place: arrays of ``x``'s family of exactly the per-channel
+        dtype (float32 for float16 ``x``, else ``x``'s dtype), contiguous and
+        writeable, overlapping no other argument.  Left unchanged when the whole batch is empty.
+    momentum : float, optional
+        Weight of the batch statistics in the update, in [0, 1].
+    out : array, optional
+        Where to write ``y``: an array of ``x``'s family, shape and dtype; may
+        be ``x`` itself or overlap it.
+    backend : str, optional
+        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
+        dispatcher's choice.
+
+    Returns
+    -------
+    y : array of x's family
+        Shape and dtype of ``x`` (``out`` itself when given).
+    mean, invstd : arrays of x's family, shape (C,)
+        The global mean and ``1/sqrt(var + eps)`` (biased variance), float32
+        for float16 ``x``, else ``x``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        As ``batch_norm_train``; also for CuPy or Dask data.
+    ValueError
+        As ``batch_norm_train``; also ``moments`` not of ``C`` channels, and a
+        global count of 1 in a channel.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> total = fbn.merge_moments(fbn.partial_moments(a), fbn.partial_moments(b))
+    >>> ya, mean, invstd = fbn.batch_norm_train_from_moments(a, total)
+    >>> ya                                                # = batch_norm_train(x)[0][:1]
+    array([[-0.999995  , -0.99999994]], dtype=float32)
+    >>> mean, invstd
+    (array([ 2., 20.], dtype=float32), array([0.999995  , 0.09999999], dtype=float32))
     """
     x, fam, ax, plan = _shard(x, channel_axis)
     C = x.shape[ax]
@@ -251,11 +480,55 @@ def batch_norm_train_from_moments(x, moments, scale=None, offset=None, *, channe
 
 
 @_tensor_calls
-def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
+def partial_grad_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, *,
+                      channel_axis: int = 1, backend: str | None = None) -> GradSums:
     """Per-channel backward sums of one shard: a :class:`GradSums`.
 
-    dy, x: this shard's upstream gradient and input (same shape and dtype);
-    mean, invstd: the *global* (C,) statistics the forward returned.
+    Parameters
+    ----------
+    dy : array_like, shape of x
+        The gradient of the loss with respect to this shard's ``y``: ``x``'s
+        family, shape and dtype.
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        This worker's shard: float16, float32 or float64 data with ``C``
+        channels on ``channel_axis``, in any memory layout; a NumPy array (or
+        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
+        differ between workers and may be 0.
+    mean, invstd : array_like, shape (C,)
+        The *global* statistics the forward returned (any float dtype).
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
+    backend : str, optional
+        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
+        dispatcher's choice.
+
+    Returns
+    -------
+    GradSums
+        ``count``, ``sum_dy``, ``sum_dy_xhat``: (C,) float64 vectors (float64
+        tensors for tensor input); zeros for an empty shard.
+
+    Raises
+    ------
+    TypeError
+        Non-float arrays, ``dy`` of another dtype than ``x``, a missing
+        ``mean``/``invstd``, a CPU tensor that requires grad.
+    ValueError
+        ``dy`` not of ``x``'s shape, vectors not of shape ``(C,)``,
+        ``channel_axis`` out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> y, mean, invstd = fbn.batch_norm_train(x)
+    >>> dy = np.ones_like(x)
+    >>> fbn.partial_grad_sums(dy[:1], a, mean, invstd)
+    GradSums(count=array([1., 1.]), sum_dy=array([1., 1.]),
+             sum_dy_xhat=array([-0.99999499, -0.99999994]))
     """
     x, fam, ax, plan = _shard(x, channel_axis)
     dy = checks.same_as_x(dy, x, fam)
@@ -272,14 +545,73 @@ def partial_grad_sums(dy, x, mean, invstd, *, channel_axis=1, backend=None):
 
 
 @_tensor_calls
-def batch_norm_backward_from_sums(dy, x, scale, mean, invstd, sums, *, channel_axis=1, out=None,
-                                  backend=None):
+def batch_norm_backward_from_sums(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None,
+                                  mean: ArrayLike, invstd: ArrayLike, sums: GradSums | ArrayLike,
+                                  *, channel_axis: int = 1, out: Array | None = None,
+                                  backend: str | None = None) -> tuple[Array, Array, Array]:
     """Backward of a shard, with the merged :class:`GradSums` of the whole batch.
 
-    Returns ``(dx, dscale, doffset)`` as ``batch_norm_backward`` on the
-    concatenated batch would: ``dx`` shaped like this shard, ``dscale`` and
-    ``doffset`` the global (C,) gradients (the same on every worker, so no
-    further all-reduce of the parameter gradients is needed).
+    Returns what ``batch_norm_backward`` on the concatenated batch would, for
+    this shard's rows.
+
+    Parameters
+    ----------
+    dy : array_like, shape of x
+        The gradient of the loss with respect to this shard's ``y``: ``x``'s
+        family, shape and dtype.
+    x : array_like, shape (N, C, ...) or (N, ..., C)
+        This worker's shard: float16, float32 or float64 data with ``C``
+        channels on ``channel_axis``, in any memory layout; a NumPy array (or
+        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
+        differ between workers and may be 0.
+    scale : array_like, shape (C,) or None
+        The forward's ``scale``; None means ones.  Must not overlap ``out``.
+    mean, invstd : array_like, shape (C,)
+        The global statistics the forward returned.
+    sums : GradSums or array_like, shape (3, C)
+        :func:`merge_grad_sums` of every worker's :func:`partial_grad_sums`
+        (or the all-reduced packed form).
+    channel_axis : int, optional
+        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
+    out : array, optional
+        Where to write ``dx``: an array of ``x``'s family, shape and dtype;
+        may be ``dy`` or ``x`` itself or overlap them.
+    backend : str, optional
+        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
+        dispatcher's choice.
+
+    Returns
+    -------
+    dx : array of x's family
+        Shape and dtype of this shard's ``x`` (``out`` itself when given).
+    dscale, doffset : arrays of x's family, shape (C,)
+        The global gradients of ``scale`` and ``offset``, float32 for float16
+        ``x``, else ``x``'s dtype: the same on every worker, so they need no
+        further all-reduce.
+
+    Raises
+    ------
+    TypeError
+        Non-float arrays, ``dy``/``out`` of another dtype than ``x``, CuPy or
+        Dask data, a CPU tensor that requires grad.
+    ValueError
+        Shapes that do not match ``x`` and ``C``, ``sums`` not of ``C``
+        channels.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbn as fbn
+    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
+    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    >>> y, mean, invstd = fbn.batch_norm_train(x)
+    >>> dy = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]], np.float32)
+    >>> g = fbn.merge_grad_sums(fbn.partial_grad_sums(dy[:1], a, mean, invstd),
+    ...                         fbn.partial_grad_sums(dy[1:], b, mean, invstd))
+    >>> dxa, dscale, doffset = fbn.batch_norm_backward_from_sums(dy[:1], a, None, mean, invstd, g)
+    >>> dxa.shape, dscale, doffset                       # = batch_norm_backward(dy, x, ...)
+    ((1, 2), array([-0.999995  , -0.99999994], dtype=float32), array([ 1., -1.], dtype=float32))
     """
     x, fam, ax, plan = _shard(x, channel_axis)
     dy = checks.same_as_x(dy, x, fam)

@@ -183,12 +183,9 @@ class TFStyleBatchNorm:
         self.training = True
         self.dscale = self.doffset = None
 
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
+    # The mode switch is the layer's own: one definition of train(mode) / eval().
+    train = fbn.BatchNorm.train
+    eval = fbn.BatchNorm.eval
 
     def __call__(self, x):
         C = len(self.scale)

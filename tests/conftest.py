@@ -73,12 +73,13 @@ def rng():
 
 
 def random_array(rng, shape, dtype, memory="C", channel_axis=None, loc=0.5, sd=2.0):
-    """Random ``loc + sd * randn`` data of ``shape`` and ``dtype`` laid out as ``memory``.
+    """Random ``loc + sd * randn`` data of ``shape`` (a tuple, or an int for 1-D) and
+    ``dtype`` laid out as ``memory``.
 
     With ``channel_axis``, channel c also gets ``+ c`` added, so channels have
     clearly different statistics and a mixed-up channel cannot pass.
     """
-    shape = tuple(shape)
+    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(shape)
     ndim = len(shape)
 
     def values(shp):

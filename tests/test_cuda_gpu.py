@@ -53,26 +53,18 @@ def small_blocks(monkeypatch):
     return cuda_numba
 
 
-def values(rng, shape, dtype, loc=0.5, sd=2.0, channel_axis=None):
-    v = loc + sd * rng.standard_normal(shape)
-    if channel_axis is not None:
-        c = channel_axis % len(shape)
-        v = v + np.arange(shape[c]).reshape([-1 if a == c else 1 for a in range(len(shape))])
-    return v.astype(dtype)
-
-
 # (shape, channel_axis): NCHW, NHWC, (N, C), NCL with a large spatial extent
 LAYOUTS = [((8, 16, 14, 14), 1), ((8, 14, 14, 16), -1), ((300, 40), -1), ((4, 6, 1000), 1)]
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS)
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_train_backward_cupy(cp, rng, shape, axis, dtype):
-    h = values(rng, shape, dtype, channel_axis=axis)
-    g = values(rng, shape, dtype)
+def test_train_backward_cupy(cp, make_array, shape, axis, dtype):
+    h = make_array(shape, dtype, channel_axis=axis)
+    g = make_array(shape, dtype)
     C = shape[axis]
     pdt = ref.param_dtype(dtype)
-    scale, offset = values(rng, C, pdt, loc=1.0, sd=0.3), values(rng, C, pdt)
+    scale, offset = make_array(C, pdt, loc=1.0, sd=0.3), make_array(C, pdt)
     rm0, rv0 = np.zeros(C, pdt), np.ones(C, pdt)
     rm, rv = cp.asarray(rm0), cp.asarray(rv0)
     y, mean, invstd = fbn.batch_norm_train(cp.asarray(h), cp.asarray(scale), cp.asarray(offset),
@@ -94,8 +86,8 @@ def test_train_backward_cupy(cp, rng, shape, axis, dtype):
 
 
 @pytest.mark.parametrize("shape,axis", LAYOUTS[:2])
-def test_small_blocks_multi_block_paths(cp, rng, small_blocks, shape, axis):
-    h = values(rng, shape, np.float32, loc=10.0, channel_axis=axis)
+def test_small_blocks_multi_block_paths(cp, make_array, small_blocks, shape, axis):
+    h = make_array(shape, np.float32, loc=10.0, channel_axis=axis)
     y, mean, invstd = fbn.batch_norm_train(cp.asarray(h), channel_axis=axis)
     ey, emean, einv, _, _ = ref.batch_norm_train(h, channel_axis=axis)
     ref.assert_close(y.get(), ey, "y")
@@ -103,10 +95,10 @@ def test_small_blocks_multi_block_paths(cp, rng, small_blocks, shape, axis):
 
 
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_infer_and_moments_cupy(cp, rng, dtype):
-    h = values(rng, (6, 5, 7, 9), dtype)
+def test_infer_and_moments_cupy(cp, make_array, dtype):
+    h = make_array((6, 5, 7, 9), dtype)
     pdt = ref.param_dtype(dtype)
-    mean, var = values(rng, 5, pdt), np.abs(values(rng, 5, pdt)) + 0.1
+    mean, var = make_array(5, pdt), np.abs(make_array(5, pdt)) + 0.1
     y = fbn.batch_norm_infer(cp.asarray(h), None, None, cp.asarray(mean), cp.asarray(var))
     ref.assert_close(y.get(), ref.batch_norm_infer(h, None, None, mean, var), "y")
     for axis in (None, (0, 2), 3, (1, 2, 3)):
@@ -144,8 +136,8 @@ def test_large_256mb(cp, axis):
     assert float(cp.max(cp.abs(y - ey))) < 1e-4
 
 
-def test_numba_device_arrays_in_and_out(cuda, rng):
-    h = values(rng, (5, 3, 4, 6), np.float32, channel_axis=1)
+def test_numba_device_arrays_in_and_out(cuda, make_array):
+    h = make_array((5, 3, 4, 6), np.float32, channel_axis=1)
     rm = cuda.to_device(np.zeros(3, np.float32))
     y, mean, invstd = fbn.batch_norm_train(cuda.to_device(h), running_mean=rm)
     assert all(cuda.is_cuda_array(a) and hasattr(a, "copy_to_host") for a in (y, mean, invstd))
@@ -155,11 +147,11 @@ def test_numba_device_arrays_in_and_out(cuda, rng):
     ref.assert_close(rm.copy_to_host(), erm, "running_mean")
 
 
-def test_numba_arrays_without_cupy(cuda, rng, monkeypatch):
+def test_numba_arrays_without_cupy(cuda, make_array, monkeypatch):
     """The host-vector path (no CuPy) on a real device, layouts included."""
     from fastbn.kernels import cuda_runtime as device
     monkeypatch.setattr(device, "USE_CUPY", False)
-    h = values(rng, (5, 3, 4, 6), np.float64, channel_axis=1)
+    h = make_array((5, 3, 4, 6), np.float64, channel_axis=1)
     x = cuda.to_device(np.ascontiguousarray(np.moveaxis(h, 1, -1)))  # NHWC storage
     rm = cuda.to_device(np.zeros(3))
     y, mean, invstd = fbn.batch_norm_train(x, channel_axis=-1, running_mean=rm)
@@ -175,11 +167,11 @@ def test_numba_arrays_without_cupy(cuda, rng, monkeypatch):
     ref.assert_close(y.copy_to_host(), ref.batch_norm_train(h)[0], "cropped")
 
 
-def test_torch_cuda_tensor_in(cp, rng):
+def test_torch_cuda_tensor_in(cp, make_array):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch without CUDA")
-    h = values(rng, (4, 3, 5, 5), np.float32)
+    h = make_array((4, 3, 5, 5), np.float32)
     t = torch.as_tensor(h, device="cuda")
     y, mean, invstd = fbn.batch_norm_train(t)
     assert isinstance(y, cp.ndarray)
@@ -189,8 +181,8 @@ def test_torch_cuda_tensor_in(cp, rng):
     ref.assert_close(out.cpu().numpy(), ref.batch_norm_train(h)[0], "out= torch")
 
 
-def test_out_in_place_and_exotic(cp, rng):
-    h = values(rng, (4, 3, 6, 5), np.float32, channel_axis=1)
+def test_out_in_place_and_exotic(cp, make_array):
+    h = make_array((4, 3, 6, 5), np.float32, channel_axis=1)
     ey = ref.batch_norm_train(h)[0]
     x = cp.asarray(h)
     assert fbn.batch_norm_train(x, out=x)[0] is x
@@ -202,26 +194,26 @@ def test_out_in_place_and_exotic(cp, rng):
     assert bool(cp.isnan(big[:, :, 0]).all())
 
 
-def test_mixed_families_raise(cp, rng):
-    x = cp.asarray(values(rng, (4, 3), np.float32))
+def test_mixed_families_raise(cp, make_array):
+    x = cp.asarray(make_array((4, 3), np.float32))
     with pytest.raises(TypeError, match="scale"):
         fbn.batch_norm_train(x, np.ones(3, np.float32), channel_axis=-1)
     with pytest.raises(TypeError):
-        fbn.batch_norm_train(values(rng, (4, 3), np.float32), cp.ones(3, cp.float32), channel_axis=-1)
+        fbn.batch_norm_train(make_array((4, 3), np.float32), cp.ones(3, cp.float32), channel_axis=-1)
     rm = cp.zeros(3, cp.float32)
     with pytest.raises(TypeError, match="running_var"):
         fbn.batch_norm_train(x, channel_axis=-1, running_mean=rm, running_var=np.ones(3, np.float32))
     assert not bool(rm.any())
 
 
-def test_runs_on_cupy_current_stream_without_host_sync(cp, rng):
+def test_runs_on_cupy_current_stream_without_host_sync(cp, make_array):
     """Kernels queue behind work on CuPy's current stream and the call does not wait for it."""
     spin = cp.RawKernel(r'''
     extern "C" __global__ void spin(long long cycles) {
         long long t0 = clock64();
         while (clock64() - t0 < cycles) { }
     }''', "spin")
-    h = values(rng, (16, 8, 32, 32), np.float32)
+    h = make_array((16, 8, 32, 32), np.float32)
     x = cp.asarray(h)
     fbn.batch_norm_train(x)  # compile and warm up
     s = cp.cuda.Stream(non_blocking=True)
@@ -237,8 +229,8 @@ def test_runs_on_cupy_current_stream_without_host_sync(cp, rng):
     ref.assert_close(y.get(), ref.batch_norm_train(h)[0], "y on a side stream")
 
 
-def test_deterministic(cp, rng):
-    x = cp.asarray(values(rng, (32, 16, 20, 20), np.float32, loc=100.0))
+def test_deterministic(cp, make_array):
+    x = cp.asarray(make_array((32, 16, 20, 20), np.float32, loc=100.0))
     first = fbn.moments(x, (0, 2, 3))
     for _ in range(3):
         again = fbn.moments(x, (0, 2, 3))

@@ -47,14 +47,6 @@ def cuda():
     return cuda
 
 
-def values(rng, shape, dtype, loc=0.5, sd=2.0, channel_axis=None):
-    v = loc + sd * rng.standard_normal(shape)
-    if channel_axis is not None:
-        c = channel_axis % len(shape)
-        v = v + np.arange(shape[c]).reshape([-1 if a == c else 1 for a in range(len(shape))])
-    return v.astype(dtype)
-
-
 def on_device(cuda, h, memory):
     """``h``'s values as a (simulated) device array laid out as ``memory``."""
     if memory == "C":
@@ -96,8 +88,8 @@ SHAPES3 = [(3, 4, 20), (2, 3, 9), (13, 5, 1), (7, 3, 3), (1, 2, 11), (9, 1, 1)]
 @sim
 @pytest.mark.parametrize("shape", SHAPES3)
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_moments3(K, cuda, rng, shape, dtype):
-    x = values(rng, shape, dtype, loc=3.0)
+def test_moments3(K, cuda, make_array, shape, dtype):
+    x = make_array(shape, dtype, loc=3.0)
     mean, m2 = K.moments3(cuda.to_device(x))
     assert isinstance(mean, np.ndarray) and mean.dtype == np.float64 and mean.shape == (shape[1],)
     rmean, rm2 = ref.moments(x.astype(np.float64), (0, 2))
@@ -109,9 +101,9 @@ def test_moments3(K, cuda, rng, shape, dtype):
 @sim
 @pytest.mark.parametrize("shape", SHAPES3)
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_dy_sums3(K, cuda, rng, shape, dtype):
-    x = values(rng, shape, dtype)
-    dy = values(rng, shape, dtype, loc=-0.3)
+def test_dy_sums3(K, cuda, rng, make_array, shape, dtype):
+    x = make_array(shape, dtype)
+    dy = make_array(shape, dtype, loc=-0.3)
     m = rng.standard_normal(shape[1])
     a, b = K.dy_sums3(cuda.to_device(dy), cuda.to_device(x), m)
     dy64, xc = dy.astype(np.float64), x.astype(np.float64) - m[None, :, None]
@@ -124,11 +116,11 @@ def test_dy_sums3(K, cuda, rng, shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES3)
 @pytest.mark.parametrize("dtype", ref.DTYPES)
 @pytest.mark.parametrize("with_u", [False, True])
-def test_affine3(K, cuda, rng, shape, dtype, with_u):
-    x = values(rng, shape, dtype)
+def test_affine3(K, cuda, rng, make_array, shape, dtype, with_u):
+    x = make_array(shape, dtype)
     C = shape[1]
     m, q, r, p = (rng.standard_normal(C) for _ in range(4))
-    u = values(rng, shape, dtype) if with_u else None
+    u = make_array(shape, dtype) if with_u else None
     out = cuda.device_array(shape, dtype)
     K.affine3(cuda.to_device(x), m, q, r, out, None if u is None else cuda.to_device(u),
               p if with_u else None)
@@ -153,15 +145,15 @@ def test_launches_cover_several_blocks(K):
 
 @sim
 @pytest.mark.parametrize("shape", [(2, 5, 9), (11, 5, 1)])
-def test_more_channels_than_grid(K, cuda, rng, monkeypatch, shape):
+def test_more_channels_than_grid(K, cuda, make_array, monkeypatch, shape):
     """Channels beyond the grid's y/x limit are walked by a channel loop."""
     monkeypatch.setattr(K, "_MAX_GRID_Y", 2)
-    x = values(rng, shape, np.float64)
+    x = make_array(shape, np.float64)
     mean, m2 = K.moments3(cuda.to_device(x))
     rmean, rvar = ref.moments(x, (0, 2))
     ref.assert_close(mean, rmean, "mean")
     ref.assert_close(m2 / (shape[0] * shape[2]), rvar, "var")
-    dy = values(rng, shape, np.float64)
+    dy = make_array(shape, np.float64)
     a, b = K.dy_sums3(cuda.to_device(dy), cuda.to_device(x), rmean)
     ref.assert_close(a, dy.sum(axis=(0, 2)), "sum dy")
 
@@ -179,9 +171,9 @@ def test_float32_large_mean_accuracy(K, cuda, rng, shape):
 
 
 @sim
-def test_nan_propagates_to_its_channel_only(K, cuda, rng):
+def test_nan_propagates_to_its_channel_only(K, cuda, make_array):
     for shape in [(3, 4, 20), (13, 4, 1)]:
-        x = values(rng, shape, np.float32)
+        x = make_array(shape, np.float32)
         x[1, 2, 0] = np.nan
         mean, m2 = K.moments3(cuda.to_device(x))
         assert np.isnan(mean[2]) and np.isnan(m2[2])
@@ -189,8 +181,8 @@ def test_nan_propagates_to_its_channel_only(K, cuda, rng):
 
 
 @sim
-def test_reductions_are_deterministic(K, cuda, rng):
-    x = cuda.to_device(values(rng, (3, 4, 20), np.float32, loc=100.0))
+def test_reductions_are_deterministic(K, cuda, make_array):
+    x = cuda.to_device(make_array((3, 4, 20), np.float32, loc=100.0))
     first = K.moments3(x)
     for _ in range(2):
         again = K.moments3(x)
@@ -198,9 +190,9 @@ def test_reductions_are_deterministic(K, cuda, rng):
 
 
 @sim
-def test_copy_nd_and_flat_views(K, cuda, rng):
+def test_copy_nd_and_flat_views(K, cuda, make_array):
     """The N-d strided copy behind non-viewable layouts, on flat views of strided arrays."""
-    h = values(rng, (3, 4, 5), np.float64)
+    h = make_array((3, 4, 5), np.float64)
     src = on_device(cuda, h, "negstride")
     dst_host = np.full((5, 3, 4), np.nan)
     dst = cuda.to_device(dst_host)
@@ -216,14 +208,14 @@ MEMORIES = ("C", "F", "sliced", "negstride", "chlast")
 @sim
 @pytest.mark.parametrize("memory", MEMORIES)
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_batch_norm_train(K, cuda, rng, memory, dtype):
+def test_batch_norm_train(K, cuda, make_array, memory, dtype):
     shape = (3, 4, 2, 5)
-    h = values(rng, shape, dtype, channel_axis=1)
+    h = make_array(shape, dtype, channel_axis=1)
     x = on_device(cuda, h, memory)
     pdt = ref.param_dtype(dtype)
-    scale = values(rng, 4, pdt, loc=1.0, sd=0.5)
-    offset = values(rng, 4, pdt)
-    rm0, rv0 = values(rng, 4, pdt), np.abs(values(rng, 4, pdt)) + 0.5
+    scale = make_array(4, pdt, loc=1.0, sd=0.5)
+    offset = make_array(4, pdt)
+    rm0, rv0 = make_array(4, pdt), np.abs(make_array(4, pdt)) + 0.5
     rm, rv = cuda.to_device(rm0), cuda.to_device(rv0)
     y, mean, invstd = fbn.batch_norm_train(x, cuda.to_device(scale), cuda.to_device(offset),
                                            eps=1e-3, running_mean=rm, running_var=rv, momentum=0.2)
@@ -239,8 +231,8 @@ def test_batch_norm_train(K, cuda, rng, memory, dtype):
 
 @sim
 @pytest.mark.parametrize("shape,axis", [((6, 3), -1), ((5, 3, 4), -1), ((2, 3, 4), 2), ((4, 12), 1)])
-def test_batch_norm_train_channel_axes(K, cuda, rng, shape, axis):
-    h = values(rng, shape, np.float32, channel_axis=axis)
+def test_batch_norm_train_channel_axes(K, cuda, make_array, shape, axis):
+    h = make_array(shape, np.float32, channel_axis=axis)
     y, mean, invstd = fbn.batch_norm_train(cuda.to_device(h), channel_axis=axis)
     ey, emean, einv, _, _ = ref.batch_norm_train(h, channel_axis=axis)
     ref.assert_close(host(y), ey, "y")
@@ -251,12 +243,12 @@ def test_batch_norm_train_channel_axes(K, cuda, rng, shape, axis):
 @sim
 @pytest.mark.parametrize("memory", ("C", "chlast", "sliced"))
 @pytest.mark.parametrize("dtype", (np.float16, np.float64))
-def test_batch_norm_infer(K, cuda, rng, memory, dtype):
+def test_batch_norm_infer(K, cuda, make_array, memory, dtype):
     shape = (2, 3, 3, 4)
-    h = values(rng, shape, dtype)
+    h = make_array(shape, dtype)
     pdt = ref.param_dtype(dtype)
-    scale, offset, mean = (values(rng, 3, pdt) for _ in range(3))
-    var = np.abs(values(rng, 3, pdt)) + 0.1
+    scale, offset, mean = (make_array(3, pdt) for _ in range(3))
+    var = np.abs(make_array(3, pdt)) + 0.1
     y = fbn.batch_norm_infer(on_device(cuda, h, memory), cuda.to_device(scale), None,
                              cuda.to_device(mean), cuda.to_device(var), eps=1e-4)
     ref.assert_close(host(y), ref.batch_norm_infer(h, scale, None, mean, var, 1, 1e-4), "y")
@@ -265,12 +257,12 @@ def test_batch_norm_infer(K, cuda, rng, memory, dtype):
 @sim
 @pytest.mark.parametrize("memory", ("C", "chlast", "negstride"))
 @pytest.mark.parametrize("dtype", ref.DTYPES)
-def test_batch_norm_backward(K, cuda, rng, memory, dtype):
+def test_batch_norm_backward(K, cuda, make_array, memory, dtype):
     shape = (3, 4, 2, 5)
-    h = values(rng, shape, dtype, channel_axis=1)
-    g = values(rng, shape, dtype)
+    h = make_array(shape, dtype, channel_axis=1)
+    g = make_array(shape, dtype)
     pdt = ref.param_dtype(dtype)
-    scale = values(rng, 4, pdt, loc=1.0)
+    scale = make_array(4, pdt, loc=1.0)
     _, mean, invstd, _, _ = ref.batch_norm_train(h)
     mean, invstd = mean.astype(pdt), invstd.astype(pdt)
     dx, dscale, doffset = fbn.batch_norm_backward(
@@ -285,8 +277,8 @@ def test_batch_norm_backward(K, cuda, rng, memory, dtype):
 @sim
 @pytest.mark.parametrize("axis,keepdims,ddof", [(None, False, 0), ((0, 2), True, 1), (1, False, 0),
                                                 ((-1,), False, 0), ((0, 1, 2), True, 0)])
-def test_moments(K, cuda, rng, axis, keepdims, ddof):
-    h = values(rng, (4, 3, 5), np.float32, loc=50.0)
+def test_moments(K, cuda, make_array, axis, keepdims, ddof):
+    h = make_array((4, 3, 5), np.float32, loc=50.0)
     mean, var = fbn.moments(on_device(cuda, h, "F"), axis, keepdims=keepdims, ddof=ddof)
     emean, evar = ref.moments(h, axis, keepdims, ddof)
     mean, var = host(mean), host(var)
@@ -296,19 +288,19 @@ def test_moments(K, cuda, rng, axis, keepdims, ddof):
 
 
 @sim
-def test_batch_normalization(K, cuda, rng):
-    h = values(rng, (4, 3, 5), np.float32)
+def test_batch_normalization(K, cuda, make_array):
+    h = make_array((4, 3, 5), np.float32)
     mean, var = fbn.moments(cuda.to_device(h), (0, 2), keepdims=True)
-    scale = values(rng, (1, 3, 1), np.float32)
+    scale = make_array((1, 3, 1), np.float32)
     y = fbn.batch_normalization(cuda.to_device(h), mean, var, 0.25, cuda.to_device(scale), 1e-3)
     emean, evar = ref.moments(h, (0, 2), True)
     ref.assert_close(host(y), ref.batch_normalization(h, emean, evar, 0.25, scale, 1e-3), "y")
 
 
 @sim
-def test_out_in_place_overlap_and_exotic_strides(K, cuda, rng):
+def test_out_in_place_overlap_and_exotic_strides(K, cuda, make_array):
     shape = (3, 4, 2, 5)
-    h = values(rng, shape, np.float64, channel_axis=1)
+    h = make_array(shape, np.float64, channel_axis=1)
     ey = ref.batch_norm_train(h)[0]
     # out=x: in place
     x = cuda.to_device(h)
@@ -331,9 +323,9 @@ def test_out_in_place_overlap_and_exotic_strides(K, cuda, rng):
 
 
 @sim
-def test_non_viewable_input_is_copied(K, cuda, rng):
+def test_non_viewable_input_is_copied(K, cuda, make_array):
     # channels on axis 2 of a cropped array: the reduced axes 0, 1, 3 cannot be merged in place
-    h = values(rng, (3, 4, 2, 5), np.float32, channel_axis=2)
+    h = make_array((3, 4, 2, 5), np.float32, channel_axis=2)
     big = np.full((3, 6, 2, 7), np.nan, dtype=np.float32)
     big[:, 1:5, :, 1:6] = h
     x = cuda.to_device(big)[:, 1:5, :, 1:6]
@@ -344,14 +336,14 @@ def test_non_viewable_input_is_copied(K, cuda, rng):
 
 
 @sim
-def test_dispatch_and_mixed_families(K, cuda, rng):
+def test_dispatch_and_mixed_families(K, cuda, make_array):
     assert fbn.backends()["cuda"] == "available"
-    x = cuda.to_device(values(rng, (4, 3), np.float32))
+    x = cuda.to_device(make_array((4, 3), np.float32))
     assert fbn.backend_for(x) == "cuda"
     with pytest.raises(TypeError, match="scale"):
         fbn.batch_norm_train(x, np.ones(3, np.float32), channel_axis=-1)
     with pytest.raises(TypeError):
-        fbn.batch_norm_train(values(rng, (4, 3), np.float32), cuda.to_device(np.ones(3, np.float32)),
+        fbn.batch_norm_train(make_array((4, 3), np.float32), cuda.to_device(np.ones(3, np.float32)),
                              channel_axis=-1)
     with pytest.raises(TypeError, match="running_mean"):
         fbn.batch_norm_train(x, channel_axis=-1, running_mean=np.zeros(3, np.float32))
@@ -363,8 +355,8 @@ def test_dispatch_and_mixed_families(K, cuda, rng):
 
 
 @sim
-def test_bad_call_changes_nothing(K, cuda, rng):
-    x = cuda.to_device(values(rng, (4, 3), np.float32))
+def test_bad_call_changes_nothing(K, cuda, make_array):
+    x = cuda.to_device(make_array((4, 3), np.float32))
     rm = cuda.to_device(np.full(3, 7.0, np.float32))
     with pytest.raises(TypeError, match="running_var"):
         fbn.batch_norm_train(x, channel_axis=-1, running_mean=rm,
@@ -378,8 +370,8 @@ def test_bad_call_changes_nothing(K, cuda, rng):
 
 
 @sim
-def test_inputs_unchanged_and_empty(K, cuda, rng):
-    h = values(rng, (3, 4, 6), np.float32)
+def test_inputs_unchanged_and_empty(K, cuda, make_array):
+    h = make_array((3, 4, 6), np.float32)
     x = cuda.to_device(h)
     fbn.batch_norm_train(x)
     np.testing.assert_array_equal(host(x), h)

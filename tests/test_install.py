@@ -16,6 +16,8 @@
 Each case is skipped, with the reason, where this machine cannot set it up.
 """
 
+import base64
+import io
 import os
 import shutil
 import subprocess
@@ -168,8 +170,24 @@ def _clean_env(**extra):
     return env
 
 
-def _check_results(got_path, expected):
-    with np.load(got_path) as got:
+def _unprivileged_venv(sandbox, other_user=False):
+    """Skips unless a child can run as an unprivileged user (``other_user``: as someone
+    other than us, which needs root).  Returns (command prefix, python, package dir,
+    an unwritable HOME) of a fresh venv under ``sandbox`` (see _fresh_venv)."""
+    prefix, why = _drop_privileges()
+    if prefix is None:
+        pytest.skip(why)
+    if other_user and not prefix:
+        pytest.skip("needs root to make a directory owned by another user")
+    python, pkg = _fresh_venv(sandbox)
+    home = os.path.join(sandbox, "home")
+    os.mkdir(home, 0o555)
+    return prefix, python, pkg, home
+
+
+def _check_results(got_file, expected):
+    """The arrays saved in ``got_file`` (a path or a file object) equal ``expected``."""
+    with np.load(got_file) as got:
         for k, v in expected.items():
             np.testing.assert_array_equal(got[k], v, err_msg=k)
 
@@ -180,12 +198,7 @@ def test_read_only_install_and_unwritable_home(sandbox):
     first call work and give the right results; the kernels cache in a private
     directory under TMPDIR; nothing is written into the package; a second process
     loads the kernels from that cache."""
-    prefix, why = _drop_privileges()
-    if prefix is None:
-        pytest.skip(why)
-    python, pkg = _fresh_venv(sandbox)
-    home = os.path.join(sandbox, "home")
-    os.mkdir(home, 0o555)
+    prefix, python, pkg, home = _unprivileged_venv(sandbox)
     tmpdir = os.path.join(sandbox, "tmp")
     os.mkdir(tmpdir, 0o700)
     if prefix:
@@ -216,14 +229,7 @@ def test_read_only_install_and_unwritable_home(sandbox):
 def test_foreign_temp_cache_dir_is_not_used(sandbox):
     """A per-user temp cache dir that another user created and others can write is
     refused (cached machine code from it would run here): no cache, same results."""
-    prefix, why = _drop_privileges()
-    if prefix is None:
-        pytest.skip(why)
-    if not prefix:
-        pytest.skip("needs root to make a directory owned by another user")
-    python, _ = _fresh_venv(sandbox)
-    home = os.path.join(sandbox, "home")
-    os.mkdir(home, 0o555)
+    prefix, python, _, home = _unprivileged_venv(sandbox, other_user=True)
     tmpdir = os.path.join(sandbox, "tmp")
     os.mkdir(tmpdir, 0o777)
     os.chmod(tmpdir, 0o1777)
@@ -255,12 +261,7 @@ def test_no_writable_location_at_all(sandbox):
     if probe.returncode != 0:
         pytest.skip(f"mount namespaces are not allowed here: {probe.stderr.strip()[-200:]}")
     # root could still write to "/" (tempfile's last resort): needs an unprivileged user
-    prefix, why = _drop_privileges()
-    if prefix is None:
-        pytest.skip(why)
-    python, pkg = _fresh_venv(sandbox)
-    home = os.path.join(sandbox, "home")
-    os.mkdir(home, 0o555)
+    prefix, python, _, home = _unprivileged_venv(sandbox)
     _read_only(os.path.join(sandbox, "venv"))
     # results leave through a pipe (stdout), since no file can be written
     child = _CHILD + textwrap.dedent("""
@@ -282,11 +283,7 @@ def test_no_writable_location_at_all(sandbox):
     lines = proc.stdout.strip().splitlines()
     info = _last_json(proc.stdout)
     assert info["cache_dir"] is None and info["backend"] == "numba", info
-    import base64
-    import io
-    with np.load(io.BytesIO(base64.b64decode(lines[-2]))) as got:
-        for k, v in _expected(light=True).items():
-            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    _check_results(io.BytesIO(base64.b64decode(lines[-2])), _expected(light=True))
 
 
 _RACER = textwrap.dedent("""

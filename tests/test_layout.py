@@ -33,8 +33,19 @@ memories = pytest.mark.parametrize("memory", MEMORY)
 dtypes = pytest.mark.parametrize("dtype", ref.DTYPES, ids=lambda d: np.dtype(d).name)
 
 
+def every_case(test):
+    """``test`` for every layout x memory layout x dtype."""
+    return layouts(memories(dtypes(test)))
+
+
 def _vec(rng, C, dtype, low=-1.5, high=1.5):
     return rng.uniform(low, high, C).astype(ref.param_dtype(dtype))
+
+
+def _params(rng, C, dtype):
+    """Random per-channel (scale, offset, mean, var) for data of ``dtype``; var in [0.5, 3]."""
+    scale, offset, mean = (_vec(rng, C, dtype) for _ in range(3))
+    return scale, offset, mean, _vec(rng, C, dtype, 0.5, 3.0)
 
 
 def _check_output(y, x):
@@ -45,9 +56,19 @@ def _check_vector(v, C, x):
     assert isinstance(v, np.ndarray) and v.shape == (C,) and v.dtype == ref.param_dtype(x.dtype)
 
 
-@layouts
-@memories
-@dtypes
+def _check_results(got, expected, names, x, C):
+    """``got[0]`` is an array like ``x``, the others length-C vectors (see _check_vector);
+    each is close to the oracle's value in ``expected``, named by a word of ``names``."""
+    names = names.split()
+    assert len(got) == len(expected) == len(names)
+    _check_output(got[0], x)
+    for v in got[1:]:
+        _check_vector(v, C, x)
+    for g, e, name in zip(got, expected, names):
+        ref.assert_close(g, e, name)
+
+
+@every_case
 def test_moments(backend, make_array, shape, axis, memory, dtype):
     x = make_array(shape, dtype, memory, channel_axis=axis)
     axes = ref.reduced_axes(x.ndim, axis)
@@ -58,26 +79,18 @@ def test_moments(backend, make_array, shape, axis, memory, dtype):
     ref.assert_close(var, evar, "var")
 
 
-@layouts
-@memories
-@dtypes
+@every_case
 def test_batch_normalization(backend, make_array, rng, shape, axis, memory, dtype):
     x = make_array(shape, dtype, memory, channel_axis=axis)
     axes = ref.reduced_axes(x.ndim, axis)
     pshape = [1 if a in axes else s for a, s in enumerate(shape)]
-    C = shape[axis]
-    mean = _vec(rng, C, dtype).reshape(pshape)
-    var = _vec(rng, C, dtype, 0.5, 3.0).reshape(pshape)
-    offset = _vec(rng, C, dtype).reshape(pshape)
-    scale = _vec(rng, C, dtype).reshape(pshape)
+    scale, offset, mean, var = (v.reshape(pshape) for v in _params(rng, shape[axis], dtype))
     y = fbn.batch_normalization(x, mean, var, offset, scale, 1e-3, backend=backend)
     _check_output(y, x)
     ref.assert_close(y, ref.batch_normalization(x, mean, var, offset, scale, 1e-3), "y")
 
 
-@layouts
-@memories
-@dtypes
+@every_case
 def test_batch_norm_train(backend, make_array, rng, shape, axis, memory, dtype):
     x = make_array(shape, dtype, memory, channel_axis=axis)
     C = shape[axis]
@@ -89,33 +102,21 @@ def test_batch_norm_train(backend, make_array, rng, shape, axis, memory, dtype):
                                            backend=backend)
     ey, emean, einvstd, ermean, ervar = ref.batch_norm_train(
         x, scale, offset, axis, 1e-3, rmean0, rvar0, 0.3)
-    _check_output(y, x)
-    _check_vector(mean, C, x)
-    _check_vector(invstd, C, x)
-    ref.assert_close(y, ey, "y")
-    ref.assert_close(mean, emean, "mean")
-    ref.assert_close(invstd, einvstd, "invstd")
-    ref.assert_close(rmean, ermean, "running_mean")
-    ref.assert_close(rvar, ervar, "running_var")
+    _check_results((y, mean, invstd, rmean, rvar), (ey, emean, einvstd, ermean, ervar),
+                   "y mean invstd running_mean running_var", x, C)
 
 
-@layouts
-@memories
-@dtypes
+@every_case
 def test_batch_norm_infer(backend, make_array, rng, shape, axis, memory, dtype):
     x = make_array(shape, dtype, memory, channel_axis=axis)
-    C = shape[axis]
-    scale, offset, mean = _vec(rng, C, dtype), _vec(rng, C, dtype), _vec(rng, C, dtype)
-    var = _vec(rng, C, dtype, 0.5, 3.0)
+    scale, offset, mean, var = _params(rng, shape[axis], dtype)
     y = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-3,
                              backend=backend)
     _check_output(y, x)
     ref.assert_close(y, ref.batch_norm_infer(x, scale, offset, mean, var, axis, 1e-3), "y")
 
 
-@layouts
-@memories
-@dtypes
+@every_case
 def test_batch_norm_backward(backend, make_array, rng, shape, axis, memory, dtype):
     x = make_array(shape, dtype, memory, channel_axis=axis)
     dy = make_array(shape, dtype, memory, loc=0.0, sd=1.0)
@@ -127,12 +128,7 @@ def test_batch_norm_backward(backend, make_array, rng, shape, axis, memory, dtyp
     dx, dscale, doffset = fbn.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=axis,
                                                   backend=backend)
     edx, edscale, edoffset = ref.batch_norm_backward(dy, x, scale, mean, invstd, axis)
-    _check_output(dx, x)
-    _check_vector(dscale, C, x)
-    _check_vector(doffset, C, x)
-    ref.assert_close(dx, edx, "dx")
-    ref.assert_close(dscale, edscale, "dscale")
-    ref.assert_close(doffset, edoffset, "doffset")
+    _check_results((dx, dscale, doffset), (edx, edscale, edoffset), "dx dscale doffset", x, C)
 
 
 @pytest.mark.parametrize("memory", ["C", "F"])

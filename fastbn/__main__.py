@@ -1,21 +1,30 @@
-"""Command line of fastbn: ``python -m fastbn demo`` and ``python -m fastbn bench``."""
+"""Command line of fastbn: ``python -m fastbn demo`` and ``python -m fastbn bench``.
+
+The help texts are plain text (no reStructuredText markup): they are what a
+terminal shows.
+"""
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 DESCRIPTION = """\
-fastbn: fast, accurate batch normalization for NumPy arrays.
+fastbn: fast, accurate batch normalization for NumPy, CuPy and Dask arrays
+and CPU PyTorch tensors.
 
 commands:
-  demo    the batch-norm tutorial experiment (training with and without BatchNorm)
+  demo    the batch-norm tutorial experiments: a network trained with and
+          without BatchNorm (demo mlp, the default; demo cnn)
   bench   speed against PyTorch and the memory-bandwidth roofline
           (bench --sweep: every op, layout and size against PyTorch)
 
 Run "python -m fastbn COMMAND --help" for a command's options."""
 
 
-def build_parser(prog=None):
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The argument parser of the command line (subcommands ``demo`` and ``bench``)."""
     import fastbn
     from fastbn import demo
@@ -26,9 +35,11 @@ def build_parser(prog=None):
     parser.add_argument("--version", action="version", version=f"fastbn {fastbn.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.add_arguments(sub.add_parser(
-        "demo", help="batch-norm tutorial experiment: training with and without BatchNorm",
-        description="The batch-norm tutorial experiment: the same network trained with and "
-                    "without BatchNorm (fastbn's layer), costs reported, a PNG written."))
+        "demo", help="batch-norm tutorial experiments: training with and without BatchNorm",
+        description="The batch-norm tutorial experiments: the same network trained with and "
+                    "without BatchNorm (fastbn's layer), costs reported, a PNG written. "
+                    "mlp (the default): a deep MLP on y = x^2 - 5 + noise; cnn: a small "
+                    "CNN on scikit-learn's digits."))
     bench.add_arguments(sub.add_parser(
         "bench", help="speed against PyTorch and the memory-bandwidth roofline",
         description="fastbn's speed against its peers (PyTorch when installed, NumPy) and the "
@@ -37,7 +48,7 @@ def build_parser(prog=None):
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     prog = "fastbn" if os.path.basename(sys.argv[0] or "") == "fastbn" else None
     args = build_parser(prog).parse_args(argv)

@@ -1,9 +1,12 @@
-"""fastbn: fast, accurate batch normalization for NumPy, CuPy and Dask arrays.
+"""fastbn: fast, accurate batch normalization for NumPy, CuPy, Dask arrays and CPU torch tensors.
 
     import fastbn as fbn
     y, mean, invstd = fbn.batch_norm_train(x, scale, offset, channel_axis=1)
 
-See API.md for the contract; ``fbn.backends()`` for what runs here.
+Results come back in the caller's array family.  The functions' docstrings
+state shapes, dtypes and which arguments may share memory; docs/api.md is the
+contract; ``fbn.backends()`` says what runs here.  ``fastbn.torch`` holds the
+PyTorch modules (and is the only module that imports torch).
 """
 if not __import__("os").path.isdir(__import__("os").path.join(__path__[0], "kernels")):
     from ._source_tree import adopt as _adopt  # a source checkout: see fastbn/_source_tree.py

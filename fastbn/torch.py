@@ -46,6 +46,8 @@ subclasses, ``torch.jit`` tracing/scripting, ``torch.compile`` and
 Importing ``fastbn`` never imports torch; this module does.
 """
 
+from __future__ import annotations
+
 import numbers
 
 import numpy as np
@@ -290,17 +292,172 @@ class _FastBatchNorm:
 
 
 class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
-    """``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``) computed by fastbn on CPU."""
+    """``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``) computed by fastbn on CPU.
+
+    A subclass of ``torch.nn.BatchNorm1d`` with its constructor, parameters,
+    buffers and state-dict keys; only ``forward`` differs (fastbn's kernels
+    on zero-copy NumPy views of CPU tensors, with autograd).
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels: input ``(N, C)`` or ``(N, C, L)``.
+    eps : float, optional
+        Added to the variance (> 0 in training, as PyTorch).
+    momentum : float or None, optional
+        Weight of each batch in the running statistics, in [0, 1]; None: the
+        cumulative average over ``num_batches_tracked``.
+    affine : bool, optional
+        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
+    track_running_stats : bool, optional
+        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
+        in place in training and used in eval mode.
+    device, dtype : optional
+        Of the parameters and buffers.  fastbn computes float32 parameters
+        with float16/float32 input and float64 with float64 input, on CPU;
+        other combinations, devices and transforms go to PyTorch.
+    bias : bool, optional
+        PyTorch's keyword: without ``bias`` the module has only ``weight``.
+
+    Returns
+    -------
+    module
+        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
+        dtype and memory format (``channels_last`` kept).
+
+    Raises
+    ------
+    ValueError
+        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
+        input)``), one value per channel in training, ``eps`` <= 0 in
+        training; nothing (``num_batches_tracked`` included) changes first.
+    RuntimeError
+        Double backward through the module (``create_graph=True``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import fastbn.torch as fbt
+    >>> bn = fbt.BatchNorm1d(4)
+    >>> x = torch.arange(8.0).reshape(2, 4).requires_grad_()
+    >>> y = bn(x)                                         # training: batch statistics
+    >>> y.detach()
+    tensor([[-1.0000, -1.0000, -1.0000, -1.0000],
+            [ 1.0000,  1.0000,  1.0000,  1.0000]])
+    >>> y.square().sum().backward()
+    >>> x.grad.shape, bn.weight.grad.shape, int(bn.num_batches_tracked)
+    (torch.Size([2, 4]), torch.Size([4]), 1)
+    """
 
 
 class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, NCHW or channels_last) computed by
-    fastbn on CPU."""
+    """``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, NCHW or channels_last) computed by fastbn.
+
+    A subclass of ``torch.nn.BatchNorm2d`` with its constructor, parameters,
+    buffers and state-dict keys; only ``forward`` differs (fastbn's kernels
+    on zero-copy NumPy views of CPU tensors, with autograd).
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels: input ``(N, C, H, W)``.
+    eps : float, optional
+        Added to the variance (> 0 in training, as PyTorch).
+    momentum : float or None, optional
+        Weight of each batch in the running statistics, in [0, 1]; None: the
+        cumulative average over ``num_batches_tracked``.
+    affine : bool, optional
+        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
+    track_running_stats : bool, optional
+        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
+        in place in training and used in eval mode.
+    device, dtype : optional
+        Of the parameters and buffers.  fastbn computes float32 parameters
+        with float16/float32 input and float64 with float64 input, on CPU;
+        other combinations, devices and transforms go to PyTorch.
+    bias : bool, optional
+        PyTorch's keyword: without ``bias`` the module has only ``weight``.
+
+    Returns
+    -------
+    module
+        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
+        dtype and memory format (``channels_last`` kept).
+
+    Raises
+    ------
+    ValueError
+        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
+        input)``), one value per channel in training, ``eps`` <= 0 in
+        training; nothing (``num_batches_tracked`` included) changes first.
+    RuntimeError
+        Double backward through the module (``create_graph=True``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import fastbn.torch as fbt
+    >>> bn = fbt.BatchNorm2d(3)
+    >>> x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    >>> y = bn(x)
+    >>> y.shape, y.is_contiguous(memory_format=torch.channels_last)
+    (torch.Size([4, 3, 5, 5]), True)
+    >>> bn.eval()(x).shape                                # eval: running statistics
+    torch.Size([4, 3, 5, 5])
+    """
 
 
 class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
-    """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``, NCDHW or channels_last_3d) computed
-    by fastbn on CPU."""
+    """``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``, NCDHW or channels_last_3d) by fastbn.
+
+    A subclass of ``torch.nn.BatchNorm3d`` with its constructor, parameters,
+    buffers and state-dict keys; only ``forward`` differs (fastbn's kernels
+    on zero-copy NumPy views of CPU tensors, with autograd).
+
+    Parameters
+    ----------
+    num_features : int
+        ``C``, the number of channels: input ``(N, C, D, H, W)``.
+    eps : float, optional
+        Added to the variance (> 0 in training, as PyTorch).
+    momentum : float or None, optional
+        Weight of each batch in the running statistics, in [0, 1]; None: the
+        cumulative average over ``num_batches_tracked``.
+    affine : bool, optional
+        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
+    track_running_stats : bool, optional
+        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
+        in place in training and used in eval mode.
+    device, dtype : optional
+        Of the parameters and buffers.  fastbn computes float32 parameters
+        with float16/float32 input and float64 with float64 input, on CPU;
+        other combinations, devices and transforms go to PyTorch.
+    bias : bool, optional
+        PyTorch's keyword: without ``bias`` the module has only ``weight``.
+
+    Returns
+    -------
+    module
+        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
+        dtype and memory format (``channels_last`` kept).
+
+    Raises
+    ------
+    ValueError
+        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
+        input)``), one value per channel in training, ``eps`` <= 0 in
+        training; nothing (``num_batches_tracked`` included) changes first.
+    RuntimeError
+        Double backward through the module (``create_graph=True``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> import fastbn.torch as fbt
+    >>> bn = fbt.BatchNorm3d(2, dtype=torch.float64)
+    >>> bn(torch.randn(2, 2, 3, 3, 3, dtype=torch.float64)).dtype
+    torch.float64
+    """
 
 
 _SWAP = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
@@ -315,7 +472,7 @@ def _swapped(bn):
     return new
 
 
-def convert(module):
+def convert(module: nn.Module) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d``/``2d``/``3d`` in ``module`` with fastbn's.
 
     Swaps in place (submodules of ``module``) and returns ``module``, or the new
@@ -325,10 +482,35 @@ def convert(module):
     Only those exact classes are swapped: subclasses (e.g. with their own
     ``forward``), ``SyncBatchNorm`` and lazy modules not yet initialised are left
     alone.  A module that appears several times is swapped once.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        A model (modified in place) or a single BatchNorm module.
+
+    Returns
+    -------
+    torch.nn.Module
+        ``module`` itself, or the new module when ``module`` is a BatchNorm.
+
+    Raises
+    ------
+    TypeError
+        ``module`` is not a ``torch.nn.Module``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> import fastbn.torch as fbt
+    >>> model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    >>> weight = model[1].weight
+    >>> model = fbt.convert(model)
+    >>> type(model[1]).__module__, model[1].weight is weight
+    ('fastbn.torch', True)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(module).__name__}")
-    memo = {}
+    memo: dict[int, nn.Module] = {}
 
     def visit(m):
         if id(m) in memo:

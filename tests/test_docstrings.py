@@ -103,6 +103,17 @@ def test_examples(modname, backend):
     assert not failures, "\n".join(failures)
 
 
+def test_torch_examples():
+    """The examples of ``fastbn.torch`` (PyTorch modules), where PyTorch is installed."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    tests = _doctests("fastbn.torch")
+    names = {t.name.rsplit(".", 1)[-1] for t in tests}
+    assert {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"} <= names
+    failures = [report for result, report in map(_run, tests) if result.failed]
+    assert not failures, "\n".join(failures)
+
+
 def _sections(obj):
     """The numpydoc sections an object's docstring must have."""
     if isinstance(obj, type):

@@ -174,8 +174,9 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
         Added to ``variance`` (>= 0).
     out : array, optional
         Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
-        may be ``x`` itself (in place) or overlap ``x`` in any way; it may not
-        overlap ``mean``, ``variance``, ``offset`` or ``scale``.
+        may be ``x`` itself (in place) or overlap ``x`` in any way; ``offset``
+        and ``scale`` must not share memory with it.  Not supported for Dask
+        input.
     backend : str, optional
         Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
         ``"dask"``); None: the dispatcher's choice.

@@ -25,6 +25,14 @@ channel; ``batch_norm_train == moments + batch_normalization``; the backward
 equals central finite differences on small float64 cases; inputs other than
 ``out`` and the running statistics are never modified.
 
+Aliasing (``test_aliasing``): the array arguments of each function as views of one
+buffer with one pair overlapping (every pair, partially or wholly): API.md's forbidden
+overlaps raise ValueError naming both before anything is written, the others give the
+result of non-overlapping copies.  float64 extremes (``test_float64_extremes*``): channels
+near +-1e300 and 1.7e308, subnormal, constant and huge-mean/tiny-spread ones, against the
+float64 reference (inf where it gives inf, never NaN where it has none).  Both run on the
+small fused path (C-contiguous) and the general path (other layouts).
+
 Profiles (tests/conftest.py): ``ci`` (default, 60 examples per test) and
 ``pytest tests/test_properties.py --hypothesis-profile=thorough`` (1300 per
 test, >= 10k per backend).
@@ -919,3 +927,244 @@ def test_aliasing(backend, fn, path, data):
             written[cells[k].ravel()] = True
     np.testing.assert_array_equal(buf[~written], before[~written],
                                   err_msg="an input outside out and the running statistics changed")
+
+
+# -- float64 extremes ------------------------------------------------------------------------
+
+F64MAX = float(np.finfo(F64).max)
+#: Per-channel value families at the ends of float64.
+EXTREME_KINDS = ("e300", "max_const", "max_ulps", "subnormal", "constant", "hugemean_tiny",
+                 "normal")
+EXTREME_CONSTANTS = (0.0, 0.1, -3.7, 1e300, -1e300, 1.7e308, -1.7e308, F64MAX, -F64MAX,
+                     2.5e-310, -SUB64)
+
+
+def extreme_channel(rng, kind, m):
+    """``m`` float64 values of one channel of family ``kind``."""
+    sign = float(rng.choice([-1.0, 1.0]))
+    if kind == "e300":            # |x| near 1e300, either sign: the squares overflow (var inf)
+        return 1e300 * (rng.uniform(-1.5, 1.5) + rng.standard_normal(m))
+    if kind == "max_const":       # a constant channel at the top of the range
+        return np.full(m, sign * F64MAX * rng.uniform(0.9, 1.0))
+    if kind == "max_ulps":        # a few ulps apart near 1.7e308: mean finite, var inf
+        pivot = sign * F64MAX * rng.uniform(0.5, 0.99)
+        return pivot + rng.integers(-3, 4, m) * np.spacing(abs(pivot))
+    if kind == "subnormal":
+        return rng.integers(-100, 101, m) * SUB64
+    if kind == "constant":
+        return np.full(m, float(rng.choice(EXTREME_CONSTANTS)))
+    if kind == "hugemean_tiny":   # mean 1e100..1e305, spread 1e-12 of it (var finite below ~1e166)
+        pivot = sign * 10.0 ** rng.uniform(100, 305)
+        return pivot * (1 + 1e-12 * rng.standard_normal(m))
+    if kind == "normal":
+        return rng.uniform(-3, 3) + rng.uniform(0.1, 3) * rng.standard_normal(m)
+    raise ValueError(kind)
+
+
+def extreme_values(rng, shape, ax, pool):
+    """float64 data of ``shape``, each channel (axis ``ax``) of a family drawn from ``pool``."""
+    C = shape[ax]
+    rest = [s for a, s in enumerate(shape) if a != ax]
+    m = math.prod(rest)
+    with np.errstate(over="ignore"):
+        rows = [extreme_channel(rng, str(rng.choice(pool)), m) for _ in range(C)]
+    v = np.array(rows, dtype=np.float64).reshape([C] + rest) if C else np.zeros([0] + rest)
+    return np.moveaxis(v, 0, ax)
+
+
+def general_layout(a, rng):
+    """``a``'s values in a layout that is not C-contiguous (the general path): F order, or a
+    view with step +-2 along an axis longer than 1."""
+    if rng.integers(2):
+        f = np.asfortranarray(a)
+        if not f.flags.c_contiguous:
+            return f
+    ax = int(rng.choice([i for i, s in enumerate(a.shape) if s > 1]))
+    step = int(rng.choice([2, -2]))
+    base = np.full([s * (2 if i == ax else 1) for i, s in enumerate(a.shape)], np.nan)
+    view = base[tuple(slice(None, None, step) if i == ax else slice(None) for i in range(a.ndim))]
+    view[...] = a
+    return view
+
+
+def check_extreme(got, exp, tol, what):
+    """float64 ``got`` against the reference ``exp``: finite (and within ``tol``) where
+    ``exp`` is finite, the same inf where it is inf; unconstrained where it is NaN."""
+    got = np.asarray(got, dtype=np.float64)
+    exp = np.broadcast_to(np.asarray(exp, dtype=np.float64), got.shape)
+    tol = np.broadcast_to(np.nan_to_num(np.asarray(tol, dtype=np.float64), nan=np.inf),
+                          got.shape)
+    with np.errstate(invalid="ignore"):
+        ok = np.where(np.isfinite(exp), np.isfinite(got) & (np.abs(got - exp) <= tol),
+                      np.isnan(exp) | (got == exp))
+    if not ok.all():
+        i = tuple(np.argwhere(~ok)[0])
+        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.size} values off; first at "
+                             f"{i}: got {got[i]!r}, expected {exp[i]!r}, tolerance {tol[i]!r}")
+
+
+def _inv_rule(v):
+    """1/sqrt(v), with PyTorch's rule 1/sqrt(0) -> 0 (var + eps == 0)."""
+    with np.errstate(divide="ignore"):
+        return np.where(v == 0, 0.0, 1 / np.sqrt(v))
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+@given(data=st.data())
+def test_float64_extremes(backend, path, data):
+    """float64 data near +-1e300 and 1.7e308, subnormal, constant and huge-mean/tiny-spread
+    channels, mixed per channel: moments and batch_norm_train (y, mean, invstd, running
+    statistics) as the float64 NumPy reference gives them: inf where it gives inf (a variance
+    whose squares overflow), finite and within the error model where it is finite, never NaN
+    where it has none."""
+    general = path == "general"
+    shape = data.draw(shapes(min_dims=1, max_dims=4, empty=False,
+                             budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
+                      "shape")
+    nd = len(shape)
+    axis = data.draw(st.integers(-nd, nd - 1), "channel_axis")
+    ax = axis % nd
+    axes = ref.reduced_axes(nd, axis)
+    n = ref.count(shape, axes)
+    if n < 2 or (general and math.prod(shape) < 2):
+        return
+    pool = data.draw(st.lists(st.sampled_from(EXTREME_KINDS), min_size=1, max_size=4,
+                              unique=True), "kinds")
+    eps = data.draw(st.sampled_from([0.0, 1e-5, 1.0]), "eps")
+    momentum = data.draw(st.sampled_from([0.0, 0.1, 1.0]), "momentum")
+    out_kind = data.draw(st.sampled_from(["none", "fresh", "x"]), "out")
+    seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+    rng = np.random.default_rng(seed)
+    C = shape[ax]
+    x = extreme_values(rng, shape, ax, pool)
+    x = general_layout(x, rng) if general else np.ascontiguousarray(x)
+    assert x.flags.c_contiguous != general
+    scale = rng.uniform(-2, 2, C)
+    offset = rng.uniform(-2, 2, C)
+    rm = rng.uniform(-1, 1, C) * 10.0 ** rng.integers(-3, 300, C)
+    rv = rng.uniform(0.5, 2, C)
+    note(f"channel families {pool}")
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = Stats(x, axes)
+    x64 = np.array(x, dtype=np.float64)   # a copy: out may be x
+    mean, var = fbn.moments(x, axes, backend=backend)
+    check_extreme(mean, s.mean.reshape(-1), s.mean_tol(F64).reshape(-1), "moments mean")
+    check_extreme(var, s.var.reshape(-1), s.var_tol(F64).reshape(-1), "moments var")
+
+    with np.errstate(all="ignore"):
+        dv = s.dvar + ARITH * s.var
+        inv = _inv_rule(s.var + eps)
+        inv_lo = np.where(np.isinf(s.var), 0.0, 1 / np.sqrt(s.var + dv + eps))
+        inv_hi = np.where(np.isinf(s.var), 0.0, 1 / np.sqrt(np.maximum(s.var - dv, 0) + eps))
+        inv_tol = np.maximum(inv - inv_lo, inv_hi - inv) + ROUND[F64] * inv
+        scb, rb = along(scale, nd, axis), along(offset, nd, axis)
+        d = x64 - s.mean
+        exp_y = d * inv * scb + rb
+        ytol = (ROUND[F64] * np.abs(exp_y)
+                + np.where(d == 0, 0.0, np.abs(scb) * (inv_hi - inv_lo) * np.abs(d))
+                + np.abs(scb) * inv_hi * 2 * s.delta
+                + ARITH * (np.abs(scb * inv * d) + np.abs(rb)) + SUB64)
+        exp_rm = (1 - momentum) * rm + momentum * s.mean.reshape(-1)
+        exp_rv = (1 - momentum) * rv + momentum * s.var.reshape(-1) * n / (n - 1)
+        rm_tol = ROUND[F64] * np.abs(exp_rm) + momentum * s.mean_tol(F64).reshape(-1)
+        rv_tol = (ROUND[F64] * np.abs(exp_rv)
+                  + momentum * (s.dvar.reshape(-1) + ARITH * s.var.reshape(-1)) * n / (n - 1))
+    out = {"none": None, "fresh": np.empty_like(x, order="C" if not general else "F"),
+           "x": x}[out_kind]
+    rm_arg, rv_arg = rm.copy(), rv.copy()
+
+    y, bmean, invstd = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, eps=eps,
+                                            running_mean=rm_arg, running_var=rv_arg,
+                                            momentum=momentum, out=out, backend=backend)
+
+    check_extreme(bmean, s.mean.reshape(-1), s.mean_tol(F64).reshape(-1), "train mean")
+    check_extreme(invstd, inv.reshape(-1), inv_tol.reshape(-1), "train invstd")
+    check_extreme(y, exp_y, ytol, "train y")
+    check_extreme(rm_arg, exp_rm, rm_tol, "running_mean")
+    check_extreme(rv_arg, exp_rv, rv_tol, "running_var")
+    # A constant channel (any value, 1.7e308 and subnormals included) exactly: mean the
+    # constant, variance 0, y the offset (test_special_values, on the kernels).
+    const = (np.max(x64, axis=axes) == np.min(x64, axis=axes)).reshape(-1)
+    if const.any():
+        first = np.moveaxis(x64, ax, 0).reshape(C, -1)[:, 0]
+        assert np.array_equal(mean[const], first[const]), "moments mean of a constant channel"
+        assert np.all(var[const] == 0), "moments var of a constant channel"
+        assert np.array_equal(bmean[const], first[const]), "train mean of a constant channel"
+        y_c = np.moveaxis(np.asarray(y), ax, 0)[const]
+        assert np.all(y_c == offset[const].reshape((-1,) + (1,) * (nd - 1))), \
+            "y of a constant channel is not its offset"
+
+
+@pytest.mark.parametrize("path", ["small", "general"])
+@given(data=st.data())
+def test_float64_extremes_infer_and_backward(backend, path, data):
+    """The same extreme float64 channels through batch_norm_infer, batch_norm_backward and
+    batch_norm_infer_backward, with the channels' exact statistics: as the float64 NumPy
+    reference (inf where it gives inf, finite within the error model where it is finite)."""
+    general = path == "general"
+    shape = data.draw(shapes(min_dims=1, max_dims=4, empty=False,
+                             budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
+                      "shape")
+    nd = len(shape)
+    axis = data.draw(st.integers(-nd, nd - 1), "channel_axis")
+    ax = axis % nd
+    axes = ref.reduced_axes(nd, axis)
+    n = ref.count(shape, axes)
+    if n < 2:
+        return
+    pool = data.draw(st.lists(st.sampled_from(EXTREME_KINDS), min_size=1, max_size=4,
+                              unique=True), "kinds")
+    eps = data.draw(st.sampled_from([0.0, 1e-5, 1.0]), "eps")
+    seed = data.draw(st.integers(0, 2**32 - 1), "seed")
+    rng = np.random.default_rng(seed)
+    C = shape[ax]
+    x = extreme_values(rng, shape, ax, pool)
+    x = general_layout(x, rng) if general else np.ascontiguousarray(x)
+    dy = rng.uniform(-2, 2, shape)
+    scale = rng.uniform(-2, 2, C)
+    offset = rng.uniform(-2, 2, C)
+    note(f"channel families {pool}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = Stats(x, axes)
+    mean, var = s.mean.reshape(-1), s.var.reshape(-1)
+    invstd = _inv_rule(var + eps)
+    x64 = np.array(x, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        m_b, sc_b, of_b = along(mean, nd, axis), along(scale, nd, axis), along(offset, nd, axis)
+        d = x64 - m_b
+        q = sc_b / np.sqrt(along(var, nd, axis) + eps)
+        exp_y = ref.batch_norm_infer(x64, scale, offset, mean, var, axis, eps)
+        y_tol = ROUND[F64] * np.abs(exp_y) + ARITH * (np.abs(q * d) + np.abs(of_b)) + SUB64
+        exp_dx, exp_dscale, exp_doffset = ref.batch_norm_backward(dy, x64, scale, mean, invstd,
+                                                                  axis)
+        xhat = d * along(invstd, nd, axis)
+        e_dy = ARITH * np.sum(np.abs(dy), axis=axes) + n * SUB64
+        e_ds = ARITH * np.sum(np.abs(dy * xhat), axis=axes) + (n + 1) * SUB64 * np.abs(invstd) * 2
+        a = along(invstd * scale, nd, axis)
+        dx_tol = (ROUND[F64] * np.abs(exp_dx)
+                  + np.abs(a) * (ARITH * np.abs(dy) + along(e_dy, nd, axis) / n
+                                 + np.abs(xhat) * along(e_ds, nd, axis) / n) + 4 * SUB64)
+        qi = 1 / np.sqrt(var + eps)
+        exp_idx = dy * q
+        exp_ids = np.sum(dy * d, axis=axes) * qi
+        ids_tol = ROUND[F64] * np.abs(exp_ids) + ARITH * np.sum(np.abs(dy * d), axis=axes) * qi
+    before = snapshot(x)
+
+    y = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=eps,
+                             backend=backend)
+    dx, dscale, doffset = fbn.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=axis,
+                                                  backend=backend)
+    idx, idscale, idoffset = fbn.batch_norm_infer_backward(dy, x, scale, mean, var,
+                                                           channel_axis=axis, eps=eps,
+                                                           backend=backend)
+
+    check_extreme(y, exp_y, y_tol, "infer y")
+    check_extreme(doffset, exp_doffset, ROUND[F64] * np.abs(exp_doffset) + e_dy, "doffset")
+    check_extreme(dscale, exp_dscale, ROUND[F64] * np.abs(exp_dscale) + e_ds, "dscale")
+    check_extreme(dx, exp_dx, dx_tol, "dx")
+    check_extreme(idoffset, exp_doffset, ROUND[F64] * np.abs(exp_doffset) + e_dy,
+                  "infer_backward doffset")
+    check_extreme(idscale, exp_ids, ids_tol, "infer_backward dscale")
+    check_extreme(idx, exp_idx, ROUND[F64] * np.abs(exp_idx) + SUB64, "infer_backward dx")
+    unchanged([x], before)

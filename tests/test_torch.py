@@ -70,30 +70,20 @@ GRAD_CASES = [((3, 4, 3, 2), "contiguous"), ((3, 4, 3, 2), "channels_last"),
               ((3, 4, 3, 2), "strided"), ((5, 3), "strided")]
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape,memory", GRAD_CASES)
-def test_gradcheck_train(gen, shape, memory, affine):
-    x = layout(gen, shape, memory)
-    w, b = params(gen, shape[1]) if affine else (None, None)
-    inputs = (x, w, b) if affine else (x,)
-
-    def f(x, w=None, b=None):
-        return fbt.BatchNormFunction.apply(x, w, b, None, None, True, 0.1, 1e-5)
-
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape,memory", GRAD_CASES)
-def test_gradcheck_eval(gen, shape, memory, affine):
+def test_gradcheck(gen, shape, memory, affine, training):
+    """Training (batch statistics) and eval (fixed running statistics) gradients."""
     C = shape[1]
     x = layout(gen, shape, memory)
     w, b = params(gen, C) if affine else (None, None)
-    rm, rv = randn(gen, C), 0.2 + torch.rand(C, generator=gen, dtype=torch.float64)
+    rm, rv = (None, None) if training else (randn(gen, C),
+                                            0.2 + torch.rand(C, generator=gen, dtype=torch.float64))
     inputs = (x, w, b) if affine else (x,)
 
     def f(x, w=None, b=None):
-        return fbt.BatchNormFunction.apply(x, w, b, rm, rv, False, 0.1, 1e-5)
+        return fbt.BatchNormFunction.apply(x, w, b, rm, rv, training, 0.1, 1e-5)
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 

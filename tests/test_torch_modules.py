@@ -191,6 +191,14 @@ def test_batchnorm_simple_average(dtype, module_dtype):
     torch.testing.assert_close(module.running_var, (running_var1 + running_var2) / 2)
 
 
+def _forward_backward(module, data, grad):
+    """``(module(data), the gradient of data)`` for the output gradient ``grad``."""
+    data.grad = None
+    out = module(data)
+    out.backward(grad)
+    return out, data.grad.clone()
+
+
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("dtype,module_dtype", [(torch.float32, torch.float32),
                                                 (torch.float64, torch.float64),
@@ -200,27 +208,15 @@ def test_batchnorm_eval(ndim, dtype, module_dtype):
     module.eval()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.rand([3] * ndim, dtype=dtype)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, data.grad)
+    torch.testing.assert_close(_forward_backward(module, data, grad),
+                               _forward_backward(module, data, grad))
     # track_running_stats=False: eval is the same as training
     module = fbt.BatchNorm1d(3, track_running_stats=False).to(dtype=module_dtype)
     data = torch.rand(4, 3, dtype=dtype, requires_grad=True)
     grad = torch.rand(4, 3, dtype=dtype)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
+    in_training = _forward_backward(module, data, grad)
     module.eval()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, data.grad)
+    torch.testing.assert_close(in_training, _forward_backward(module, data, grad))
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -233,14 +229,8 @@ def test_batchnorm_affine(ndim, dtype):
         module_affine.bias.zero_()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.ones_like(data, requires_grad=False)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    data.grad.zero_()
-    res2 = module_affine(data)
-    res2.backward(grad)
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, data.grad)
+    torch.testing.assert_close(_forward_backward(module, data, grad),
+                               _forward_backward(module_affine, data, grad))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -49,6 +49,9 @@ def data_array(x, name, family=None):
     if family is not None and fam != family:
         raise TypeError(f"{name} is a {fam} array but the other arrays of this call are {family} "
                         "arrays; move them to the same device first")
+    if fam == "torch":   # the public functions hand tensors over whole (families.torch_cpu)
+        raise TypeError(f"{name} is a torch tensor but the other arrays of this call are NumPy "
+                        "arrays; pass tensors for every array argument, or none")
     if fam != "dask":
         x = families.module(fam).asarray(x, name, "an array of floats")
     dt = getattr(x, "dtype", None)

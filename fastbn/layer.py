@@ -467,6 +467,10 @@ class BatchNorm:
         if fam == "dask":
             raise TypeError("BatchNorm takes NumPy or CUDA (CuPy) arrays, got a dask array; "
                             "use fastbn.batch_norm_train / batch_norm_infer on dask arrays")
+        if fam == "torch":
+            raise TypeError("x is a torch tensor; fastbn.BatchNorm is a layer for NumPy/CuPy "
+                            "networks: use fastbn.torch.BatchNorm1d/2d/3d (torch modules with "
+                            "autograd), or pass x.numpy()")
         if fam == "cuda":
             _cupy()   # fail before anything else if the parameters could not follow x
         x, fam = checks.data_array(x, "x")

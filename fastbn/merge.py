@@ -288,6 +288,10 @@ def merge_grad_sums(*parts: GradSums | ArrayLike) -> GradSums:
 
 def _shard(x, channel_axis, name="x"):
     x, fam = checks.data_array(x, name)
+    if fam == "dask":
+        raise TypeError(f"{name} is a dask array; the synchronised batch-norm helpers take NumPy "
+                        "arrays, CPU torch tensors or (partial sums only) CUDA arrays: compute "
+                        "the chunks first, or use fastbn's functions on the whole Dask array")
     ax = checks.channel_axis(channel_axis, x.ndim)
     return x, fam, ax, layout.make_plan(x.shape, x.strides, (ax,))
 

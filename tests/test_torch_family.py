@@ -237,3 +237,21 @@ def test_empty_batch_of_tensors():
     y, mean, invstd = fbn.batch_norm_train(x, running_mean=rm)
     assert isinstance(y, torch.Tensor) and y.shape == x.shape
     assert torch.isnan(mean).all() and torch.equal(rm, torch.ones(3))
+
+
+def test_numpy_layer_refuses_tensors_with_a_pointer():
+    with pytest.raises(TypeError, match="fastbn.torch"):
+        fbn.BatchNorm(3)(torch.zeros(4, 3))
+
+
+def test_tensor_dy_with_numpy_x_is_refused():
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match="dy"):
+        fbn.batch_norm_backward(torch.ones(4, 3), x, None, np.zeros(3, np.float32),
+                                np.ones(3, np.float32))
+
+
+def test_sync_batchnorm_refuses_dask_by_name():
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(TypeError, match="x is a dask array"):
+        fbn.partial_moments(da.zeros((4, 3)))

@@ -26,7 +26,7 @@ import sys
 
 _MODULES = {"numpy": "fastbn.families.host", "cuda": "fastbn.families.cuda",
             "torch": "fastbn.families.torch_cpu"}
-_loaded = {}
+_loaded: dict = {}
 
 
 def family_of(x):

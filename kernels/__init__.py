@@ -21,3 +21,13 @@ axes 0 and 2 are reduced over.  NCHW becomes ``(N, C, H*W)``, NHWC becomes
 A module also has ``NAME`` and ``FAMILIES`` (the array families it takes).
 Adding a backend is one new module here and one line in ``fastbn.dispatch``.
 """
+
+import os
+
+
+def cache_enabled():
+    """``FASTBN_CACHE`` read from the environment: False for ``0``, ``false``, ``no`` or
+    empty, else True (the default).  The one parser of it, for the CPU (``_jit``) and
+    CUDA (``cuda_numba``) kernels; here because importing ``_jit`` installs its
+    cache locator, which the CUDA backend must not depend on."""
+    return os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")

@@ -30,7 +30,7 @@ import types
 import numba
 from numba.core import caching
 
-from . import _fork
+from . import _fork, cache_enabled
 
 _ALLOWED_FASTMATH = {"reassoc", "contract", "arcp", "nsz", "afn"}
 _DEFAULT_FASTMATH = "reassoc,contract"
@@ -45,12 +45,6 @@ def _fastmath_flags():
             f"FASTBN_FASTMATH: flags {sorted(bad)} are not allowed "
             f"(allowed: {sorted(_ALLOWED_FASTMATH)}; nnan/ninf would break NaN propagation)")
     return frozenset(flags)
-
-
-def cache_enabled():
-    """``FASTBN_CACHE`` read from the environment: False for ``0``, ``false``, ``no`` or
-    empty, else True (the default).  The one parser of it, for the CPU and CUDA kernels."""
-    return os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", "")
 
 
 FASTMATH = _fastmath_flags()

@@ -43,6 +43,7 @@ import numba
 import numpy as np
 from numba.core.errors import NumbaPerformanceWarning
 
+from . import cache_enabled
 from . import cuda_runtime as rt
 
 NAME = "cuda"
@@ -93,8 +94,7 @@ def unavailable_reason():
 if cuda is not None:
     # Numba's own on-disk cache (next to this file) saves recompiling every
     # kernel in every process; FASTBN_CACHE=0 turns it off as for the CPU kernels.
-    _CACHE = (not rt.simulator()
-              and os.environ.get("FASTBN_CACHE", "1") not in ("0", "false", "no", ""))
+    _CACHE = not rt.simulator() and cache_enabled()
     _f64 = numba.float64
 
     def _kernel(func):

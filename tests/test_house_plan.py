@@ -38,9 +38,6 @@ KNOWN_CYCLES = {
     ("fastbn.dispatch", "fastbn.kernels.dask_chunks"):
         "dispatch loads the Dask backend by name (importlib, on a call); kernels/dask_chunks.py "
         "imports fastbn.dispatch at module level",
-    ("fastbn.dispatch", "fastbn.families", "fastbn.families.cuda"):
-        "families loads families.cuda by name (importlib); families/cuda.py imports "
-        "fastbn.dispatch inside usable(); dispatch imports families at module level",
 }
 
 

@@ -70,12 +70,20 @@ def usable(name=None):
     usable GPU gets fastbn's error, not Numba's ``CudaSupportError``, and
     nothing has been written.  Cheap once the backend is loaded.
     """
-    from .. import dispatch
-    try:
-        dispatch.choose(NAME)
-    except TypeError as exc:
+    global _why_not
+    if _why_not is None:
+        try:
+            from ..kernels import cuda_numba
+            _why_not = cuda_numba.unavailable_reason() or ""
+        except Exception as exc:  # noqa: BLE001 - an import failure is a reason too
+            _why_not = f"{type(exc).__name__}: {exc}".strip()
+    if _why_not:
+        # The words of dispatch.choose's error (backend_for gives the same reason).
         raise TypeError(f"{name or 'the array'} is a CUDA array (__cuda_array_interface__), "
-                        f"but {exc}") from None
+                        f"but no fastbn backend is available for cuda arrays: cuda: {_why_not}")
+
+
+_why_not = None   # why the CUDA kernels cannot run here ("" when they can), asked once
 
 
 def _k_order(shape, strides):

@@ -257,8 +257,10 @@ class Stats:
             self.mean = pivot + mean_d
             absmax = np.max(np.abs(x64), axis=axes, keepdims=True, initial=0.0)
         #: float64 error of fastbn's mean (unshifted chunked sums); on the subnormal
-        #: grid every merge of partial means rounds by up to an ulp of SUB64.
-        self.delta = ARITH * absmax + (4 + math.sqrt(self.n)) * SUB64
+        #: grid every merge of partial means rounds up to three times (difference,
+        #: scaling, sum) by up to an ulp of SUB64, a random walk over the merges (Numba,
+        #: channels-first with short rows: 38 ulps at (162, C, 6), 71 at (5000, C, 3)).
+        self.delta = ARITH * absmax + (4 + 3 * math.sqrt(self.n)) * SUB64
         dof = self.n - ddof
         #: float64 error of fastbn's variance beyond its rounding: (2 delta)^2 n / dof.
         self.dvar = (2 * self.delta) ** 2 * (self.n / dof if dof > 0 else 1.0)
@@ -1009,6 +1011,33 @@ def _inv_rule(v):
         return np.where(v == 0, 0.0, 1 / np.sqrt(v))
 
 
+def numba_m2_overflow(backend, x64, axes, s):
+    """Channels where a known Numba bug may give var = inf though NumPy's is finite.
+
+    The Numba moments sum ``(x - K)**2`` about a value ``K`` of the data and subtract
+    afterwards, so they overflow when ``m2 + n*(mean - K)**2`` exceeds the float64 maximum
+    while ``m2 = n*var`` does not (within ~2-30x of overflow: a variance near 1e306 at
+    n = 42).  Reported with issue 14; pinned by test_numba_variance_near_overflow (strict
+    xfail).  When that is fixed, drop this and its two uses.
+    """
+    if backend != "numba":
+        return np.zeros(s.var.size, bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        maxdev2 = np.max((x64 - s.mean) ** 2, axis=axes, keepdims=True, initial=0.0)
+        bound = s.var * s.n + s.n * maxdev2     # >= the sum about any K in the data
+    return (np.isfinite(s.var) & (bound > np.finfo(F64).max / 4)).reshape(-1)
+
+
+def _excuse(got, exp, known):
+    """``got`` with the known bug's inf replaced by the expected value (those entries only)."""
+    got = np.array(got, dtype=np.float64)
+    hit = known & ~np.isfinite(got) & np.isfinite(exp)   # inf, or NaN = 0 * inf (momentum 0)
+    if hit.any():
+        note(f"known Numba m2 overflow in channels {np.flatnonzero(hit)}")
+    got[hit] = np.asarray(exp)[hit]
+    return got
+
+
 @pytest.mark.parametrize("path", ["small", "general"])
 @given(data=st.data())
 def test_float64_extremes(backend, path, data):
@@ -1018,7 +1047,7 @@ def test_float64_extremes(backend, path, data):
     whose squares overflow), finite and within the error model where it is finite, never NaN
     where it has none."""
     general = path == "general"
-    shape = data.draw(shapes(min_dims=1, max_dims=4, empty=False,
+    shape = data.draw(shapes(min_dims=2, max_dims=4, empty=False,
                              budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
                       "shape")
     nd = len(shape)
@@ -1050,7 +1079,9 @@ def test_float64_extremes(backend, path, data):
     x64 = np.array(x, dtype=np.float64)   # a copy: out may be x
     mean, var = fbn.moments(x, axes, backend=backend)
     check_extreme(mean, s.mean.reshape(-1), s.mean_tol(F64).reshape(-1), "moments mean")
-    check_extreme(var, s.var.reshape(-1), s.var_tol(F64).reshape(-1), "moments var")
+    known = numba_m2_overflow(backend, x64, axes, s)
+    check_extreme(_excuse(var, s.var.reshape(-1), known), s.var.reshape(-1),
+                  s.var_tol(F64).reshape(-1), "moments var")
 
     with np.errstate(all="ignore"):
         dv = s.dvar + ARITH * s.var
@@ -1082,7 +1113,7 @@ def test_float64_extremes(backend, path, data):
     check_extreme(invstd, inv.reshape(-1), inv_tol.reshape(-1), "train invstd")
     check_extreme(y, exp_y, ytol, "train y")
     check_extreme(rm_arg, exp_rm, rm_tol, "running_mean")
-    check_extreme(rv_arg, exp_rv, rv_tol, "running_var")
+    check_extreme(_excuse(rv_arg, exp_rv, known), exp_rv, rv_tol, "running_var")
     # A constant channel (any value, 1.7e308 and subnormals included) exactly: mean the
     # constant, variance 0, y the offset (test_special_values, on the kernels).
     const = (np.max(x64, axis=axes) == np.min(x64, axis=axes)).reshape(-1)
@@ -1103,7 +1134,7 @@ def test_float64_extremes_infer_and_backward(backend, path, data):
     batch_norm_infer_backward, with the channels' exact statistics: as the float64 NumPy
     reference (inf where it gives inf, finite within the error model where it is finite)."""
     general = path == "general"
-    shape = data.draw(shapes(min_dims=1, max_dims=4, empty=False,
+    shape = data.draw(shapes(min_dims=2, max_dims=4, empty=False,
                              budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
                       "shape")
     nd = len(shape)
@@ -1168,3 +1199,24 @@ def test_float64_extremes_infer_and_backward(backend, path, data):
     check_extreme(idscale, exp_ids, ids_tol, "infer_backward dscale")
     check_extreme(idx, exp_idx, ROUND[F64] * np.abs(exp_idx) + SUB64, "infer_backward dx")
     unchanged([x], before)
+
+
+def test_numba_variance_near_overflow(backend, request):
+    """A float64 channel whose m2 = n*var is 0.3 of the float64 maximum, its first value 3
+    standard deviations below the mean: the variance is finite (NumPy's), not inf."""
+    if backend == "numba":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="known bug: the Numba moments overflow in sum((x - K)**2) "
+                                "about the first value (see numba_m2_overflow)"))
+    rng = np.random.default_rng(0)
+    n = 2000
+    z = rng.standard_normal(n)
+    z = (z - z.mean()) / z.std()
+    z[0] = -3.0
+    x = (1e165 + math.sqrt(0.3 * float(np.finfo(F64).max) / n) * z).reshape(n, 1)
+    s = Stats(x, (0,))
+    mean, var = fbn.moments(x, 0, backend=backend)
+    assert np.isfinite(s.var).all() and np.isfinite(var).all(), var
+    np.testing.assert_allclose(var, s.var.reshape(-1), rtol=1e-9)
+    y, _, invstd = fbn.batch_norm_train(x, channel_axis=1, eps=0.0, backend=backend)
+    assert np.isfinite(y).all() and (invstd > 0).all(), invstd

@@ -194,7 +194,8 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
         requires grad, ``out`` of another dtype, ``out=`` with Dask input.
     ValueError
         Parameters that do not broadcast to ``x.shape``, ``out`` of another
-        shape, ``variance_epsilon`` < 0, an unknown or unavailable ``backend``.
+        shape, ``scale``/``offset`` overlapping ``out`` (naming both, nothing
+        written), ``variance_epsilon`` < 0, an unknown or unavailable ``backend``.
 
     Examples
     --------
@@ -219,6 +220,10 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
     params, eps = broadcast.arguments(x, fam, mean, variance, offset, scale, variance_epsilon)
     out = checks.out_array(out, x, fam)
     F = families.module(fam)
+    if out is not None:   # (numbers and lists cannot overlap out)
+        checks.no_overlaps(fam, out=out, vectors=tuple(
+            (k, v) for k, v in (("scale", scale), ("offset", offset))
+            if families.family_of(v) == fam and F.is_array(v)))
     bk = dispatch.module(dispatch.choose(fam, backend))
     plan = broadcast.plan(x, params)
     m, q, r = broadcast.coefficients(params, eps, plan, x, fam)

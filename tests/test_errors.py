@@ -546,13 +546,10 @@ def test_cuda_interface_layer_without_cuda_is_a_clean_type_error():
 
 # -- issue 14, item 4: overlaps refused on every function (API.md, Errors) ----------------------
 
-@pytest.mark.xfail(strict=True, reason="known bug: api.batch_normalization runs no "
-                   "checks.no_overlaps, so scale/offset overlapping out are not refused")
 @pytest.mark.parametrize("name", ["scale", "offset"])
 def test_batch_normalization_scale_offset_overlapping_out(backend, name):
     """tf.nn.batch_normalization's scale/offset overlapping out: ValueError naming both,
-    nothing written (as for the fused functions).  When this passes, drop the xfail here
-    and in tests/test_properties.py (_BN_OVERLAP_BUG)."""
+    nothing written (as for the fused functions)."""
     a = _arrays()
     out = a["out"]
     param = out[0, :, 0, 0].reshape(1, C, 1, 1)   # a view into out

@@ -859,20 +859,8 @@ def _named_pair(message):
     return None if m is None else frozenset(m.groups())
 
 
-#: A known bug, reported: batch_normalization does not check scale/offset against out
-#: (api.batch_normalization calls no checks.no_overlaps), so those forbidden overlaps do
-#: not raise (the result is right: the parameters are copied before out is written).
-#: Only that failure (pytest.raises' "DID NOT RAISE") is expected; wrong values still fail.
-#: tests/test_errors.py::test_batch_normalization_scale_offset_overlapping_out (strict)
-#: flips when it is fixed: then drop this mark.
-_BN_OVERLAP_BUG = pytest.mark.xfail(
-    raises=pytest.fail.Exception, strict=False,
-    reason="batch_normalization does not refuse scale/offset overlapping out (API.md, Errors)")
-
-
 @pytest.mark.parametrize("path", ["small", "general"])
-@pytest.mark.parametrize("fn", [pytest.param(f, marks=_BN_OVERLAP_BUG)
-                                if f == "batch_normalization" else f for f in ALIAS_ARGS])
+@pytest.mark.parametrize("fn", list(ALIAS_ARGS))
 @given(data=st.data())
 def test_aliasing(backend, fn, path, data):
     """Arguments as views of one buffer, one pair overlapping (partially, wholly, or ``out``

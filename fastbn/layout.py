@@ -9,6 +9,8 @@ a view without copying.  Only exotic strides (e.g. kept axes that are not
 adjacent in memory) need a copy.
 """
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,8 +61,15 @@ def make_plan(shape, strides, kept):
     """Plan for reducing every axis except ``kept`` (a sorted tuple).
 
     ``strides`` (in bytes, as NumPy gives them) choose which reduced axes go in
-    front of the channel block and which behind it.
+    front of the channel block and which behind it.  Plans are cached: a
+    network calls with the same few shapes over and over, and planning costs
+    more than the kernel on a small batch.
     """
+    return _plan(tuple(shape), tuple(strides), tuple(kept))
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape, strides, kept):
     ndim = len(shape)
     reduced = [a for a in range(ndim) if a not in kept]
     # Axes of length 1 have meaningless strides; keep them out of the way.
@@ -72,9 +81,9 @@ def make_plan(shape, strides, kept):
         inner = [a for a in by_stride if a not in outer]
     else:
         outer, inner = [], by_stride
-    n_outer = int(np.prod([shape[a] for a in outer], dtype=np.int64)) if outer else 1
-    n_inner = int(np.prod([shape[a] for a in inner], dtype=np.int64)) if inner else 1
-    n_kept = int(np.prod([shape[a] for a in kept], dtype=np.int64)) if kept else 1
+    n_outer = math.prod(int(shape[a]) for a in outer)
+    n_inner = math.prod(int(shape[a]) for a in inner)
+    n_kept = math.prod(int(shape[a]) for a in kept)
     return Plan(shape=tuple(shape), perm=tuple(outer) + tuple(kept) + tuple(inner),
                 shape3=(n_outer, n_kept, n_inner), kept=tuple(kept),
                 kept_shape=tuple(shape[a] for a in kept))

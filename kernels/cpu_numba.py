@@ -522,7 +522,7 @@ def dy_sums3(dy3, x3, m):
     O, C, I = x3.shape
     par = _parallel("dy_sums", x3)
     if I > 1:
-        nk, _ = _cf_units(x3.shape)
+        nk = (I + CHUNK - 1) // CHUNK   # chunks per run (the counts are not needed here)
         p1 = np.empty((C, O * nk))
         p2 = np.empty((C, O * nk))
         run(_dy_sums_cf, par, dy3, x3, m, CHUNK, p1, p2)

@@ -93,7 +93,12 @@ def shape_of(size, layout):
 
 
 def _key(text):
-    return text.replace(" ", "").lower()
+    """A size label as typed: spaces and case ignored, KB/MB read as KiB/MiB, and
+    103MB (the decimal name of the largest size, as the README says) as 98 MiB."""
+    k = text.replace(" ", "").lower()
+    if k.endswith(("kb", "mb")) and not k.endswith(("kib", "mib")):
+        k = k[:-1] + "ib"
+    return {"103mib": "98mib"}.get(k, k)
 
 
 def select_sizes(spec, quick=False):

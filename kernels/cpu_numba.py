@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import prange
 
-from . import _rowsums, _stream
+from . import _rowsums, _stream, reference
 from ._jit import helper, kernel, run
 from ._stream import cast, ld
 
@@ -317,7 +317,20 @@ def moments3(x3):
     mean = np.empty(C)
     m2 = np.empty(C)
     _merge_partials.serial(pmean, pm2, counts, mean, m2)
+    if x3.dtype == np.float64:
+        _m2_about_mean(x3, mean, m2)
     return mean, m2
+
+
+def _m2_about_mean(x3, mean, m2):
+    """Where the shifted sums overflowed (float64 data within ~30x of the largest
+    float: ``sum((x - x0)**2)`` exceeds it while ``m2 = sum((x - mean)**2)`` need
+    not), recompute m2 in two passes about the mean.  Rare: a cheap test per
+    call, a second read of those channels only."""
+    bad = ~np.isfinite(m2) & np.isfinite(mean)
+    if bad.any():   # two passes, shifted by a value of the channel (the reference's way)
+        with np.errstate(over="ignore"):
+            m2[bad] = reference.moments3(x3[:, bad, :])[1]
 
 
 # -- elementwise: out = q*(x - m) + r (+ p*u) ---------------------------------
@@ -549,12 +562,15 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
             xs = x[o, c]
             for i in range(I):
                 s += np.float64(xs[i]) - x0
-        mu = x0 + s / n
+        md = s / n
+        mu = x0 + md
         q = 0.0
         for o in range(O):
             xs = x[o, c]
             for i in range(I):
-                d = np.float64(xs[i]) - mu
+                # deviations from the shift, then from their mean: mu itself is
+                # rounded at |x0|, which would bias every deviation alike
+                d = (np.float64(xs[i]) - x0) - md
                 q += d * d
         inv = _invstd(q / n, eps)
         a = inv if scale is None else np.float64(scale[c]) * inv
@@ -626,6 +642,14 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
     mu = np.empty(C)
     for c in range(C):
         mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], R)
+        if not np.isfinite(m2) and np.isfinite(mu[c]):
+            # the shifted sum overflowed (see _m2_about_mean): a second pass about the
+            # mean, as deviations from the shift (the mean itself is rounded at |x0|)
+            md = s[c] / R
+            m2 = 0.0
+            for r in range(R):
+                d = (np.float64(x2[r, c]) - shift[c]) - md
+                m2 += d * d
         inv = _invstd(m2 / R, eps)
         invstd_out[c] = inv
         mean_out[c] = mu[c]

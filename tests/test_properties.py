@@ -999,33 +999,6 @@ def _inv_rule(v):
         return np.where(v == 0, 0.0, 1 / np.sqrt(v))
 
 
-def numba_m2_overflow(backend, x64, axes, s):
-    """Channels where a known Numba bug may give var = inf though NumPy's is finite.
-
-    The Numba moments sum ``(x - K)**2`` about a value ``K`` of the data and subtract
-    afterwards, so they overflow when ``m2 + n*(mean - K)**2`` exceeds the float64 maximum
-    while ``m2 = n*var`` does not (within ~2-30x of overflow: a variance near 1e306 at
-    n = 42).  Reported with issue 14; pinned by test_numba_variance_near_overflow (strict
-    xfail).  When that is fixed, drop this and its two uses.
-    """
-    if backend != "numba":
-        return np.zeros(s.var.size, bool)
-    with np.errstate(over="ignore", invalid="ignore"):
-        maxdev2 = np.max((x64 - s.mean) ** 2, axis=axes, keepdims=True, initial=0.0)
-        bound = s.var * s.n + s.n * maxdev2     # >= the sum about any K in the data
-    return (np.isfinite(s.var) & (bound > np.finfo(F64).max / 4)).reshape(-1)
-
-
-def _excuse(got, exp, known):
-    """``got`` with the known bug's inf replaced by the expected value (those entries only)."""
-    got = np.array(got, dtype=np.float64)
-    hit = known & ~np.isfinite(got) & np.isfinite(exp)   # inf, or NaN = 0 * inf (momentum 0)
-    if hit.any():
-        note(f"known Numba m2 overflow in channels {np.flatnonzero(hit)}")
-    got[hit] = np.asarray(exp)[hit]
-    return got
-
-
 @pytest.mark.parametrize("path", ["small", "general"])
 @given(data=st.data())
 def test_float64_extremes(backend, path, data):
@@ -1067,9 +1040,7 @@ def test_float64_extremes(backend, path, data):
     x64 = np.array(x, dtype=np.float64)   # a copy: out may be x
     mean, var = fbn.moments(x, axes, backend=backend)
     check_extreme(mean, s.mean.reshape(-1), s.mean_tol(F64).reshape(-1), "moments mean")
-    known = numba_m2_overflow(backend, x64, axes, s)
-    check_extreme(_excuse(var, s.var.reshape(-1), known), s.var.reshape(-1),
-                  s.var_tol(F64).reshape(-1), "moments var")
+    check_extreme(var, s.var.reshape(-1), s.var_tol(F64).reshape(-1), "moments var")
 
     with np.errstate(all="ignore"):
         dv = s.dvar + ARITH * s.var
@@ -1101,7 +1072,7 @@ def test_float64_extremes(backend, path, data):
     check_extreme(invstd, inv.reshape(-1), inv_tol.reshape(-1), "train invstd")
     check_extreme(y, exp_y, ytol, "train y")
     check_extreme(rm_arg, exp_rm, rm_tol, "running_mean")
-    check_extreme(_excuse(rv_arg, exp_rv, known), exp_rv, rv_tol, "running_var")
+    check_extreme(rv_arg, exp_rv, rv_tol, "running_var")
     # A constant channel (any value, 1.7e308 and subnormals included) exactly: mean the
     # constant, variance 0, y the offset (test_special_values, on the kernels).
     const = (np.max(x64, axis=axes) == np.min(x64, axis=axes)).reshape(-1)
@@ -1189,22 +1160,30 @@ def test_float64_extremes_infer_and_backward(backend, path, data):
     unchanged([x], before)
 
 
-def test_numba_variance_near_overflow(backend, request):
+def test_variance_near_overflow(backend):
     """A float64 channel whose m2 = n*var is 0.3 of the float64 maximum, its first value 3
-    standard deviations below the mean: the variance is finite (NumPy's), not inf."""
-    if backend == "numba":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="known bug: the Numba moments overflow in sum((x - K)**2) "
-                                "about the first value (see numba_m2_overflow)"))
+    standard deviations below the mean: the variance is finite (NumPy's), not inf (the
+    Numba sums shifted by the first value overflowed here; they now fall back to m2
+    about the mean).  Channels-first and channels-last, moments and training."""
     rng = np.random.default_rng(0)
-    n = 2000
-    z = rng.standard_normal(n)
-    z = (z - z.mean()) / z.std()
-    z[0] = -3.0
-    x = (1e165 + math.sqrt(0.3 * float(np.finfo(F64).max) / n) * z).reshape(n, 1)
-    s = Stats(x, (0,))
-    mean, var = fbn.moments(x, 0, backend=backend)
-    assert np.isfinite(s.var).all() and np.isfinite(var).all(), var
-    np.testing.assert_allclose(var, s.var.reshape(-1), rtol=1e-9)
-    y, _, invstd = fbn.batch_norm_train(x, channel_axis=1, eps=0.0, backend=backend)
-    assert np.isfinite(y).all() and (invstd > 0).all(), invstd
+    # (values, shape): channels-last (n, 1) and channels-first (4, 1, n/4), each small
+    # (the fused training kernel) and large (moments kernels, parallel)
+    for n, shape in ((2000, (2000, 1)), (2000, (4, 1, 500)),
+                     (300_000, (300_000, 1)), (300_000, (4, 1, 75_000))):
+        z = rng.standard_normal(n)
+        z = (z - z.mean()) / z.std()
+        z[0] = -3.0
+        x = (1e165 + math.sqrt(0.3 * float(np.finfo(F64).max) / n) * z).reshape(shape)
+        axes = tuple(a for a in range(x.ndim) if a != 1)
+        s = Stats(x, axes)
+        mean, var = fbn.moments(x, axes, backend=backend)
+        assert np.isfinite(s.var).all() and np.isfinite(var).all(), (shape, var)
+        # the data is quantized to ~sd/20 at 1e165: the error model's budget, not 1e-9
+        tol = s.var_tol(F64).reshape(-1)
+        check_extreme(var, s.var.reshape(-1), tol, f"moments var {shape}")
+        rv = np.ones(1)
+        y, _, invstd = fbn.batch_norm_train(x, channel_axis=1, eps=0.0, running_var=rv,
+                                            momentum=1.0, backend=backend)
+        assert np.isfinite(y).all() and (invstd > 0).all(), (shape, invstd)
+        check_extreme(rv, s.var.reshape(-1) * n / (n - 1), (tol + ROUND[F64] * s.var.reshape(-1))
+                      * n / (n - 1), f"running_var {shape}")

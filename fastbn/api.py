@@ -25,7 +25,6 @@ family.  The type hints say ``ArrayLike`` for what goes in and ``Array``
 # (the public functions rebind their ArrayLike arguments to the checked arrays)
 from __future__ import annotations
 
-import math
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -251,10 +250,8 @@ def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, runnin
         out = np.empty_like(x)
     elif not (out.flags.c_contiguous and (out is x or not np.may_share_memory(out, x))):
         return None
-    ax = plan.kept[0]
-    outer = math.prod(x.shape[:ax])
-    C = x.shape[ax]
-    shape3 = (outer, C, plan.count // outer)
+    shape3 = plan.shape3   # for C-contiguous x: (prod(shape[:ax]), C, prod(shape[ax+1:]))
+    C = shape3[1]
     mean = np.empty(C, dt)
     invstd = np.empty(C, dt)
     small(x.reshape(shape3), scale, offset, eps, momentum, running_mean, running_var,

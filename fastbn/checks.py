@@ -195,10 +195,28 @@ def no_overlaps(family, running=(), out=None, vectors=(), data=()):
                              "must not share memory with another argument")
 
 
+def _plain(v, C, dtype, in_place=False):
+    """None, or a plain (C,) ndarray of ``dtype`` (contiguous and writeable if ``in_place``)."""
+    if v is None:
+        return True
+    if type(v) is not np.ndarray or v.dtype != dtype or v.shape != (C,):
+        return False
+    return not in_place or (v.flags.c_contiguous and v.flags.writeable)
+
+
 def train_state(scale, offset, eps, momentum, running_mean, running_var, C, family, dtype):
     """The training forward's per-channel arguments, checked: ``(scale, w_scale,
     offset, w_offset, eps, momentum, running_mean, running_var)`` (``w_*``: the
     float64 working vectors; ``dtype``: the per-channel dtype)."""
+    if (family == "numpy" and type(eps) is float and type(momentum) is float
+            and eps >= 0.0 and 0.0 <= momentum <= 1.0
+            and _plain(scale, C, dtype) and _plain(offset, C, dtype)
+            and _plain(running_mean, C, dtype, True) and _plain(running_var, C, dtype, True)):
+        # the common call, answered by identity tests (the general checks below give
+        # the same answer for it, and the messages for everything else)
+        return (scale, None if scale is None else scale.astype(np.float64),
+                offset, None if offset is None else offset.astype(np.float64),
+                eps, momentum, running_mean, running_var)
     scale, w_scale = vector(scale, "scale", C, family)
     offset, w_offset = vector(offset, "offset", C, family)
     eps = scalar(eps, "eps", low=0.0)

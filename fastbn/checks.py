@@ -179,14 +179,16 @@ def no_overlaps(family, running=(), out=None, vectors=(), data=()):
         return
     fam = families.module(family)
     outs = [] if out is None else [("out", out)]
-    checks = [(a, b) for i, a in enumerate(running)
-              for b in running[i + 1:] + [(k, v) for k, v in data if v is not None] + outs + vectors]
-    checks += [(o, v) for o in outs for v in vectors]
-    # Two different arrays that each own their memory (separate allocations, the
-    # usual case) cannot overlap: that answer costs no memory-span arithmetic.
+    data = [(k, v) for k, v in data if v is not None]
+    # Different arrays that each own their memory (separate allocations, the usual
+    # case) cannot overlap: that answer costs no memory-span arithmetic.
     owner = getattr(fam, "owns_memory", None)
-    owners = set() if owner is None else {id(v) for _, v in running + outs + vectors + list(data)
-                                          if v is not None and owner(v)}
+    owners = set() if owner is None else {id(v) for _, v in running + outs + vectors + data
+                                          if owner(v)}
+    if len(owners) == len(running) + len(outs) + len(vectors) + len(data):
+        return   # all distinct objects, each owning its buffer
+    checks = [(a, b) for i, a in enumerate(running) for b in running[i + 1:] + data + outs + vectors]
+    checks += [(o, v) for o in outs for v in vectors]
     for (a, va), (b, vb) in checks:
         if va is not vb and id(va) in owners and id(vb) in owners:
             continue

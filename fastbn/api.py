@@ -25,6 +25,7 @@ family.  The type hints say ``ArrayLike`` for what goes in and ``Array``
 # (the public functions rebind their ArrayLike arguments to the checked arrays)
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -50,8 +51,10 @@ def _whole(x, backend, fn):
     if type(x) is np.ndarray:
         return None
     fam = families.family_of(x)
-    if fam == "dask":
-        return getattr(dispatch.module(dispatch.choose("dask", backend)), fn.__name__)
+    if fam == "dask":   # its chunks run on the CPU backend chosen here (FASTBN_BACKEND, ...)
+        dk = dispatch.module(dispatch.choose("dask", backend))
+        return functools.partial(getattr(dk, fn.__name__),
+                                 cpu=dispatch.module_path(dispatch.choose("numpy")))
     if fam == "torch":
         return families.module("torch").wrapped(fn)
     return None

@@ -142,6 +142,13 @@ def module(name: str) -> ModuleType:
     return mod
 
 
+def module_path(name: str) -> str:
+    """The import path of backend ``name``'s module (what the Dask backend's chunk
+    tasks import on a worker)."""
+    _check_name(name, "module_path")
+    return _MODULES[name]
+
+
 def backend_for(x: ArrayLike, backend: str | None = None) -> str:
     """Which backend a fastbn call on ``x`` would use.
 

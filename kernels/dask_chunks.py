@@ -31,7 +31,9 @@ import math
 
 import numpy as np
 
-from fastbn import broadcast, checks, core, dispatch, layout
+import importlib
+
+from fastbn import broadcast, checks, core, families, layout
 
 try:
     import dask
@@ -56,7 +58,7 @@ def _data(x, name="x", family=None):
     if any(isinstance(s, float) and math.isnan(s) for s in x.shape):
         raise ValueError(f"{name} has unknown chunk sizes (shape {x.shape}); "
                          f"call {name}.compute_chunk_sizes() first")
-    meta_family = dispatch.family_of(getattr(x, "_meta", np.empty(0)))
+    meta_family = families.family_of(getattr(x, "_meta", np.empty(0)))
     if meta_family != "numpy":
         raise TypeError(f"{name} has {type(x._meta).__module__} chunks; the dask backend "
                         "takes dask arrays of NumPy chunks")
@@ -69,9 +71,15 @@ def _no_out(out):
                         "store them with dask.array.store or .compute()")
 
 
-def _cpu():
-    """Name of the CPU backend the chunks run on, fixed when the graph is built."""
-    return dispatch.choose("numpy")
+#: The CPU backend module the chunk tasks run when the caller names none.
+DEFAULT_CPU = "fastbn.kernels.reference"
+
+
+def _cpu(cpu):
+    """Module path of the CPU backend the chunks run on, fixed when the graph is built:
+    the dispatcher's choice (``fastbn.api`` passes it as ``cpu=``), else the reference.
+    Tasks import it by path, so a worker process needs nothing else of fastbn."""
+    return DEFAULT_CPU if cpu is None else cpu
 
 
 def _vec(v, name, C, chunks, *, optional=True):
@@ -80,15 +88,15 @@ def _vec(v, name, C, chunks, *, optional=True):
         if optional:
             return None
         raise TypeError(f"{name} must be a 1-D array of length {C}, got None")
-    if dispatch.family_of(v) == "dask":
+    if families.family_of(v) == "dask":
         if v.dtype.kind != "f":
             raise TypeError(f"{name} must be a float array, got dtype {v.dtype}")
         if tuple(v.shape) != (C,):
             raise ValueError(f"{name} must have shape ({C},) (one value per channel), "
                              f"got shape {tuple(v.shape)}")
         return v.astype(np.float64).rechunk((chunks,))
-    if dispatch.family_of(v) != "numpy":
-        raise TypeError(f"{name} is a {dispatch.family_of(v)} array but x is a dask array of NumPy "
+    if families.family_of(v) != "numpy":
+        raise TypeError(f"{name} is a {families.family_of(v)} array but x is a dask array of NumPy "
                         "chunks; pass a NumPy or Dask array")
     _, v = checks.vector(v, name, C, "numpy", optional=optional)
     return da.from_array(v, chunks=(chunks,))
@@ -98,9 +106,9 @@ def _param(v, name, x):
     """A parameter of batch_normalization: broadcastable to x -> float64 Dask array of x.ndim dims."""
     if v is None:
         return None
-    if dispatch.family_of(v) != "dask":
-        if dispatch.family_of(v) != "numpy":
-            raise TypeError(f"{name} is a {dispatch.family_of(v)} array but x is a dask array")
+    if families.family_of(v) != "dask":
+        if families.family_of(v) != "numpy":
+            raise TypeError(f"{name} is a {families.family_of(v)} array but x is a dask array")
         v = np.asarray(v)
     v = broadcast.align(v, name, x)
     chunks = tuple(x.chunks[a] if s > 1 else (s,) for a, s in enumerate(v.shape))
@@ -111,7 +119,7 @@ def _param(v, name, x):
 
 def _running(v, name, C, pdt):
     """A running statistic: a NumPy array updated in place (never lazy, never another family)."""
-    if v is not None and dispatch.family_of(v) != "numpy":
+    if v is not None and families.family_of(v) != "numpy":
         raise TypeError(f"{name} must be a NumPy array updated in place (a lazy Dask array "
                         f"cannot be written to), got {checks.describe(v)}")
     return checks.running(v, name, C, "numpy", pdt)
@@ -131,7 +139,7 @@ def _block_moments(block, *, kept, bk):
     plan = layout.make_plan(block.shape, block.strides, kept)
     if plan.count == 0 or block.size == 0:
         return out
-    mean, m2 = dispatch.module(bk).moments3(layout.as3(block, plan))
+    mean, m2 = importlib.import_module(bk).moments3(layout.as3(block, plan))
     out[0] = plan.count
     out[1] = np.asarray(mean).reshape(kshape)
     out[2] = np.asarray(m2).reshape(kshape)
@@ -145,7 +153,7 @@ def _block_dy_sums(dyb, xb, m, *, ax, bk):
     plan = layout.make_plan(xb.shape, xb.strides, (ax,))
     if xb.size == 0:
         return out
-    s1, s2 = dispatch.module(bk).dy_sums3(layout.as3(dyb, plan), layout.as3(xb, plan),
+    s1, s2 = importlib.import_module(bk).dy_sums3(layout.as3(dyb, plan), layout.as3(xb, plan),
                                           np.ascontiguousarray(m, dtype=np.float64))
     out[0] = np.asarray(s1).reshape(kshape)
     out[1] = np.asarray(s2).reshape(kshape)
@@ -170,7 +178,7 @@ def _block_affine3(xb, plan, bk, m, q, r, u=None, p=None):
     vec = [np.ascontiguousarray(v, dtype=np.float64) for v in (m, q, r)]
     u3 = None if u is None else layout.as3(u, plan)
     pv = None if p is None else np.ascontiguousarray(p, dtype=np.float64)
-    dispatch.module(bk).affine3(layout.as3(xb, plan), *vec, y3, u3, pv)
+    importlib.import_module(bk).affine3(layout.as3(xb, plan), *vec, y3, u3, pv)
     return y
 
 
@@ -227,8 +235,10 @@ def _affine(x, ax, bk, m, q, r, u=None, p=None):
 
 
 # -- the public functions --------------------------------------------------------------
+# Each takes the arguments of its fastbn namesake, plus ``cpu``: the module path of the
+# CPU backend the chunk tasks run (see _cpu).
 
-def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
+def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None, cpu=None):
     """Lazy ``(mean, var)`` of a Dask array over ``axis`` (see ``fastbn.moments``).
 
     One read of x: a per-chunk moments kernel and a Chan-merge tree.
@@ -241,7 +251,7 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     if not axes:  # nothing reduced: each value is its own mean, m2 = 0
         zero = da.zeros_like(x, dtype=np.float64)
         return x.astype(pdt), da.map_blocks(_var, zero, zero + 1, denom=denom).astype(pdt)
-    R = _stats(x, axes, _cpu())
+    R = _stats(x, axes, _cpu(cpu))
     count, mean, m2 = R[0], R[1], R[2]
     mean = da.where(count > 0, mean, np.nan)
     var = da.map_blocks(_var, m2, count, denom=denom, dtype=np.float64)
@@ -250,7 +260,8 @@ def moments(x, axis=None, *, keepdims=False, ddof=0, backend=None):
     return mean.astype(pdt), var.astype(pdt)
 
 
-def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, out=None, backend=None):
+def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, out=None, backend=None,
+                        cpu=None):
     """Lazy ``tf.nn.batch_normalization`` (see ``fastbn.batch_normalization``).
 
     Parameters may be NumPy or Dask arrays broadcastable to x (e.g. what
@@ -270,11 +281,11 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, *, o
     for name in ("mean", "variance", "offset", "scale"):
         args += [None, None] if params[name] is None else [params[name], inds]
     return da.blockwise(_block_batch_normalization, inds, *args, dtype=x.dtype,
-                        meta=np.empty((0,) * x.ndim, dtype=x.dtype), eps=eps, bk=_cpu())
+                        meta=np.empty((0,) * x.ndim, dtype=x.dtype), eps=eps, bk=_cpu(cpu))
 
 
 def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, running_mean=None,
-                     running_var=None, momentum=0.1, out=None, backend=None):
+                     running_var=None, momentum=0.1, out=None, backend=None, cpu=None):
     """Training-mode forward of a Dask array (see ``fastbn.batch_norm_train``).
 
     Returns lazy ``(y, mean, invstd)``: ``mean`` and ``invstd`` are (C,) Dask
@@ -313,7 +324,7 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
         raise ValueError(f"batch_norm_train needs more than 1 value per channel to compute a "
                          f"variance; x of shape {x.shape} with channel_axis={channel_axis} "
                          f"has {n}")
-    bk = _cpu()
+    bk = _cpu(cpu)
     reduced = tuple(a for a in range(x.ndim) if a != ax)
     R = _stats(x, reduced, bk)
     mean, m2 = R[1].squeeze(axis=reduced), R[2].squeeze(axis=reduced)
@@ -331,7 +342,8 @@ def batch_norm_train(x, scale=None, offset=None, *, channel_axis=1, eps=1e-5, ru
     return y, mean.astype(pdt), invstd.astype(pdt)
 
 
-def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, out=None, backend=None):
+def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, out=None, backend=None,
+                     cpu=None):
     """Lazy inference-mode forward of a Dask array (see ``fastbn.batch_norm_infer``)."""
     x = _data(x)
     ax, C, _ = _channel(x, channel_axis)
@@ -343,7 +355,7 @@ def batch_norm_infer(x, scale, offset, mean, var, *, channel_axis=1, eps=1e-5, o
     eps = checks.scalar(eps, "eps", low=0.0)
     _no_out(out)
     q, r = core.infer_coefficients(var, eps, scale, offset)
-    return _affine(x, ax, _cpu(), mean, q, r)
+    return _affine(x, ax, _cpu(cpu), mean, q, r)
 
 
 def _backward_input(dy, x, scale, mean, channel_axis, out):
@@ -372,7 +384,8 @@ def _dy_sums(dy, x, mean, ax, bk):
     return sums[0], sums[1]
 
 
-def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None, backend=None):
+def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None, backend=None,
+                        cpu=None):
     """Lazy gradients of ``batch_norm_train``'s ``y`` (see ``fastbn.batch_norm_backward``).
 
     ``mean``/``invstd`` may be the lazy results of :func:`batch_norm_train`.
@@ -381,7 +394,7 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
     """
     x, dy, ax, C, n, cch, scale, mean = _backward_input(dy, x, scale, mean, channel_axis, out)
     invstd = _vec(invstd, "invstd", C, cch, optional=False)
-    bk = _cpu()
+    bk = _cpu(cpu)
     dscale, doffset = core.gradient_sums(invstd, *_dy_sums(dy, x, mean, ax, bk))
     a, b, c = core.backward_coefficients(n, invstd, scale, dscale, doffset)
     dx = _affine(x, ax, bk, mean, b, c, dy, a)
@@ -390,12 +403,12 @@ def batch_norm_backward(dy, x, scale, mean, invstd, *, channel_axis=1, out=None,
 
 
 def batch_norm_infer_backward(dy, x, scale, mean, var, *, channel_axis=1, eps=1e-5, out=None,
-                              backend=None):
+                              backend=None, cpu=None):
     """Lazy gradients of ``batch_norm_infer``'s ``y`` (see ``fastbn.batch_norm_infer_backward``)."""
     x, dy, ax, C, n, cch, scale, mean = _backward_input(dy, x, scale, mean, channel_axis, out)
     var = _vec(var, "var", C, cch, optional=False)
     eps = checks.scalar(eps, "eps", low=0.0)
-    bk = _cpu()
+    bk = _cpu(cpu)
     dscale, doffset, a = core.infer_backward_coefficients(var, eps, scale,
                                                           *_dy_sums(dy, x, mean, ax, bk))
     zero = da.zeros_like(mean)

@@ -222,3 +222,30 @@ def test_dispatch_routes_dask_arrays():
     assert isinstance(mean, da.Array) and isinstance(var, da.Array)
     # lazy: building the graph computed nothing, and the graph is one task per chunk + a tree
     assert len(dict(mean.__dask_graph__())) < 4 * math.prod(xd.numblocks) + 10
+
+
+@pytest.mark.parametrize("backend", ["cython", "numpy"])
+def test_chunks_run_the_cpu_backend_the_dispatcher_chooses(backend, monkeypatch):
+    """The Dask backend's chunk tasks import the CPU backend chosen at graph build time
+    (use_backend / FASTBN_BACKEND), by module path (no dispatcher on the workers)."""
+    import importlib
+
+    import fastbn.kernels.dask_chunks as dc
+    if fbn.backends()[backend] != "available":
+        pytest.skip(fbn.backends()[backend])
+    seen = []
+
+    class Spy:
+        @staticmethod
+        def import_module(path):
+            seen.append(path)
+            return importlib.import_module(path)
+
+    monkeypatch.setattr(dc, "importlib", Spy)
+    x = da.from_array(np.random.default_rng(0).standard_normal((40, 3, 5)).astype(np.float32),
+                      chunks=(10, 3, 5))
+    with fbn.use_backend(backend):
+        y, mean, _ = fbn.batch_norm_train(x)
+    dask.compute(y, mean, scheduler="sync")
+    want = {"cython": "fastbn.kernels.cpu_cython", "numpy": "fastbn.kernels.reference"}[backend]
+    assert seen and set(seen) == {want}

@@ -35,9 +35,6 @@ KERNELS = "fastbn.kernels"
 #: Cycles that a function-level import closes, found by this test and reported on
 #: issue 11 (they are in other rooms' files): the modules of each -> how it closes.
 KNOWN_CYCLES = {
-    ("fastbn.dispatch", "fastbn.kernels.dask_chunks"):
-        "dispatch loads the Dask backend by name (importlib, on a call); kernels/dask_chunks.py "
-        "imports fastbn.dispatch at module level",
 }
 
 

@@ -234,25 +234,42 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
 
 # -- fused batch norm ----------------------------------------------------------
 
-def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
-    """The backend's fused one-call kernel for small C-contiguous host inputs, or None.
+def _small(bk, name, x, out, data=()):
+    """``(kernel, out)``: the backend's fused one-call kernel ``name`` for small
+    C-contiguous host inputs and the array it writes, or None when it does not
+    take these arrays as they are.
 
-    Per-call overhead dominates small batches (an MLP layer is (batch, 30));
-    the arguments are already checked, so this only asks whether the kernel
-    takes them as they are.
+    Per-call overhead dominates small batches (an MLP layer is (batch, 30)); the
+    arguments are already checked.  ``data``: the other full-size inputs (``dy``);
+    ``out`` may be exactly ``x`` or one of them, or separate.
     """
-    small = getattr(bk, "train_small3", None)
+    small = getattr(bk, name, None)
     if (small is None or type(x) is not np.ndarray or not 0 < x.size <= bk.SMALL
             or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous):
+        return None
+    for d in data:
+        if type(d) is not np.ndarray or not d.flags.c_contiguous:
+            return None
+    if out is None:
+        return small, np.empty_like(x)
+    if not out.flags.c_contiguous:
+        return None
+    for a in (x,) + data:
+        if out is not a and np.may_share_memory(out, a):
+            return None
+    return small, out
+
+
+def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
+    """The fused training forward (``train_small3``) for small inputs, or None."""
+    fused = _small(bk, "train_small3", x, out)
+    if fused is None:
         return None
     dt = x.dtype
     for v in (scale, offset, running_mean, running_var):
         if v is not None and (v.dtype != dt or not v.flags.c_contiguous):
             return None
-    if out is None:
-        out = np.empty_like(x)
-    elif not (out.flags.c_contiguous and (out is x or not np.may_share_memory(out, x))):
-        return None
+    small, out = fused
     shape3 = plan.shape3   # for C-contiguous x: (prod(shape[:ax]), C, prod(shape[ax+1:]))
     C = shape3[1]
     mean = np.empty(C, dt)
@@ -505,6 +522,11 @@ def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | 
     eps = checks.scalar(eps, "eps", low=0.0)
     out = checks.out_array(out, x, fam)
     checks.no_overlaps(fam, out=out, vectors=(("scale", scale), ("offset", offset)))
+    if (fused := _small(bk, "infer_small3", x, out)) is not None:
+        small, y = fused
+        small(x.reshape(plan.shape3), w_scale, w_offset, w_mean, w_var, eps,
+              y.reshape(plan.shape3))
+        return y
     q, r = core.infer_coefficients(w_var, eps, w_scale, w_offset)
     return F.affine(bk, F.as3(x, plan), plan, x, out, w_mean, q, r)
 
@@ -612,6 +634,13 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
                                                                     channel_axis, out, backend)
     C = plan.shape3[1]
     _, w_invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    if (fused := _small(bk, "backward_small3", x, out, (dy,))) is not None:
+        small, dx = fused
+        pdt = checks.param_dtype(x.dtype)
+        dscale, doffset = np.empty(C, pdt), np.empty(C, pdt)
+        small(dy.reshape(plan.shape3), x.reshape(plan.shape3), w_scale, w_mean, w_invstd,
+              dx.reshape(plan.shape3), dscale, doffset)
+        return dx, dscale, doffset
     x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
     dscale, doffset = core.gradient_sums(w_invstd, *_dy_sums(F, bk, dy3, x3, w_mean, C))
     if plan.count == 0:  # an empty batch: no gradient, even with its NaN statistics

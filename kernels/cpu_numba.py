@@ -702,3 +702,124 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
                                mean_out, invstd_out)
     else:
         _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
+
+
+# -- small inputs: inference and backward in one serial call -------------------
+# What the general path does in several calls (per-channel coefficients in NumPy,
+# then the elementwise kernel; for the backward, the sums kernel first), fused:
+# for a few KB the calls cost far more than the arithmetic.  The same float64
+# formulas as fastbn.core, tested against it through the public functions.
+
+@kernel
+def _infer_small(x, scale, offset, mean, var, eps, out):
+    O, C, I = x.shape
+    q = np.empty(C)
+    r = np.zeros(C)
+    m = np.empty(C)
+    for c in range(C):
+        inv = 1.0 / np.sqrt(np.float64(var[c]) + eps)   # core.infer_coefficients
+        q[c] = inv if scale is None else np.float64(scale[c]) * inv
+        if offset is not None:
+            r[c] = offset[c]
+        m[c] = mean[c]
+    if I == 1:   # channels-last: along rows, vectorised over the channels
+        x2 = x.reshape(O, C)   # (a reshape keeps Numba's contiguous layout: vectorised)
+        y2 = out.reshape(O, C)
+        for o in range(O):
+            xr = x2[o]
+            yr = y2[o]
+            for c in range(C):
+                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
+        return
+    for o in range(O):
+        for c in range(C):
+            qc, mc, rc = q[c], m[c], r[c]
+            xs = x[o, c]
+            ys = out[o, c]
+            for i in range(I):
+                ys[i] = qc * (np.float64(xs[i]) - mc) + rc
+
+
+@kernel
+def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
+    O, C, I = x.shape
+    n = O * I
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    m = np.empty(C)
+    for c in range(C):
+        m[c] = mean[c]
+    if I == 1:   # channels-last: along rows, vectorised over the channels
+        x2 = x.reshape(O, C)
+        d2 = dy.reshape(O, C)
+        for o in range(O):
+            xr = x2[o]
+            dr = d2[o]
+            for c in range(C):
+                d = np.float64(dr[c])
+                s1[c] += d
+                s2[c] += d * (np.float64(xr[c]) - m[c])
+    else:
+        for c in range(C):
+            mc = m[c]
+            t1 = 0.0
+            t2 = 0.0
+            for o in range(O):
+                xs = x[o, c]
+                ds = dy[o, c]
+                for i in range(I):
+                    d = np.float64(ds[i])
+                    t1 += d
+                    t2 += d * (np.float64(xs[i]) - mc)
+            s1[c] = t1
+            s2[c] = t2
+    a = np.empty(C)
+    b = np.empty(C)
+    cc = np.empty(C)
+    for c in range(C):
+        inv = np.float64(invstd[c])
+        dscale = s2[c] * inv                            # core.gradient_sums
+        a[c] = inv if scale is None else np.float64(scale[c]) * inv   # core.backward_coefficients
+        b[c] = -a[c] * inv * dscale / n
+        cc[c] = -a[c] * s1[c] / n
+        dscale_out[c] = dscale
+        doffset_out[c] = s1[c]
+    if I == 1:
+        x2 = x.reshape(O, C)
+        d2 = dy.reshape(O, C)
+        y2 = out.reshape(O, C)
+        for o in range(O):
+            xr = x2[o]
+            dr = d2[o]
+            yr = y2[o]
+            for c in range(C):
+                yr[c] = b[c] * (np.float64(xr[c]) - m[c]) + cc[c] + a[c] * np.float64(dr[c])
+        return
+    for o in range(O):
+        for c in range(C):
+            bc, mc, ccc, ac = b[c], m[c], cc[c], a[c]
+            xs = x[o, c]
+            ds = dy[o, c]
+            ys = out[o, c]
+            for i in range(I):
+                ys[i] = bc * (np.float64(xs[i]) - mc) + ccc + ac * np.float64(ds[i])
+
+
+def infer_small3(x3, scale, offset, mean, var, eps, out3):
+    """Fused inference forward for inputs of at most SMALL values (serial).
+
+    x3/out3 (outer, C, inner) float32/64 (out3 may be x3); scale/offset None or
+    (C,); mean/var (C,), any float dtype.  ``out3 = (x3 - mean) * scale /
+    sqrt(var + eps) + offset``, in float64, rounded once.
+    """
+    _infer_small.serial(x3, scale, offset, mean, var, eps, out3)
+
+
+def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
+    """Fused training backward for inputs of at most SMALL values (serial, two reads).
+
+    dy3/x3/out3 (outer, C, inner) float32/64 (out3 may be dy3 or x3); scale None
+    or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
+    per-channel ``dscale``, ``doffset`` to the (C,) outputs.
+    """
+    _backward_small.serial(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)

@@ -1,7 +1,8 @@
-"""The fused one-call training forward for small C-contiguous inputs.
+"""The fused one-call kernels for small C-contiguous inputs.
 
-``batch_norm_train`` takes it for NumPy float32/64 C-contiguous input of at
-most ``cpu_numba.SMALL`` values on the Numba backend.  Its channels-last
+``batch_norm_train``, ``batch_norm_infer`` and ``batch_norm_backward`` take
+them for NumPy float32/64 C-contiguous input of at most ``cpu_numba.SMALL``
+values on the Numba backend.  Its channels-last
 kernel walks k rows at a time as one wide row; shapes here cover wide rows
 only, leftover rows only, and both.
 """
@@ -47,3 +48,58 @@ def test_small_path_matches_reference(rng, shape, axis, dtype, affine):
     y2, _, _ = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, out=x, backend="numba")
     assert y2 is x
     ref.assert_close(x, want[0])
+
+
+def _spy(monkeypatch, name):
+    """Count calls of the Numba backend's fused kernel ``name`` (so a test knows it ran)."""
+    calls = []
+    real = getattr(numba_backend, name)
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+    monkeypatch.setattr(numba_backend, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", SHAPES)
+@pytest.mark.parametrize("affine", [False, True])
+def test_small_infer_and_backward_match_reference(rng, monkeypatch, shape, axis, dtype, affine):
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    scale = rng.uniform(0.5, 2, C).astype(dtype) if affine else None
+    offset = rng.standard_normal(C).astype(dtype) if affine else None
+    mean = (50 + rng.standard_normal(C)).astype(dtype)
+    var = rng.uniform(0.5, 2, C).astype(dtype)
+    x0, dy0 = x.copy(), dy.copy()
+    infer_calls = _spy(monkeypatch, "infer_small3")
+    back_calls = _spy(monkeypatch, "backward_small3")
+
+    y = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-3,
+                             backend="numba")
+    ref.assert_close(y, ref.batch_norm_infer(x0, scale, offset, mean, var, channel_axis=axis,
+                                             eps=1e-3))
+    # statistics in float64 with float32 data (what the layers pass), and as given
+    for stats_dtype in {np.dtype(dtype), np.dtype(np.float64)}:
+        m, inv = mean.astype(stats_dtype), (1 / np.sqrt(var.astype(np.float64) + 1e-3)).astype(stats_dtype)
+        dx, dscale, doffset = fbn.batch_norm_backward(dy, x, scale, m, inv, channel_axis=axis,
+                                                      backend="numba")
+        want = ref.batch_norm_backward(dy0, x0, scale, m, inv, channel_axis=axis)
+        rtol = 10 * ref.RTOL[np.dtype(dtype)]
+        ref.assert_close(dx, want[0], "dx", rtol=rtol)
+        ref.assert_close(dscale, want[1], "dscale", rtol=rtol)
+        ref.assert_close(doffset, want[2], "doffset", rtol=rtol)
+        assert dscale.dtype == doffset.dtype == np.dtype(dtype)
+    assert np.array_equal(x, x0) and np.array_equal(dy, dy0)
+    assert infer_calls and back_calls, "the fused kernels did not run"
+    # in place: out=x / out=dy give the same numbers
+    y2 = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-3, out=x,
+                              backend="numba")
+    assert y2 is x
+    ref.assert_close(x, y)
+    dx2, _, _ = fbn.batch_norm_backward(dy, x0, scale, m, inv, channel_axis=axis, out=dy,
+                                        backend="numba")
+    assert dx2 is dy
+    np.testing.assert_array_equal(dy, dx)   # the same serial kernel, in place

@@ -31,7 +31,7 @@ from typing import Any, TypeAlias
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import broadcast, checks, core, dispatch, families, layout
+from . import broadcast, checks, core, dispatch, docstrings, families, layout
 
 #: An array of ``x``'s family: ``numpy.ndarray`` for host input, ``cupy.ndarray``
 #: (or a Numba device array) for CUDA input, a lazy ``dask.array.Array`` for Dask
@@ -95,9 +95,7 @@ def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: fl
         against ``x``, e.g. into :func:`batch_normalization`).
     ddof : float, optional
         Delta degrees of freedom: the variance divides by ``n - ddof``.
-    backend : str, optional
-        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
-        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+    {{backend}}
 
     Returns
     -------
@@ -119,10 +117,7 @@ def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: fl
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> mean, var = fbn.moments(x, axis=0)
     >>> mean, var
     (array([ 2., 20.], dtype=float32), array([  1., 100.], dtype=float32))
@@ -185,8 +180,7 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
 
     Returns
     -------
-    y : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{y_result}}
 
     Raises
     ------
@@ -201,10 +195,7 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> mean, var = fbn.moments(x, axis=0, keepdims=True)  # (1, 2) each
     >>> fbn.batch_normalization(x, mean, var, None, None, 1e-3)
     array([[-0.9995004, -0.999995 ],
@@ -341,15 +332,8 @@ def batch_norm_train(x: ArrayLike, scale: ArrayLike | None = None,
 
     Parameters
     ----------
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        float16, float32 or float64 data of any shape with ``C`` channels on
-        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
-        in any memory layout: a NumPy array (or anything ``numpy.asarray``
-        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
-        array argument of the call is of ``x``'s family.
-    scale, offset : array_like, shape (C,), optional
-        Per-channel affine parameters, any float dtype; None means ones /
-        zeros.  Must not overlap ``out`` or the running statistics.
+    {{x}}
+    {{scale_offset}}
     channel_axis : int, optional
         The axis of ``x`` holding the channels (negative counts from the end);
         statistics are over every other axis.
@@ -362,20 +346,13 @@ def batch_norm_train(x: ArrayLike, scale: ArrayLike | None = None,
         float16 ``x``, else ``x``'s dtype), contiguous and writeable.  They
         may not overlap each other, ``x``, ``out``, ``scale`` or ``offset``.
         Written last: a call that raises leaves them untouched.
-    momentum : float, optional
-        Weight of the batch statistics in the update, in [0, 1].
-    out : array, optional
-        Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
-        may be ``x`` itself (in place) or overlap ``x`` in any way.  Not
-        supported for Dask input.
-    backend : str, optional
-        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
-        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+    {{momentum_train}}
+    {{out_y}}
+    {{backend}}
 
     Returns
     -------
-    y : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{y_result}}
     mean, invstd : arrays of x's family, shape (C,)
         The batch mean and ``1/sqrt(var + eps)``, float32 for float16 ``x``,
         else ``x``'s dtype: what :func:`batch_norm_backward` takes.  NaN for
@@ -405,10 +382,7 @@ def batch_norm_train(x: ArrayLike, scale: ArrayLike | None = None,
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> rm, rv = np.zeros(2, np.float32), np.ones(2, np.float32)
     >>> y, mean, invstd = fbn.batch_norm_train(x, running_mean=rm, running_var=rv)
     >>> y
@@ -455,42 +429,26 @@ def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | 
 
     Parameters
     ----------
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        float16, float32 or float64 data of any shape with ``C`` channels on
-        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
-        in any memory layout: a NumPy array (or anything ``numpy.asarray``
-        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
-        array argument of the call is of ``x``'s family.
+    {{x}}
     scale, offset : array_like, shape (C,) or None
         Per-channel affine parameters, any float dtype; None means ones /
         zeros.  Must not overlap ``out``.
     mean, var : array_like, shape (C,)
         The statistics to normalise with (e.g. running statistics), any float
         dtype.
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (negative counts from the end).
+    {{channel_axis}}
     eps : float, optional
         Added to ``var`` (>= 0).
-    out : array, optional
-        Where to write ``y``: an array of ``x``'s family, shape and dtype.  It
-        may be ``x`` itself (in place) or overlap ``x`` in any way.  Not
-        supported for Dask input.
-    backend : str, optional
-        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
-        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+    {{out_y}}
+    {{backend}}
 
     Returns
     -------
-    y : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{y_result}}
 
     Raises
     ------
-    TypeError
-        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
-        ``x``; a missing (None) required vector; arrays of different families
-        in one call; a CPU tensor that requires grad; ``out=`` with Dask
-        input; a ``backend`` that does not take ``x``'s family.
+    {{type_error_backward}}
     ValueError
         ``channel_axis`` out of range; vectors not of shape ``(C,)``; ``out``
         of another shape; ``eps`` < 0; ``scale``/``offset`` overlapping
@@ -498,10 +456,7 @@ def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | 
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> mean = np.array([2.0, 20.0], np.float32)
     >>> var = np.array([1.0, 100.0], np.float32)
     >>> fbn.batch_norm_infer(x, None, np.array([0.0, 1.0], np.float32), mean, var, eps=0.0)
@@ -561,46 +516,27 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
 
     Parameters
     ----------
-    dy : array_like, shape of x
-        The gradient of the loss with respect to ``y``: ``x``'s family, shape
-        and dtype (any memory layout).
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        float16, float32 or float64 data of any shape with ``C`` channels on
-        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
-        in any memory layout: a NumPy array (or anything ``numpy.asarray``
-        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
-        array argument of the call is of ``x``'s family.
-    scale : array_like, shape (C,) or None
-        The forward's ``scale`` (any float dtype); None means ones.
+    {{dy}}
+    {{x}}
+    {{scale_backward}}
     mean, invstd : array_like, shape (C,)
         What :func:`batch_norm_train` returned for this ``x``.  Any float
         dtype: float64 statistics (e.g. exact ones kept from the forward) keep
         the gradients accurate for data with a large mean.
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (negative counts from the end).
-    out : array, optional
-        Where to write ``dx``: an array of ``x``'s family, shape and dtype.  It
-        may be ``dy`` or ``x`` itself, or overlap them in any way; it may not
-        overlap ``scale``.  Not supported for Dask input.
-    backend : str, optional
-        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
-        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+    {{channel_axis}}
+    {{out_dx}}
+    {{backend}}
 
     Returns
     -------
-    dx : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{dx_result}}
     dscale, doffset : arrays of x's family, shape (C,)
         The gradients of ``scale`` and ``offset``, float32 for float16 ``x``,
         else ``x``'s dtype.  For an empty batch ``dx`` is empty and both are 0.
 
     Raises
     ------
-    TypeError
-        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
-        ``x``; a missing (None) required vector; arrays of different families
-        in one call; a CPU tensor that requires grad; ``out=`` with Dask
-        input; a ``backend`` that does not take ``x``'s family.
+    {{type_error_backward}}
     ValueError
         ``dy`` not of ``x``'s shape; vectors not of shape ``(C,)``; ``out`` of
         another shape; ``channel_axis`` out of range; ``scale`` overlapping
@@ -612,10 +548,7 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> y, mean, invstd = fbn.batch_norm_train(x)
     >>> dy = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]], np.float32)
     >>> dx, dscale, doffset = fbn.batch_norm_backward(dy, x, None, mean, invstd)
@@ -662,46 +595,27 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
 
     Parameters
     ----------
-    dy : array_like, shape of x
-        The gradient of the loss with respect to ``y``: ``x``'s family, shape
-        and dtype (any memory layout).
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        float16, float32 or float64 data of any shape with ``C`` channels on
-        ``channel_axis`` (NCL/NCHW/NCDHW with 1, NHWC or ``(N, C)`` with -1),
-        in any memory layout: a NumPy array (or anything ``numpy.asarray``
-        takes), CuPy/CUDA array, Dask array or CPU ``torch.Tensor``.  Every
-        array argument of the call is of ``x``'s family.
-    scale : array_like, shape (C,) or None
-        The forward's ``scale`` (any float dtype); None means ones.
+    {{dy}}
+    {{x}}
+    {{scale_backward}}
     mean, var : array_like, shape (C,)
         The statistics the forward normalised with (any float dtype).
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (negative counts from the end).
+    {{channel_axis}}
     eps : float, optional
         The forward's ``eps`` (>= 0).
-    out : array, optional
-        Where to write ``dx``: an array of ``x``'s family, shape and dtype.  It
-        may be ``dy`` or ``x`` itself, or overlap them in any way; it may not
-        overlap ``scale``.  Not supported for Dask input.
-    backend : str, optional
-        Force a backend (``"numba"``, ``"cython"``, ``"numpy"``, ``"cuda"``,
-        ``"dask"``); None: the dispatcher's choice (see :func:`backend_for`).
+    {{out_dx}}
+    {{backend}}
 
     Returns
     -------
-    dx : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{dx_result}}
     dscale, doffset : arrays of x's family, shape (C,)
         The gradients of ``scale`` and ``offset``, float32 for float16 ``x``,
         else ``x``'s dtype.
 
     Raises
     ------
-    TypeError
-        Non-float ``x`` or vectors; ``dy`` or ``out`` of another dtype than
-        ``x``; a missing (None) required vector; arrays of different families
-        in one call; a CPU tensor that requires grad; ``out=`` with Dask
-        input; a ``backend`` that does not take ``x``'s family.
+    {{type_error_backward}}
     ValueError
         ``dy`` not of ``x``'s shape; vectors not of shape ``(C,)``; ``out`` of
         another shape; ``channel_axis`` out of range; ``eps`` < 0; ``scale``
@@ -709,10 +623,7 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # (N, C) = (4, 2)
+    {{example_x}}
     >>> mean = np.array([2.0, 20.0], np.float32)
     >>> var = np.array([1.0, 100.0], np.float32)
     >>> dy = np.ones_like(x)
@@ -735,3 +646,6 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
     zero = F.full(C, 0.0)
     dx = F.affine(bk, x3, plan, x, out, w_mean, zero, zero, dy3, a)
     return (dx,) + _results(F, x, checks.param_dtype(x.dtype), dscale, doffset)
+
+
+docstrings.fill(globals())   # the shared parameter descriptions ({{name}} lines)

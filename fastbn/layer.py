@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import checks
+from . import checks, docstrings
 from .api import (Array, batch_norm_backward, batch_norm_infer, batch_norm_infer_backward,
                   batch_norm_train)
 from .dispatch import family_of
@@ -109,8 +109,7 @@ class BatchNorm:
     channel_axis : int, optional
         The axis of the input holding the channels: 1 for ``(N, C)``, NCL,
         NCHW and NCDHW, -1 for ``(N, ..., C)`` (NHWC).
-    eps : float, optional
-        Added to the variance (>= 0).
+    {{eps_layer}}
     momentum : float or None, optional
         Weight of each batch in the running statistics, in [0, 1]; None: the
         cumulative average over ``num_batches_tracked`` batches.
@@ -160,7 +159,7 @@ class BatchNorm:
     --------
     >>> import numpy as np
     >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
+    >>> x = np.array([[2.0, 10.0], [4.0, 30.0], [2.0, 10.0], [4.0, 30.0]],
     ...              dtype=np.float32)                    # (N, C) = (4, 2)
     >>> bn = fbn.BatchNorm(2, channel_axis=-1)
     >>> bn(x)                                             # training mode
@@ -169,12 +168,12 @@ class BatchNorm:
            [-0.999995  , -0.99999994],
            [ 0.999995  ,  0.99999994]], dtype=float32)
     >>> bn.running_mean, bn.running_var, bn.num_batches_tracked
-    (array([0.2, 2. ], dtype=float32), array([ 1.0333333, 14.233334 ], dtype=float32), 1)
+    (array([0.3, 2. ], dtype=float32), array([ 1.0333333, 14.233334 ], dtype=float32), 1)
     >>> dx = bn.backward(np.ones_like(x))                 # sets dscale, doffset
     >>> dx.shape, bn.doffset
     ((4, 2), array([4., 4.], dtype=float32))
     >>> bn.eval()(x)[0]                                   # eval: running statistics
-    array([0.7869872, 2.1204915], dtype=float32)
+    array([1.6723478, 2.1204915], dtype=float32)
     """
 
     num_features: int
@@ -524,3 +523,6 @@ def _cupy_module():
 def _to_family(v, family):
     """The host array ``v`` itself (family "numpy") or as a CuPy array ("cuda")."""
     return v if family == "numpy" else _cupy().asarray(v)
+
+
+docstrings.fill(globals())   # the shared parameter descriptions ({{name}} lines)

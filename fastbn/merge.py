@@ -46,7 +46,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from . import checks, core, dispatch, families, layout
+from . import checks, core, dispatch, docstrings, families, layout
 from .api import Array
 from .families import host
 
@@ -72,8 +72,7 @@ class Moments(NamedTuple):
 
     Attributes
     ----------
-    count : ndarray, shape (C,), float64
-        Values per channel.
+    {{count_part}}
     mean : ndarray, shape (C,), float64
         Their mean.
     m2 : ndarray, shape (C,), float64
@@ -141,8 +140,7 @@ class GradSums(NamedTuple):
 
     Attributes
     ----------
-    count : ndarray, shape (C,), float64
-        Values per channel.
+    {{count_part}}
     sum_dy : ndarray, shape (C,), float64
         ``sum(dy)``.
     sum_dy_xhat : ndarray, shape (C,), float64
@@ -151,11 +149,7 @@ class GradSums(NamedTuple):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> y, mean, invstd = fbn.batch_norm_train(x)       # global statistics
     >>> dy = np.ones_like(x)
     >>> ga = fbn.partial_grad_sums(dy[:1], a, mean, invstd)
@@ -224,16 +218,11 @@ def merge_moments(*parts: Moments | ArrayLike) -> Moments:
 
     Raises
     ------
-    ValueError
-        No parts, a part of another shape, parts with different ``C``.
+    {{parts_value_error}}
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> total = fbn.merge_moments(fbn.partial_moments(a), fbn.partial_moments(b))
     >>> total.count, total.mean, total.var()
     (array([4., 4.]), array([ 2., 20.]), array([  1., 100.]))
@@ -263,16 +252,11 @@ def merge_grad_sums(*parts: GradSums | ArrayLike) -> GradSums:
 
     Raises
     ------
-    ValueError
-        No parts, a part of another shape, parts with different ``C``.
+    {{parts_value_error}}
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> y, mean, invstd = fbn.batch_norm_train(x)
     >>> dy = np.ones_like(x)
     >>> g = fbn.merge_grad_sums(fbn.partial_grad_sums(dy[:1], a, mean, invstd),
@@ -305,16 +289,9 @@ def partial_moments(x: ArrayLike, channel_axis: int = 1, *,
 
     Parameters
     ----------
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        This worker's shard: float16, float32 or float64 data with ``C``
-        channels on ``channel_axis``, in any memory layout; a NumPy array (or
-        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
-        differ between workers and may be 0.
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
-    backend : str, optional
-        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
-        dispatcher's choice.
+    {{x_shard}}
+    {{channel_axis_shard}}
+    {{backend_cpu}}
 
     Returns
     -------
@@ -332,11 +309,7 @@ def partial_moments(x: ArrayLike, channel_axis: int = 1, *,
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> fbn.partial_moments(a)
     Moments(count=array([1., 1.]), mean=array([ 1., 10.]), m2=array([0., 0.]))
     >>> fbn.partial_moments(np.zeros((0, 2), np.float32)).count   # an empty shard
@@ -399,38 +372,26 @@ def batch_norm_train_from_moments(x: ArrayLike, moments: Moments | ArrayLike,
 
     Parameters
     ----------
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        This worker's shard: float16, float32 or float64 data with ``C``
-        channels on ``channel_axis``, in any memory layout; a NumPy array (or
-        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
-        differ between workers and may be 0.
+    {{x_shard}}
     moments : Moments or array_like, shape (3, C)
         :func:`merge_moments` of every worker's :func:`partial_moments` (or
         its packed form).
-    scale, offset : array_like, shape (C,), optional
-        Per-channel affine parameters, any float dtype; None means ones /
-        zeros.  Must not overlap ``out`` or the running statistics.
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
-    eps : float, optional
-        Added to the variance (>= 0).
+    {{scale_offset}}
+    {{channel_axis_shard}}
+    {{eps_layer}}
     running_mean, running_var : array, shape (C,), optional
         Updated in place: arrays of ``x``'s family of exactly the per-channel
         dtype (float32 for float16 ``x``, else ``x``'s dtype), contiguous and
         writeable, overlapping no other argument.  Left unchanged when the whole batch is empty.
-    momentum : float, optional
-        Weight of the batch statistics in the update, in [0, 1].
+    {{momentum_train}}
     out : array, optional
         Where to write ``y``: an array of ``x``'s family, shape and dtype; may
         be ``x`` itself or overlap it.
-    backend : str, optional
-        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
-        dispatcher's choice.
+    {{backend_cpu}}
 
     Returns
     -------
-    y : array of x's family
-        Shape and dtype of ``x`` (``out`` itself when given).
+    {{y_result}}
     mean, invstd : arrays of x's family, shape (C,)
         The global mean and ``1/sqrt(var + eps)`` (biased variance), float32
         for float16 ``x``, else ``x``'s dtype.
@@ -445,11 +406,7 @@ def batch_norm_train_from_moments(x: ArrayLike, moments: Moments | ArrayLike,
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> total = fbn.merge_moments(fbn.partial_moments(a), fbn.partial_moments(b))
     >>> ya, mean, invstd = fbn.batch_norm_train_from_moments(a, total)
     >>> ya                                                # = batch_norm_train(x)[0][:1]
@@ -490,21 +447,12 @@ def partial_grad_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Arra
 
     Parameters
     ----------
-    dy : array_like, shape of x
-        The gradient of the loss with respect to this shard's ``y``: ``x``'s
-        family, shape and dtype.
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        This worker's shard: float16, float32 or float64 data with ``C``
-        channels on ``channel_axis``, in any memory layout; a NumPy array (or
-        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
-        differ between workers and may be 0.
+    {{dy_shard}}
+    {{x_shard}}
     mean, invstd : array_like, shape (C,)
         The *global* statistics the forward returned (any float dtype).
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
-    backend : str, optional
-        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
-        dispatcher's choice.
+    {{channel_axis_shard}}
+    {{backend_cpu}}
 
     Returns
     -------
@@ -523,11 +471,7 @@ def partial_grad_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: Arra
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> y, mean, invstd = fbn.batch_norm_train(x)
     >>> dy = np.ones_like(x)
     >>> fbn.partial_grad_sums(dy[:1], a, mean, invstd)
@@ -560,14 +504,8 @@ def batch_norm_backward_from_sums(dy: ArrayLike, x: ArrayLike, scale: ArrayLike 
 
     Parameters
     ----------
-    dy : array_like, shape of x
-        The gradient of the loss with respect to this shard's ``y``: ``x``'s
-        family, shape and dtype.
-    x : array_like, shape (N, C, ...) or (N, ..., C)
-        This worker's shard: float16, float32 or float64 data with ``C``
-        channels on ``channel_axis``, in any memory layout; a NumPy array (or
-        anything ``numpy.asarray`` takes) or a CPU ``torch.Tensor``.  ``N`` may
-        differ between workers and may be 0.
+    {{dy_shard}}
+    {{x_shard}}
     scale : array_like, shape (C,) or None
         The forward's ``scale``; None means ones.  Must not overlap ``out``.
     mean, invstd : array_like, shape (C,)
@@ -575,14 +513,11 @@ def batch_norm_backward_from_sums(dy: ArrayLike, x: ArrayLike, scale: ArrayLike 
     sums : GradSums or array_like, shape (3, C)
         :func:`merge_grad_sums` of every worker's :func:`partial_grad_sums`
         (or the all-reduced packed form).
-    channel_axis : int, optional
-        The axis of ``x`` holding the channels (1 for NCHW, -1 for NHWC).
+    {{channel_axis_shard}}
     out : array, optional
         Where to write ``dx``: an array of ``x``'s family, shape and dtype;
         may be ``dy`` or ``x`` itself or overlap them.
-    backend : str, optional
-        Force a CPU backend (``"numba"``, ``"cython"``, ``"numpy"``); None: the
-        dispatcher's choice.
+    {{backend_cpu}}
 
     Returns
     -------
@@ -604,11 +539,7 @@ def batch_norm_backward_from_sums(dy: ArrayLike, x: ArrayLike, scale: ArrayLike 
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import fastbn as fbn
-    >>> x = np.array([[1.0, 10.0], [3.0, 30.0], [1.0, 10.0], [3.0, 30.0]],
-    ...              dtype=np.float32)                    # the whole batch, (N, C) = (4, 2)
-    >>> a, b = x[:1], x[1:]                               # two workers' shards
+    {{example_shards}}
     >>> y, mean, invstd = fbn.batch_norm_train(x)
     >>> dy = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, -1.0]], np.float32)
     >>> g = fbn.merge_grad_sums(fbn.partial_grad_sums(dy[:1], a, mean, invstd),
@@ -628,3 +559,6 @@ def batch_norm_backward_from_sums(dy: ArrayLike, x: ArrayLike, scale: ArrayLike 
     a, b, c = core.backward_coefficients(n, invstd, w_scale, dscale, doffset)
     dx = _apply(x, fam, plan, out, backend, mean, b, c, dy, a)
     return dx, dscale.astype(pdt), doffset.astype(pdt)
+
+
+docstrings.fill(globals())   # the shared parameter descriptions ({{name}} lines)

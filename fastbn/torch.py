@@ -57,6 +57,7 @@ from torch.nn import functional as F
 
 import fastbn as fbn
 
+from . import docstrings
 from .layer import train_forward_f64
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormFunction", "convert"]
@@ -302,37 +303,7 @@ class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):
     ----------
     num_features : int
         ``C``, the number of channels: input ``(N, C)`` or ``(N, C, L)``.
-    eps : float, optional
-        Added to the variance (> 0 in training, as PyTorch).
-    momentum : float or None, optional
-        Weight of each batch in the running statistics, in [0, 1]; None: the
-        cumulative average over ``num_batches_tracked``.
-    affine : bool, optional
-        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
-    track_running_stats : bool, optional
-        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
-        in place in training and used in eval mode.
-    device, dtype : optional
-        Of the parameters and buffers.  fastbn computes float32 parameters
-        with float16/float32 input and float64 with float64 input, on CPU;
-        other combinations, devices and transforms go to PyTorch.
-    bias : bool, optional
-        PyTorch's keyword: without ``bias`` the module has only ``weight``.
-
-    Returns
-    -------
-    module
-        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
-        dtype and memory format (``channels_last`` kept).
-
-    Raises
-    ------
-    ValueError
-        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
-        input)``), one value per channel in training, ``eps`` <= 0 in
-        training; nothing (``num_batches_tracked`` included) changes first.
-    RuntimeError
-        Double backward through the module (``create_graph=True``).
+    {{module_arguments}}
 
     Examples
     --------
@@ -361,37 +332,7 @@ class BatchNorm2d(_FastBatchNorm, nn.BatchNorm2d):
     ----------
     num_features : int
         ``C``, the number of channels: input ``(N, C, H, W)``.
-    eps : float, optional
-        Added to the variance (> 0 in training, as PyTorch).
-    momentum : float or None, optional
-        Weight of each batch in the running statistics, in [0, 1]; None: the
-        cumulative average over ``num_batches_tracked``.
-    affine : bool, optional
-        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
-    track_running_stats : bool, optional
-        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
-        in place in training and used in eval mode.
-    device, dtype : optional
-        Of the parameters and buffers.  fastbn computes float32 parameters
-        with float16/float32 input and float64 with float64 input, on CPU;
-        other combinations, devices and transforms go to PyTorch.
-    bias : bool, optional
-        PyTorch's keyword: without ``bias`` the module has only ``weight``.
-
-    Returns
-    -------
-    module
-        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
-        dtype and memory format (``channels_last`` kept).
-
-    Raises
-    ------
-    ValueError
-        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
-        input)``), one value per channel in training, ``eps`` <= 0 in
-        training; nothing (``num_batches_tracked`` included) changes first.
-    RuntimeError
-        Double backward through the module (``create_graph=True``).
+    {{module_arguments}}
 
     Examples
     --------
@@ -418,37 +359,7 @@ class BatchNorm3d(_FastBatchNorm, nn.BatchNorm3d):
     ----------
     num_features : int
         ``C``, the number of channels: input ``(N, C, D, H, W)``.
-    eps : float, optional
-        Added to the variance (> 0 in training, as PyTorch).
-    momentum : float or None, optional
-        Weight of each batch in the running statistics, in [0, 1]; None: the
-        cumulative average over ``num_batches_tracked``.
-    affine : bool, optional
-        Learnable ``weight`` (scale) and ``bias`` (offset), shape (C,).
-    track_running_stats : bool, optional
-        Keep the ``running_mean``/``running_var`` buffers, shape (C,), updated
-        in place in training and used in eval mode.
-    device, dtype : optional
-        Of the parameters and buffers.  fastbn computes float32 parameters
-        with float16/float32 input and float64 with float64 input, on CPU;
-        other combinations, devices and transforms go to PyTorch.
-    bias : bool, optional
-        PyTorch's keyword: without ``bias`` the module has only ``weight``.
-
-    Returns
-    -------
-    module
-        Calling it on ``x`` returns ``y``: a new tensor of ``x``'s shape,
-        dtype and memory format (``channels_last`` kept).
-
-    Raises
-    ------
-    ValueError
-        PyTorch's: input of the wrong dimension (``expected 4D input (got 3D
-        input)``), one value per channel in training, ``eps`` <= 0 in
-        training; nothing (``num_batches_tracked`` included) changes first.
-    RuntimeError
-        Double backward through the module (``create_graph=True``).
+    {{module_arguments}}
 
     Examples
     --------
@@ -523,3 +434,6 @@ def convert(module: nn.Module) -> nn.Module:
         return new
 
     return visit(module)
+
+
+docstrings.fill(globals())   # the shared parameter descriptions ({{name}} lines)

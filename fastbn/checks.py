@@ -117,6 +117,8 @@ def vector(v, name, length, family, *, optional=True):
             return None, None
         raise TypeError(f"{name} must be a 1-D array of length {length}, got None")
     if type(v) is np.ndarray and family == "numpy":
+        if v.dtype in FLOAT_DTYPES and v.shape == (length,):   # the common case, at once
+            return v, v.astype(np.float64)
         fam = host
     else:
         fam = _family_of(v, family, name, "; move it to the same device first")
@@ -151,6 +153,9 @@ def out_array(out, x, family, name="out"):
     """``out=``: same family, shape and dtype as ``x``, writeable."""
     if out is None:
         return None
+    if (type(out) is np.ndarray and family == "numpy" and out.dtype == x.dtype
+            and out.shape == x.shape and out.flags.writeable):   # the common case, at once
+        return out
     fam = families.family_of(out)
     if fam != family or not families.module(fam).is_array(out):
         raise TypeError(f"{name} must be a {family} array like x, got {describe(out)}")

@@ -182,16 +182,17 @@ def no_overlaps(family, running=(), out=None, vectors=(), data=()):
     vectors = [(k, v) for k, v in vectors if v is not None]
     if not running and (out is None or not vectors):
         return
-    fam = families.module(family)
     outs = [] if out is None else [("out", out)]
     data = [(k, v) for k, v in data if v is not None]
-    # Different arrays that each own their memory (separate allocations, the usual
-    # case) cannot overlap: that answer costs no memory-span arithmetic.
-    owner = getattr(fam, "owns_memory", None)
-    owners = set() if owner is None else {id(v) for _, v in running + outs + vectors + data
-                                          if owner(v)}
-    if len(owners) == len(running) + len(outs) + len(vectors) + len(data):
-        return   # all distinct objects, each owning its buffer
+    arrays = [v for _, v in running + outs + vectors + data]
+    owners = set()
+    if family == "numpy":
+        # Different ndarrays that each own their buffer (separate allocations, the
+        # usual call) cannot overlap: that answer costs no memory-span arithmetic.
+        owners = {id(v) for v in arrays if type(v) is np.ndarray and v.flags.owndata}
+        if len(owners) == len(arrays):
+            return   # all distinct objects, each owning its buffer
+    fam = families.module(family)
     checks = [(a, b) for i, a in enumerate(running) for b in running[i + 1:] + data + outs + vectors]
     checks += [(o, v) for o in outs for v in vectors]
     for (a, va), (b, vb) in checks:

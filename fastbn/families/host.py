@@ -133,12 +133,6 @@ def assign(pairs):
         r[...] = new
 
 
-def owns_memory(a):
-    """True if ndarray ``a`` owns its buffer (a NumPy allocation of its own, shared
-    with no other array object that also owns one)."""
-    return a.flags.owndata
-
-
 def overlaps(a, b):
     """True if ndarrays ``a`` and ``b`` share memory (exactly, for the small
     per-channel vectors this is asked about)."""

@@ -70,7 +70,7 @@ def _argument(v, name):
         return v
     if isinstance(v, torch.Tensor):
         if v.dim() == 0 and name not in ("x", "dy", "out"):
-            return v.item() if not v.requires_grad else v.detach().item()
+            return v.item()
         return view(v, name)
     if isinstance(v, tuple):
         items = [_argument(e, name) for e in v]
@@ -81,11 +81,10 @@ def _argument(v, name):
 
 
 def _result(r, out, out_view):
-    """A result of the NumPy path as a tensor (``out`` itself where it was written)."""
+    """A result of the NumPy path as a tensor: ``out`` itself where the NumPy path
+    returned ``out``'s view (it hands ``out=`` back as the object it was given)."""
     if isinstance(r, np.ndarray):
-        if out is not None and (r is out_view or (
-                r.shape == out_view.shape and r.strides == out_view.strides
-                and r.__array_interface__["data"][0] == out_view.__array_interface__["data"][0])):
+        if out is not None and r is out_view:
             return out
         return torch.from_numpy(r)
     if isinstance(r, np.generic):
@@ -96,8 +95,10 @@ def _result(r, out, out_view):
     return r
 
 
-def wrap(fn):
-    """``fn`` (a public function of the NumPy path) taking and returning CPU tensors."""
+@functools.lru_cache(maxsize=None)
+def wrapped(fn):
+    """``fn`` (a public function of the NumPy path) taking and returning CPU tensors;
+    made once per function."""
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -111,9 +112,3 @@ def wrap(fn):
         return _result(res, out if isinstance(out, torch.Tensor) else None,
                        bound.arguments.get("out"))
     return call
-
-
-@functools.lru_cache(maxsize=None)
-def wrapped(fn):
-    """The tensor version of ``fn``, made once."""
-    return wrap(fn)

@@ -40,6 +40,7 @@ taken here.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -56,9 +57,11 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _tensor_calls(fn: _F) -> _F:
     """``fn``, also taking CPU torch tensors: a call whose first argument holds
     one runs on NumPy views and returns tensors (``fastbn.families.torch_cpu``)."""
+    first = next(iter(inspect.signature(fn).parameters))   # x, dy or parts
+
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if args and families.holds_tensor(args[0]):
+        if families.holds_tensor(args[0] if args else kwargs.get(first)):
             return families.module("torch").wrapped(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
     return call  # type: ignore[return-value]

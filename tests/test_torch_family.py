@@ -255,3 +255,14 @@ def test_sync_batchnorm_refuses_dask_by_name():
     da = pytest.importorskip("dask.array")
     with pytest.raises(TypeError, match="x is a dask array"):
         fbn.partial_moments(da.zeros((4, 3)))
+
+
+def test_sync_batchnorm_api_with_keyword_arguments(rng):
+    """Tensors passed by keyword are recognised too (the first argument named, not placed)."""
+    x = tensor(rng, (6, 4, 5), np.float32)
+    part = fbn.partial_moments(x=x, channel_axis=1)
+    assert isinstance(part.mean, torch.Tensor)
+    y, mean, invstd = fbn.batch_norm_train_from_moments(x=x, moments=part)
+    reference.assert_close(y.numpy(), reference.batch_norm_train(x.numpy())[0], "y")
+    g = fbn.partial_grad_sums(dy=torch.ones_like(x), x=x, mean=mean, invstd=invstd)
+    assert isinstance(g.sum_dy, torch.Tensor)

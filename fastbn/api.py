@@ -253,13 +253,13 @@ def _small(bk, name, x, out, data=()):
 
 def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
     """The fused training forward (``train_small3``) for small inputs, or None."""
-    fused = _small(bk, "train_small3", x, out)
-    if fused is None:
-        return None
     dt = x.dtype
-    for v in (scale, offset, running_mean, running_var):
+    for v in (scale, offset, running_mean, running_var):   # the kernel takes x's dtype
         if v is not None and (v.dtype != dt or not v.flags.c_contiguous):
             return None
+    fused = _small(bk, "train_small3", x, out)   # (allocates y: asked last)
+    if fused is None:
+        return None
     small, out = fused
     shape3 = plan.shape3   # for C-contiguous x: (prod(shape[:ax]), C, prod(shape[ax+1:]))
     C = shape3[1]

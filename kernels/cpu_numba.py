@@ -65,9 +65,10 @@ STREAM_FROM = 64 << 20
 STREAM_FROM_CL = 16 << 20
 #: Channels-first units per sfence.
 STREAM_GROUP = 16
-#: Largest input (values) that :func:`train_small3` takes.  Below this the
-#: work is a few microseconds and the per-call overhead of separate kernels
-#: (allocations, dispatch, NumPy on length-C vectors) would dominate.
+#: Largest input (values) that the fused one-call kernels (:func:`train_small3`,
+#: :func:`infer_small3`, :func:`backward_small3`) take.  Below this the work is a
+#: few microseconds and the per-call overhead of separate kernels (allocations,
+#: dispatch, NumPy on length-C vectors) would dominate.
 #: vs cpu_cython (2^15): the channels-last kernel here walks k rows as one wide
 #: row (_widen), which kept it fast up to 2^17 values; Cython's does not.
 SMALL = 1 << 17

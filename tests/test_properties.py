@@ -999,6 +999,18 @@ def _inv_rule(v):
         return np.where(v == 0, 0.0, 1 / np.sqrt(v))
 
 
+def _extreme_layout(data):
+    """A drawn shape (2-4 dims) and channel axis for the float64-extremes properties:
+    ``(shape, ndim, axis, axis % ndim, reduced axes, values per channel)``."""
+    shape = data.draw(shapes(min_dims=2, max_dims=4, empty=False,
+                             budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
+                      "shape")
+    nd = len(shape)
+    axis = data.draw(st.integers(-nd, nd - 1), "channel_axis")
+    axes = ref.reduced_axes(nd, axis)
+    return shape, nd, axis, axis % nd, axes, ref.count(shape, axes)
+
+
 @pytest.mark.parametrize("path", ["small", "general"])
 @given(data=st.data())
 def test_float64_extremes(backend, path, data):
@@ -1008,14 +1020,7 @@ def test_float64_extremes(backend, path, data):
     whose squares overflow), finite and within the error model where it is finite, never NaN
     where it has none."""
     general = path == "general"
-    shape = data.draw(shapes(min_dims=2, max_dims=4, empty=False,
-                             budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
-                      "shape")
-    nd = len(shape)
-    axis = data.draw(st.integers(-nd, nd - 1), "channel_axis")
-    ax = axis % nd
-    axes = ref.reduced_axes(nd, axis)
-    n = ref.count(shape, axes)
+    shape, nd, axis, ax, axes, n = _extreme_layout(data)
     if n < 2 or (general and math.prod(shape) < 2):
         return
     pool = data.draw(st.lists(st.sampled_from(EXTREME_KINDS), min_size=1, max_size=4,
@@ -1093,14 +1098,7 @@ def test_float64_extremes_infer_and_backward(backend, path, data):
     batch_norm_infer_backward, with the channels' exact statistics: as the float64 NumPy
     reference (inf where it gives inf, finite within the error model where it is finite)."""
     general = path == "general"
-    shape = data.draw(shapes(min_dims=2, max_dims=4, empty=False,
-                             budget=data.draw(st.sampled_from([64, 4096, 1 << 15]), "budget")),
-                      "shape")
-    nd = len(shape)
-    axis = data.draw(st.integers(-nd, nd - 1), "channel_axis")
-    ax = axis % nd
-    axes = ref.reduced_axes(nd, axis)
-    n = ref.count(shape, axes)
+    shape, nd, axis, ax, axes, n = _extreme_layout(data)
     if n < 2:
         return
     pool = data.draw(st.lists(st.sampled_from(EXTREME_KINDS), min_size=1, max_size=4,

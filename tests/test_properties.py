@@ -277,8 +277,13 @@ class Stats:
         with np.errstate(divide="ignore", invalid="ignore"):
             var_lo = np.maximum(self.var - self.dvar - rel * self.var, 0.0)
             var_hi = self.var + self.dvar + rel * self.var
-            return (1 / np.sqrt(self.var + eps), 1 / np.sqrt(var_hi + eps),
-                    1 / np.sqrt(var_lo + eps))
+            # var + eps == 0 (a constant channel, e.g. two equal float16 values, with
+            # eps = 0): PyTorch's rule, invstd exactly 0 (the kernels' variance of a
+            # constant channel is exactly 0), so y is exactly the offset
+            rule = self.var + eps == 0
+            return (np.where(rule, 0.0, 1 / np.sqrt(self.var + eps)),
+                    np.where(rule, 0.0, 1 / np.sqrt(var_hi + eps)),
+                    np.where(rule, 0.0, 1 / np.sqrt(var_lo + eps)))
 
 
 # -- moments ------------------------------------------------------------------------

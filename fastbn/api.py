@@ -292,6 +292,9 @@ def train(x: ArrayLike, scale: ArrayLike | None = None, offset: ArrayLike | None
                          f"variance; x of shape {tuple(x.shape)} with channel_axis={channel_axis} "
                          f"has 1")
     rdt = pdt if stats_dtype is None else np.dtype(stats_dtype)
+    if F.FUSED and (r := F.fused_train(bk, x, plan, scale, offset, eps, momentum, running_mean,
+                                       running_var, out, rdt)) is not None:
+        return r
     if n == 0:  # an empty batch (PyTorch): empty y, NaN statistics, running stats untouched
         nan = F.full(C, _NAN)
         y = F.affine(bk, F.as3(x, plan), plan, x, out, nan, nan, nan)
@@ -477,6 +480,8 @@ def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | 
     eps = checks.scalar(eps, "eps", low=0.0)
     out = checks.out_array(out, x, fam)
     checks.no_overlaps(fam, out=out, vectors=(("scale", scale), ("offset", offset)))
+    if F.FUSED and (r := F.fused_infer(bk, x, plan, scale, offset, mean, var, eps, out)) is not None:
+        return r
     if (fused := _small(bk, "infer_small3", x, out)) is not None:
         small, y = fused
         small(x.reshape(plan.shape3), w_scale, w_offset, w_mean, w_var, eps,
@@ -567,6 +572,8 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
                                                                     channel_axis, out, backend)
     C = plan.shape3[1]
     _, w_invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
+    if F.FUSED and (r := F.fused_backward(bk, dy, x, plan, scale, mean, invstd, out)) is not None:
+        return r
     if (fused := _small(bk, "backward_small3", x, out, (dy,))) is not None:
         small, dx = fused
         pdt = checks.param_dtype(x.dtype)
@@ -640,6 +647,8 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
     C = plan.shape3[1]
     _, w_var = checks.vector(var, "var", C, fam, optional=False)
     eps = checks.scalar(eps, "eps", low=0.0)
+    if F.FUSED and (r := F.fused_infer_backward(bk, dy, x, plan, scale, mean, var, eps, out)):
+        return r
     x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
     dscale, doffset, a = core.infer_backward_coefficients(w_var, eps, w_scale,
                                                           *_dy_sums(F, bk, dy3, x3, w_mean, C))

@@ -96,16 +96,28 @@ if cuda is not None:
     # kernel in every process; FASTBN_CACHE=0 turns it off as for the CPU kernels.
     _CACHE = not rt.simulator() and cache_enabled()
     _f64 = numba.float64
+    # Every FASTBN_CUDA_TPB up to 1024 must launch: launch bounds of 1024
+    # threads make the compiler keep each kernel within 64 registers per
+    # thread (1024 x 64 = one SM's register file), spilling rather than
+    # failing with CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES.  The simulator's jit
+    # has no such option.
+    MAX_TPB = 1024
+    _JIT_KW = {} if rt.simulator() else {"launch_bounds": (MAX_TPB,)}
 
     def _kernel(func):
         if _CACHE:
             try:
-                return cuda.jit(cache=True)(func)
+                return cuda.jit(cache=True, **_JIT_KW)(func)
             except Exception:  # noqa: BLE001 - no usable cache location
                 pass
-        return cuda.jit(func)
+        return cuda.jit(**_JIT_KW)(func)
 
     _dev = cuda.jit(device=True)
+
+    # Bits of the ``flags`` argument of the fused kernels: what the last
+    # block computes per channel and which optional vectors were given.
+    F_TRAIN, F_SCALE, F_OFFSET, F_RMEAN, F_RVAR, F_BACKWARD, F_INFER_BACKWARD, F_MEAN = (
+        1, 2, 4, 8, 16, 32, 64, 128)
 
     # -- device helpers --------------------------------------------------------
 
@@ -177,11 +189,121 @@ if cuda is not None:
             cuda.syncthreads()
             s *= 2
 
-    # -- moments -----------------------------------------------------------------
+    @_dev
+    def _arrive(sh, t, cnt, idx, expected):
+        """True in the block that finishes last among the ``expected`` blocks counted
+        at ``cnt[idx]`` (every thread of the block calls this; it syncs).
+
+        The fence makes this block's partials visible before its arrival is
+        counted, so the last block reads every partial: the merge that needed
+        a second kernel runs in the same launch.  sh[0] carries the answer.
+        """
+        cuda.threadfence()
+        cuda.syncthreads()
+        if t == 0:
+            old = cuda.atomic.add(cnt, idx, 1)
+            sh[0] = 1.0 if old == expected - 1 else 0.0
+        cuda.syncthreads()
+        last = sh[0] != 0.0
+        cuda.syncthreads()
+        return last
+
+    @_dev
+    def _rsqrt(s):
+        """1/sqrt(s) as NumPy gives it: inf at 0, NaN below 0 or for NaN."""
+        if s > 0.0:
+            return 1.0 / math.sqrt(s)
+        if s == 0.0:
+            return math.inf
+        return math.nan
+
+    @_dev
+    def _fin_moments(c, n, mean, m2, stat, prm, mout, iout, scale, offset, rm, rv, eps, mom, flags):
+        """Channel c's merged moments -> stat; for training also fastbn.core's
+        train_coefficients and running_update in float64: the affine pass's
+        [m, q, r] (prm), the batch mean and invstd, the running statistics."""
+        stat[0, c] = mean
+        stat[1, c] = m2
+        if flags & F_TRAIN:
+            s = m2 / n + eps
+            inv = 0.0  # PyTorch's var + eps == 0 rule; NaN stays NaN
+            if s != 0.0:
+                inv = 1.0 / math.sqrt(s)
+            q = float(scale[c]) * inv if flags & F_SCALE else inv
+            prm[0, c] = mean
+            prm[1, c] = q
+            prm[2, c] = float(offset[c]) if flags & F_OFFSET else 0.0
+            mout[c] = mean
+            iout[c] = inv
+            if flags & F_RMEAN:
+                rm[c] = (1.0 - mom) * float(rm[c]) + mom * mean
+            if flags & F_RVAR:
+                rv[c] = (1.0 - mom) * float(rv[c]) + mom * (m2 / (n - 1.0))
+
+    @_dev
+    def _fin_sums(c, n, sdy, sdyx, stat, prm, dsout, doout, mean, scale, w, eps, flags):
+        """Channel c's (sum dy, sum dy*(x - mean)) -> stat; for a backward also
+        fastbn.core's gradient sums and coefficients in float64.
+
+        F_BACKWARD (w = invstd): dscale, doffset and the dx pass's [m, b, c, a]
+        (backward_coefficients) in prm.  F_INFER_BACKWARD (w = var): dscale and
+        doffset of infer_backward_coefficients (its dx needs no sums).
+        """
+        stat[0, c] = sdy
+        stat[1, c] = sdyx
+        if flags & F_BACKWARD:
+            inv = float(w[c])
+            dscale = sdyx * inv
+            a = float(scale[c]) * inv if flags & F_SCALE else inv
+            nn = max(n, 1.0)
+            prm[0, c] = mean[c]
+            prm[1, c] = -a * inv * dscale / nn
+            prm[2, c] = -a * sdy / nn
+            prm[3, c] = a
+            dsout[c] = dscale
+            doout[c] = sdy
+        elif flags & F_INFER_BACKWARD:
+            dsout[c] = sdyx * _rsqrt(float(w[c]) + eps)
+            doout[c] = sdy
+
+    @_dev
+    def _block_chan(sh, t, nt, part, base, P):
+        """Merge part[:, base:base+P] with the whole block (fixed order) into sh[0], sh[nt], sh[2nt]."""
+        n = 0.0
+        m = 0.0
+        q = 0.0
+        for p in range(base + t, base + P, nt):
+            n, m, q = _chan(n, m, q, part[0, p], part[1, p], part[2, p])
+        sh[t] = n
+        sh[nt + t] = m
+        sh[2 * nt + t] = q
+        cuda.syncthreads()
+        _tree_chan(sh, nt, t, nt, 0, 1)
+
+    @_dev
+    def _block_add(sh, t, nt, part, base, P):
+        """Sum part[:, base:base+P] with the whole block (fixed order) into sh[0], sh[nt]."""
+        u = 0.0
+        v = 0.0
+        for p in range(base + t, base + P, nt):
+            u += part[0, p]
+            v += part[1, p]
+        sh[t] = u
+        sh[nt + t] = v
+        cuda.syncthreads()
+        _tree_add(sh, nt, t, nt, 0, 1)
+
+    # -- reductions with their per-channel finish ------------------------------------
+    #
+    # Two-stage and deterministic (no float atomics): each block writes its
+    # partials, then the last block to arrive (_arrive; an integer counter per
+    # channel or column block, reset by that block) merges them in a fixed
+    # order and runs the per-channel finish.  One launch per reduction.
 
     @_kernel
-    def _moments_cols(x, zero, rows_per, nsplit, part):
-        """Column mapping: partial (n, mean, m2) of column j over split s -> part[:, j*nsplit + s]."""
+    def _moments_cols(x, zero, rows_per, part, cnt, stat, prm, mout, iout, scale, offset, rm, rv,
+                      eps, mom, flags):
+        """Column mapping; blocks hold whole channels (blockDim.x is a multiple of inner)."""
         sh = cuda.shared.array(0, dtype=_f64)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -190,20 +312,21 @@ if cuda is not None:
         nt = TX * TY
         t = ty * TX + tx
         outer = x.shape[0]
+        C = x.shape[1]
         inner = x.shape[2]
-        ncols = x.shape[1] * inner
+        ncols = C * inner
+        nsplit = cuda.gridDim.y
         j = cuda.blockIdx.x * TX + tx
         s = cuda.blockIdx.y
         o = s * rows_per + ty
         o1 = min(outer, s * rows_per + rows_per)
-        cnt = 0
         n = 0.0
         mean = 0.0
         m2 = 0.0
         if j < ncols and o < o1:
             c = j // inner
             i = j - c * inner
-            cnt = (o1 - o + TY - 1) // TY
+            cnt_ = (o1 - o + TY - 1) // TY
             k = zero + x[o, c, i]
             if not math.isfinite(k):  # an inf pivot would turn every value into NaN
                 k = zero
@@ -222,7 +345,7 @@ if cuda is not None:
                 s1 += d0
                 s2 += d0 * d0
                 o += TY
-            n, mean, m2 = _partial(cnt, k, s1, s2)
+            n, mean, m2 = _partial(cnt_, k, s1, s2)
         sh[t] = n
         sh[nt + t] = mean
         sh[2 * nt + t] = m2
@@ -233,9 +356,34 @@ if cuda is not None:
             part[0, p] = sh[tx]
             part[1, p] = sh[nt + tx]
             part[2, p] = sh[2 * nt + tx]
+        if _arrive(sh, t, cnt, cuda.blockIdx.x, nsplit):
+            # This block's columns over every split, then its channels over their columns.
+            n = 0.0
+            mean = 0.0
+            m2 = 0.0
+            if j < ncols:
+                for p in range(j * nsplit + ty, j * nsplit + nsplit, TY):
+                    n, mean, m2 = _chan(n, mean, m2, part[0, p], part[1, p], part[2, p])
+            sh[t] = n
+            sh[nt + t] = mean
+            sh[2 * nt + t] = m2
+            cuda.syncthreads()
+            _tree_chan(sh, nt, ty, TY, tx, TX)
+            c0 = (cuda.blockIdx.x * TX) // inner
+            if t < min(TX // inner, C - c0):
+                n = 0.0
+                mean = 0.0
+                m2 = 0.0
+                for a in range(t * inner, t * inner + inner):
+                    n, mean, m2 = _chan(n, mean, m2, sh[a], sh[nt + a], sh[2 * nt + a])
+                _fin_moments(c0 + t, n, mean, m2, stat, prm, mout, iout, scale, offset, rm, rv,
+                             eps, mom, flags)
+            if t == 0:
+                cnt[cuda.blockIdx.x] = 0
 
     @_kernel
-    def _moments_rows(x, zero, chunk, nsplit, part):
+    def _moments_rows(x, zero, chunk, part, cnt, stat, prm, mout, iout, scale, offset, rm, rv,
+                      eps, mom, flags):
         """Row mapping: block (s, c) reduces flat values [s*chunk, (s+1)*chunk) of channel c."""
         sh = cuda.shared.array(0, dtype=_f64)
         t = cuda.threadIdx.x
@@ -244,6 +392,7 @@ if cuda is not None:
         C = x.shape[1]
         inner = x.shape[2]
         s = cuda.blockIdx.x
+        nsplit = cuda.gridDim.x
         end = min(outer * inner, s * chunk + chunk)
         dq = nt // inner
         dr = nt - dq * inner
@@ -253,7 +402,7 @@ if cuda is not None:
             mean = 0.0
             m2 = 0.0
             if kk < end:
-                cnt = (end - kk + nt - 1) // nt
+                cnt_ = (end - kk + nt - 1) // nt
                 o = kk // inner
                 i = kk - o * inner
                 k = zero + x[o, c, i]
@@ -279,7 +428,7 @@ if cuda is not None:
                     s2 += d0 * d0
                     o, i = _step(o, i, dq, dr, inner)
                     kk += nt
-                n, mean, m2 = _partial(cnt, k, s1, s2)
+                n, mean, m2 = _partial(cnt_, k, s1, s2)
             sh[t] = n
             sh[nt + t] = mean
             sh[2 * nt + t] = m2
@@ -290,36 +439,18 @@ if cuda is not None:
                 part[0, p] = sh[0]
                 part[1, p] = sh[nt]
                 part[2, p] = sh[2 * nt]
+            if _arrive(sh, t, cnt, c, nsplit):
+                _block_chan(sh, t, nt, part, c * nsplit, nsplit)
+                if t == 0:
+                    _fin_moments(c, sh[0], sh[nt], sh[2 * nt], stat, prm, mout, iout, scale, offset,
+                                 rm, rv, eps, mom, flags)
+                    cnt[c] = 0
             cuda.syncthreads()  # sh is reused for the next channel
 
     @_kernel
-    def _merge_chan(part, P, res):
-        """Channel c's P partials part[:, c*P:(c+1)*P] -> res[0, c] = mean, res[1, c] = m2,
-        merged in a fixed order."""
-        sh = cuda.shared.array(0, dtype=_f64)
-        t = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        for c in range(cuda.blockIdx.x, res.shape[1], cuda.gridDim.x):
-            n = 0.0
-            m = 0.0
-            q = 0.0
-            for p in range(c * P + t, c * P + P, nt):
-                n, m, q = _chan(n, m, q, part[0, p], part[1, p], part[2, p])
-            sh[t] = n
-            sh[nt + t] = m
-            sh[2 * nt + t] = q
-            cuda.syncthreads()
-            _tree_chan(sh, nt, t, nt, 0, 1)
-            if t == 0:
-                res[0, c] = sh[nt]
-                res[1, c] = sh[2 * nt]
-            cuda.syncthreads()
-
-    # -- sums of the backward pass ----------------------------------------------------
-
-    @_kernel
-    def _dysums_cols(dy, x, m, zero, rows_per, nsplit, part):
-        """Column mapping: partial (sum dy, sum dy*(x - m)) of column j over split s."""
+    def _dysums_cols(dy, x, m, zero, rows_per, part, cnt, stat, prm, dsout, doout, scale, w,
+                     eps, nval, flags):
+        """Column mapping of the backward sums (see _moments_cols); m: the mean vector."""
         sh = cuda.shared.array(0, dtype=_f64)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
@@ -328,8 +459,10 @@ if cuda is not None:
         nt = TX * TY
         t = ty * TX + tx
         outer = x.shape[0]
+        C = x.shape[1]
         inner = x.shape[2]
-        ncols = x.shape[1] * inner
+        ncols = C * inner
+        nsplit = cuda.gridDim.y
         j = cuda.blockIdx.x * TX + tx
         s = cuda.blockIdx.y
         o = s * rows_per + ty
@@ -339,7 +472,7 @@ if cuda is not None:
         if j < ncols and o < o1:
             c = j // inner
             i = j - c * inner
-            mc = m[0, c]
+            mc = zero + m[c]
             sa = zero
             sb = zero
             while o + 3 * TY < o1:
@@ -369,10 +502,32 @@ if cuda is not None:
             p = j * nsplit + s
             part[0, p] = sh[tx]
             part[1, p] = sh[nt + tx]
+        if _arrive(sh, t, cnt, cuda.blockIdx.x, nsplit):
+            a = 0.0
+            b = 0.0
+            if j < ncols:
+                for p in range(j * nsplit + ty, j * nsplit + nsplit, TY):
+                    a += part[0, p]
+                    b += part[1, p]
+            sh[t] = a
+            sh[nt + t] = b
+            cuda.syncthreads()
+            _tree_add(sh, nt, ty, TY, tx, TX)
+            c0 = (cuda.blockIdx.x * TX) // inner
+            if t < min(TX // inner, C - c0):
+                a = 0.0
+                b = 0.0
+                for k in range(t * inner, t * inner + inner):
+                    a += sh[k]
+                    b += sh[nt + k]
+                _fin_sums(c0 + t, nval, a, b, stat, prm, dsout, doout, m, scale, w, eps, flags)
+            if t == 0:
+                cnt[cuda.blockIdx.x] = 0
 
     @_kernel
-    def _dysums_rows(dy, x, m, zero, chunk, nsplit, part):
-        """Row mapping of the backward sums (see _moments_rows)."""
+    def _dysums_rows(dy, x, m, zero, chunk, part, cnt, stat, prm, dsout, doout, scale, w,
+                     eps, nval, flags):
+        """Row mapping of the backward sums (see _moments_rows); m: the mean vector."""
         sh = cuda.shared.array(0, dtype=_f64)
         t = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -380,6 +535,7 @@ if cuda is not None:
         C = x.shape[1]
         inner = x.shape[2]
         s = cuda.blockIdx.x
+        nsplit = cuda.gridDim.x
         end = min(outer * inner, s * chunk + chunk)
         dq = nt // inner
         dr = nt - dq * inner
@@ -388,7 +544,7 @@ if cuda is not None:
             a = 0.0
             b = 0.0
             if kk < end:
-                mc = m[0, c]
+                mc = zero + m[c]
                 o = kk // inner
                 i = kk - o * inner
                 sa = zero
@@ -425,27 +581,12 @@ if cuda is not None:
                 p = c * nsplit + s
                 part[0, p] = sh[0]
                 part[1, p] = sh[nt]
-            cuda.syncthreads()
-
-    @_kernel
-    def _merge_add(part, P, res):
-        """res[:, c] = sums of channel c's P partials part[:, c*P:(c+1)*P], in a fixed order."""
-        sh = cuda.shared.array(0, dtype=_f64)
-        t = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        for c in range(cuda.blockIdx.x, res.shape[1], cuda.gridDim.x):
-            u = 0.0
-            v = 0.0
-            for p in range(c * P + t, c * P + P, nt):
-                u += part[0, p]
-                v += part[1, p]
-            sh[t] = u
-            sh[nt + t] = v
-            cuda.syncthreads()
-            _tree_add(sh, nt, t, nt, 0, 1)
-            if t == 0:
-                res[0, c] = sh[0]
-                res[1, c] = sh[nt]
+            if _arrive(sh, t, cnt, c, nsplit):
+                _block_add(sh, t, nt, part, c * nsplit, nsplit)
+                if t == 0:
+                    _fin_sums(c, nval, sh[0], sh[nt], stat, prm, dsout, doout, m, scale, w, eps,
+                              flags)
+                    cnt[c] = 0
             cuda.syncthreads()
 
     # -- elementwise ---------------------------------------------------------------------
@@ -472,6 +613,51 @@ if cuda is not None:
         o1 = min(outer, cuda.blockIdx.y * rows_per + rows_per)
         while o + 3 * TY < o1:
             # Four loads before the stores: more bytes in flight, and out may be x.
+            v0 = x[o, c, i]
+            v1 = x[o + TY, c, i]
+            v2 = x[o + 2 * TY, c, i]
+            v3 = x[o + 3 * TY, c, i]
+            out[o, c, i] = qc * (v0 - mc) + rc
+            out[o + TY, c, i] = qc * (v1 - mc) + rc
+            out[o + 2 * TY, c, i] = qc * (v2 - mc) + rc
+            out[o + 3 * TY, c, i] = qc * (v3 - mc) + rc
+            o += 4 * TY
+        while o < o1:
+            out[o, c, i] = qc * (x[o, c, i] - mc) + rc
+            o += TY
+
+    @_kernel
+    def _infer_cols(x, scale, offset, mean, var, eps, flags, out, rows_per):
+        """out = q*(x - m) + r per channel with fastbn.core's infer_coefficients
+        (q = scale/sqrt(var + eps), r = offset) computed by each thread for its
+        channel: inference in one launch.  Without F_MEAN/F_OFFSET m/r are 0
+        (x = dy, offset None: the inference backward's dx = dy*scale/sqrt(var + eps))."""
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        TX = cuda.blockDim.x
+        TY = cuda.blockDim.y
+        outer = x.shape[0]
+        inner = x.shape[2]
+        j = cuda.blockIdx.x * TX + tx
+        if j >= x.shape[1] * inner:
+            return
+        c = j // inner
+        i = j - c * inner
+        q = _rsqrt(float(var[c]) + eps)
+        if flags & F_SCALE:
+            q = float(scale[c]) * q
+        # float64 per element (one rounding to out's dtype): a kernel cannot
+        # name the compute dtype of its data to round the coefficients to.
+        qc = q
+        mc = 0.0
+        rc = 0.0
+        if flags & F_MEAN:
+            mc = float(mean[c])
+        if flags & F_OFFSET:
+            rc = float(offset[c])
+        o = cuda.blockIdx.y * rows_per + ty
+        o1 = min(outer, cuda.blockIdx.y * rows_per + rows_per)
+        while o + 3 * TY < o1:
             v0 = x[o, c, i]
             v1 = x[o + TY, c, i]
             v2 = x[o + 2 * TY, c, i]
@@ -557,18 +743,22 @@ if cuda is not None:
 
 # -- launch configuration --------------------------------------------------------------
 
-def _launch(kern, grid, block, shmem, *args):
-    """``kern[grid, block, stream, shmem](*args)`` on fastbn's stream.
+def _launch(kern, grid, block, shmem, stream, *args):
+    """``kern[grid, block, stream, shmem](*args)``; ``stream`` None: CuPy's current
+    stream (:func:`fastbn.kernels.cuda_runtime.stream`).  Every kernel launch of
+    this module goes through here (the tests count launches by patching it).
 
     Numba warns about grids under 128 blocks; small inputs here legitimately
     launch few blocks, so that warning is silenced for our small launches only.
     """
+    if stream is None:
+        stream = rt.stream()
     grid = grid if isinstance(grid, tuple) else (grid,)
     if math.prod(grid) >= 128:
-        return kern[grid, block, rt.stream(), shmem](*args)
+        return kern[grid, block, stream, shmem](*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Grid size", category=NumbaPerformanceWarning)
-        return kern[grid, block, rt.stream(), shmem](*args)
+        return kern[grid, block, stream, shmem](*args)
 
 
 def _tpb():
@@ -584,9 +774,14 @@ def _target_blocks(tpb):
     return 2 * rt.sm_count() * max(1, 2048 // tpb)
 
 
-def _cols_config(ncols, rows, tpb):
-    """(grid, block, rows_per, nsplit) for the column mapping over ncols x rows."""
+def _cols_config(ncols, rows, tpb, inner=1):
+    """(grid, block, rows_per, nsplit) for the column mapping over ncols x rows.
+
+    ``inner``: blocks must hold whole channels (the reductions' last block
+    finishes the channels of its columns), so blockDim.x is a multiple of it.
+    """
     tx = min(ncols, tpb)
+    tx -= tx % inner
     ty = max(1, tpb // tx)
     gx = -(-ncols // tx)
     want = max(1, _target_blocks(tpb) // gx)
@@ -612,32 +807,41 @@ def _acc(dtype):
     return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(np.float64)
 
 
-def _use_rows(inner):
-    return inner >= ROWS_MIN_INNER
+def _use_rows(inner, tpb):
+    # The column mapping needs a whole channel (inner columns) in one block.
+    return inner >= ROWS_MIN_INNER or inner > tpb
 
 
 # -- the primitives ----------------------------------------------------------------------------
 
-def _reduce(x, fields, rows_kernel, cols_kernel, merge_kernel, lead):
-    """Two-stage per-channel reduction of ``x`` (outer, C, inner): block partials
-    ``part[fields, C*P]``, then ``merge_kernel`` -> ``res[2, C]`` -> two working vectors."""
+_KERNELS = {"moments": ("_moments_rows", "_moments_cols", 3), "sums": ("_dysums_rows", "_dysums_cols", 2)}
+
+
+def _reduce(kind, x, lead, tail, stream):
+    """One launch: per-channel reduction ``kind`` of ``x`` (outer, C, inner) with
+    the kernel arguments ``lead`` before and ``tail`` after the launch geometry,
+    block partials and arrival counters (scratch of ``stream``)."""
+    rows_name, cols_name, fields = _KERNELS[kind]
     outer, C, inner = (int(s) for s in x.shape)
     tpb = _tpb()
     f64 = np.float64
-    if _use_rows(inner):
+    if _use_rows(inner, tpb):
         grid, chunk, nsplit = _rows_config(outer * inner, C, tpb)
-        part_o, part = rt.empty((fields, C * nsplit), f64)
-        _launch(rows_kernel, grid, tpb, 8 * fields * tpb, *lead, chunk, nsplit, part)
-        P = nsplit
+        part = rt.scratch(stream, "part", (fields, C * nsplit), f64)
+        cnt = rt.counters(stream, C)
+        _launch(globals()[rows_name], grid, tpb, 8 * fields * tpb, stream, *lead, chunk, part, cnt,
+                *tail)
     else:
-        grid, block, rows_per, nsplit = _cols_config(C * inner, outer, tpb)
-        part_o, part = rt.empty((fields, C * inner * nsplit), f64)
-        _launch(cols_kernel, grid, block, 8 * fields * block[0] * block[1], *lead, rows_per, nsplit, part)
-        P = inner * nsplit
-    res_o, res = rt.empty((2, C), f64)
-    _launch(merge_kernel, min(C, _MAX_GRID_Y), tpb, 8 * fields * tpb, part, P, res)
-    del part_o  # CuPy's pool reuses it in stream order: no sync
-    return rt.vector_pair(res_o, res)
+        grid, block, rows_per, nsplit = _cols_config(C * inner, outer, tpb, inner)
+        part = rt.scratch(stream, "part", (fields, C * inner * nsplit), f64)
+        cnt = rt.counters(stream, grid[0])
+        _launch(globals()[cols_name], grid, block, 8 * fields * block[0] * block[1], stream, *lead,
+                rows_per, part, cnt, *tail)
+
+
+def _flags(**given):
+    bits = {"scale": F_SCALE, "offset": F_OFFSET, "rm": F_RMEAN, "rv": F_RVAR, "mean": F_MEAN}
+    return sum(bits[k] for k, v in given.items() if v is not None)
 
 
 def moments3(x3):
@@ -646,8 +850,10 @@ def moments3(x3):
     outer, C, inner = (int(s) for s in x.shape)
     if C == 0 or outer * inner == 0:
         return rt.vector_pair(*rt.full((2, C), np.nan, np.float64))
-    zero = _acc(x.dtype).type(0)
-    return _reduce(x, 3, _moments_rows, _moments_cols, _merge_chan, (x, zero))
+    res_o, res = rt.empty((2, C), np.float64)
+    d = rt.scratch(None, "dummy", (1,), np.float64)
+    _reduce("moments", x, (x, _acc(x.dtype).type(0)), (res, res, d, d, d, d, d, d, 0.0, 0.0, 0), None)
+    return rt.vector_pair(res_o, res)
 
 
 def dy_sums3(dy3, x3, m):
@@ -657,9 +863,77 @@ def dy_sums3(dy3, x3, m):
     outer, C, inner = (int(s) for s in x.shape)
     if C == 0 or outer * inner == 0:
         return rt.vector_pair(*rt.full((2, C), 0.0, np.float64))
+    res_o, res = rt.empty((2, C), np.float64)
+    d = rt.scratch(None, "dummy", (1,), np.float64)
+    md = rt.to_numba(m)
+    _reduce("sums", x, (dy, x, md, _acc(x.dtype).type(0)), (res, res, d, d, d, d, 0.0, 0.0, 0), None)
+    return rt.vector_pair(res_o, res)
+
+
+def train3(x, y, mean_out, inv_out, scale, offset, rm, rv, eps, momentum, stream):
+    """The training forward on Numba views in two launches (n > 0, C > 0).
+
+    The reduction's last blocks compute fastbn.core's train_coefficients and
+    running_update per channel (writing ``mean_out``, ``inv_out`` and the
+    running statistics ``rm``/``rv`` in place, None: not tracked); the second
+    launch writes ``y = q*(x - mean) + r``.  ``y`` may be ``x``.  Vectors may be
+    of any float dtype and stride.
+    """
+    outer, C, inner = (int(s) for s in x.shape)
     acc = _acc(x.dtype)
-    m_o, md = rt.param_stack((m,), acc)
-    return _reduce(x, 2, _dysums_rows, _dysums_cols, _merge_add, (dy, x, md, acc.type(0)))
+    prm = rt.scratch(stream, "prm", (3, C), acc)
+    stat = rt.scratch(stream, "stat", (2, C), np.float64)
+    flags = F_TRAIN | _flags(scale=scale, offset=offset, rm=rm, rv=rv)
+    d = mean_out  # stands in for an absent vector: the flags say it is never touched
+    _reduce("moments", x, (x, acc.type(0)),
+            (stat, prm, mean_out, inv_out, d if scale is None else scale, d if offset is None else offset,
+             d if rm is None else rm, d if rv is None else rv, float(eps), float(momentum), flags), stream)
+    grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
+    _launch(_affine_cols, grid, block, 0, stream, x, prm, y, rows_per)
+    return y
+
+
+def infer3(x, y, scale, offset, mean, var, eps, stream):
+    """The inference forward on Numba views in one launch (coefficients per thread)."""
+    outer, C, inner = (int(s) for s in x.shape)
+    d = var
+    grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
+    _launch(_infer_cols, grid, block, 0, stream, x, d if scale is None else scale,
+            d if offset is None else offset, mean, var, float(eps),
+            _flags(scale=scale, offset=offset, mean=mean), y, rows_per)
+    return y
+
+
+def backward3(dy, x, dx, dscale_out, doffset_out, scale, mean, invstd, stream):
+    """The training backward on Numba views in two launches (n > 0, C > 0): the
+    sums' last blocks compute dscale, doffset and backward_coefficients; the
+    second launch writes ``dx``.  ``dx`` may be ``dy`` or ``x``."""
+    outer, C, inner = (int(s) for s in x.shape)
+    acc = _acc(x.dtype)
+    prm = rt.scratch(stream, "prm", (4, C), acc)
+    stat = rt.scratch(stream, "stat", (2, C), np.float64)
+    flags = F_BACKWARD | _flags(scale=scale)
+    _reduce("sums", x, (dy, x, mean, acc.type(0)),
+            (stat, prm, dscale_out, doffset_out, invstd if scale is None else scale, invstd, 0.0,
+             float(outer * inner), flags), stream)
+    grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
+    _launch(_affine_u_cols, grid, block, 0, stream, x, prm, dx, dy, rows_per)
+    return dx
+
+
+def infer_backward3(dy, x, dx, dscale_out, doffset_out, scale, mean, var, eps, stream):
+    """The inference backward on Numba views in two launches: the sums (with
+    dscale, doffset finished in their last blocks), then ``dx = dy*scale/sqrt(var + eps)``."""
+    outer, C, inner = (int(s) for s in x.shape)
+    acc = _acc(x.dtype)
+    stat = rt.scratch(stream, "stat", (2, C), np.float64)
+    _reduce("sums", x, (dy, x, mean, acc.type(0)),
+            (stat, stat, dscale_out, doffset_out, var, var, float(eps), float(outer * inner),
+             F_INFER_BACKWARD), stream)
+    grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
+    _launch(_infer_cols, grid, block, 0, stream, dy, var if scale is None else scale, var, var, var,
+            float(eps), _flags(scale=scale), dx, rows_per)
+    return dx
 
 
 def affine3(x3, m, q, r, out3, u3=None, p=None):
@@ -676,14 +950,14 @@ def affine3(x3, m, q, r, out3, u3=None, p=None):
     prm_o, prm = rt.param_stack((m, q, r) if u3 is None else (m, q, r, p), _acc(x.dtype))
     grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
     if u3 is None:
-        _launch(_affine_cols, grid, block, 0, x, prm, out, rows_per)
+        _launch(_affine_cols, grid, block, 0, None, x, prm, out, rows_per)
     else:
-        _launch(_affine_u_cols, grid, block, 0, x, prm, out, rt.to_numba(u3), rows_per)
+        _launch(_affine_u_cols, grid, block, 0, None, x, prm, out, rt.to_numba(u3), rows_per)
     del prm_o
     return out3
 
 
-def copy3(src3, dst3):
+def copy3(src3, dst3, stream=None):
     """dst3[...] = src3 for two canonical device views of one shape and dtype."""
     src = rt.to_numba(src3)
     dst = rt.to_numba(dst3)
@@ -691,16 +965,84 @@ def copy3(src3, dst3):
     if outer * C * inner == 0:
         return dst3
     grid, block, rows_per, _ = _cols_config(C * inner, outer, _tpb())
-    _launch(_copy3, grid, block, 0, src, dst, rows_per)
+    _launch(_copy3, grid, block, 0, stream, src, dst, rows_per)
     return dst3
 
 
-def copy_nd(src_flat, soff, sstr, dst_flat, doff, dstr, shape):
+def copy_nd(src_flat, soff, sstr, dst_flat, doff, dstr, shape, stream=None):
     """Strided N-d copy between flat element views (``fastbn.rt.flat``)."""
     n = math.prod(shape)
     if n == 0:
         return
     tpb = _tpb()
     blocks = max(1, min(-(-n // tpb), _target_blocks(tpb)))
-    _launch(_copy_nd, blocks, tpb, 0, src_flat, int(soff), tuple(int(s) for s in sstr), dst_flat,
+    _launch(_copy_nd, blocks, tpb, 0, stream, src_flat, int(soff), tuple(int(s) for s in sstr), dst_flat,
             int(doff), tuple(int(s) for s in dstr), tuple(int(s) for s in shape), int(n))
+
+
+# -- compiling without a GPU -------------------------------------------------------------------
+
+def _signatures(dtype):
+    """Kernel name -> argument types of the fused path for data of ``dtype`` (per-channel
+    vectors of the per-channel dtype, strided views)."""
+    from numba import types
+    d = numba.from_dtype(np.dtype(dtype))
+    acc = numba.from_dtype(_acc(dtype))
+    pv = numba.from_dtype(np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype))
+    x3 = types.Array(d, 3, "A")
+    v = types.Array(pv, 1, "A")
+    m2 = types.Array(types.float64, 2, "C")
+    p2 = types.Array(acc, 2, "C")
+    cnt = types.Array(types.int32, 1, "C")
+    i64, f64 = types.int64, types.float64
+    mom_tail = (m2, p2, v, v, v, v, v, v, f64, f64, i64)
+    sums_tail = (m2, p2, v, v, v, v, f64, f64, i64)
+    return {
+        "_moments_rows": (x3, acc, i64, m2, cnt) + mom_tail,
+        "_moments_cols": (x3, acc, i64, m2, cnt) + mom_tail,
+        "_dysums_rows": (x3, x3, v, acc, i64, m2, cnt) + sums_tail,
+        "_dysums_cols": (x3, x3, v, acc, i64, m2, cnt) + sums_tail,
+        "_affine_cols": (x3, p2, x3, i64),
+        "_affine_u_cols": (x3, p2, x3, x3, i64),
+        "_infer_cols": (x3, v, v, v, v, f64, i64, x3, i64),
+    }
+
+
+def compile_report(cc=(9, 0), dtypes=(np.float16, np.float32, np.float64)):
+    """Compile every kernel of the fused paths for compute capability ``cc``
+    without a GPU (NVVM, then nvJitLink to a cubin) and return rows
+    ``(kernel, dtype, registers, spill_stores, spill_loads)``.
+
+    Needs numba-cuda's compilers (``pip install "fastbn[cuda]"``); under the
+    launch bounds of MAX_TPB threads every kernel must stay within 64 registers.
+    """
+    import types as pytypes
+
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+    from numba.cuda import dispatcher
+    rows = []
+    arch = f"sm_{cc[0]}{cc[1]}"
+    # Device functions compile for the current device's capability: without a
+    # GPU (no driver) that question is answered with ``cc`` for the duration.
+    saved = dispatcher.get_current_device
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=tuple(cc))
+    try:
+        _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode)
+    finally:
+        dispatcher.get_current_device = saved
+    return rows
+
+
+def _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode):
+    import re
+    for dtype in dtypes:
+        for name, sig in _signatures(dtype).items():
+            ptx, _ = cuda.compile_ptx(globals()[name].py_func, sig, cc=cc, launch_bounds=(MAX_TPB,))
+            linker = Linker(ObjectCode.from_ptx(ptx.encode() if isinstance(ptx, str) else ptx),
+                            options=LinkerOptions(arch=arch, verbose=True))
+            linker.link("cubin")
+            log = linker.get_info_log() or ""
+            regs = re.findall(r"Used (\d+) registers", log)
+            spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+            rows.append((name, np.dtype(dtype).name, int(regs[-1]) if regs else None,
+                         int(spill[-1][0]) if spill else 0, int(spill[-1][1]) if spill else 0))

@@ -10,6 +10,7 @@ tests exercise the no-CuPy path on a machine that has CuPy, with Numba arrays.
 
 import importlib
 import os
+import sys
 
 import numpy as np
 
@@ -202,3 +203,114 @@ def flat(a):
     desc = {"shape": (span,), "strides": None, "data": (cai["data"][0] + lo * item, False),
             "typestr": cai["typestr"], "version": 3}
     return cuda_module().from_cuda_array_interface(desc, owner=a, sync=False), -lo, st
+
+
+# -- per-stream scratch ------------------------------------------------------------------
+#
+# The fused kernels need block partials, arrival counters and the per-channel
+# coefficients between their two launches.  Kept per (device, stream) and
+# reused: work queued on one stream runs in order, so a later call on that
+# stream cannot overwrite what an earlier one still reads, and no allocation,
+# zero-fill or Numba array wrapper is built per call once a shape has been seen.
+
+_scratch = {}
+_SCRATCH_MAX = 64   # entries kept before the cache starts over (shapes seen by a training loop: few)
+
+
+def stream_key(s):
+    """A hashable name of a Numba stream (0, the legacy default stream: 0)."""
+    if s is None or (isinstance(s, int) and s == 0):
+        return 0
+    try:
+        return int(s)   # a numba Stream converts to its handle
+    except (TypeError, ValueError):
+        return id(s)
+
+
+def _current_device_id():
+    try:
+        return cuda_module().get_current_device().id
+    except Exception:  # noqa: BLE001 - the simulator
+        return 0
+
+
+def scratch(s, name, shape, dtype):
+    """A cached uninitialised Numba device array for stream ``s`` (None: :func:`stream`)."""
+    s = stream() if s is None else s
+    key = (_current_device_id(), stream_key(s), name, tuple(shape), np.dtype(dtype).str)
+    a = _scratch.get(key)
+    if a is None:
+        if len(_scratch) >= _SCRATCH_MAX:
+            _scratch.clear()
+        a = _scratch[key] = cuda_module().device_array(tuple(shape), dtype=dtype)
+    return a
+
+
+def counters(s, n):
+    """Zeroed int32 arrival counters for stream ``s``, at least ``n`` of them.
+
+    The fused reductions' last blocks reset what they counted, so the
+    counters are zero again at the end of every launch: filled once per stream.
+    """
+    s = stream() if s is None else s
+    key = (_current_device_id(), stream_key(s), "counters")
+    a = _scratch.get(key)
+    if a is None or a.shape[0] < n:
+        if len(_scratch) >= _SCRATCH_MAX:
+            _scratch.clear()
+        size = max(64, 1 << (max(n, 1) - 1).bit_length())
+        a = _scratch[key] = cuda_module().to_device(np.zeros(size, np.int32))
+    return a
+
+
+# -- where an array lives: its stream, its device ------------------------------------------
+
+def torch_stream(device_index):
+    """PyTorch's current stream on ``device_index`` as a Numba stream, when torch is
+    imported (by the caller: fastbn never imports it); None otherwise."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    ptr = int(torch.cuda.current_stream(device_index).cuda_stream)
+    return external(ptr, device_index)
+
+
+def external(ptr, device_id):
+    """A cached Numba wrapper of the CUDA stream pointer ``ptr`` (0: the default stream)."""
+    if ptr == 0:
+        return 0
+    key = (device_id, ptr)
+    s = _streams.get(key)
+    if s is None:
+        s = _streams[key] = cuda_module().external_stream(ptr)
+    return s
+
+
+def stream_for(a, tensor=None):
+    """The stream work on array ``a`` belongs on: PyTorch's current stream for a
+    torch tensor (``tensor``: the tensor ``a`` views), CuPy's current stream for
+    CuPy arrays, the stream a Numba array was made on (else CuPy's current one)."""
+    if tensor is not None:
+        s = torch_stream(tensor.device.index)
+        if s is not None:
+            return s
+    if is_numba(a):
+        s = getattr(a, "stream", 0)
+        if s is not None and not (isinstance(s, int) and s == 0):
+            return s
+    return stream()
+
+
+def device_of(a):
+    """The device ordinal holding array ``a``, or None where it cannot tell (the simulator)."""
+    dev = getattr(a, "device", None)
+    if dev is not None:
+        ident = getattr(dev, "id", None)          # CuPy
+        if ident is None:
+            ident = getattr(dev, "index", None)   # torch
+        if isinstance(ident, int):
+            return ident
+    data = getattr(a, "gpu_data", None)           # Numba
+    ctx = getattr(data, "context", None)
+    ident = getattr(getattr(ctx, "device", None), "id", None)
+    return ident if isinstance(ident, int) else None

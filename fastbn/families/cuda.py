@@ -52,6 +52,13 @@ def asarray(obj, name=None, expected=None):
     """
     if is_cupy(obj) or is_numba(obj):
         return obj
+    if type(obj).__module__.split(".", 1)[0] == "torch":
+        # A Numba view remembering its tensor: results come back as tensors
+        # allocated by torch, and work goes on torch's current stream.
+        usable(name)
+        v = _torch_view(obj)
+        v._fastbn_tensor = obj
+        return v
     if getattr(obj, "__cuda_array_interface__", None) is not None:
         usable(name)
         cp = cupy()
@@ -94,6 +101,9 @@ def _k_order(shape, strides):
 def empty_like_layout(x, dtype):
     """An uninitialised array of ``x``'s kind, shape and memory order (order='K')."""
     shape = tuple(int(s) for s in x.shape)
+    t = tensor_of(x)
+    if t is not None and np.dtype(dtype) == np.dtype(x.dtype):
+        return asarray(_torch_empty_like(t))
     if is_cupy(x):
         return sys.modules["cupy"].empty_like(x, dtype=dtype, order="K")
     if rt.is_fake(x):
@@ -127,7 +137,10 @@ def vec_in(v, dtype=np.float64):
 
 
 def vec_out(v, like, dtype, shape=None):
-    """A working vector as a result of ``like``'s kind (CuPy or Numba), in ``dtype``."""
+    """A working vector as a result of ``like``'s kind (CuPy, Numba or torch), in ``dtype``."""
+    t = tensor_of(like)
+    if t is not None:
+        return _torch_from(v, dtype, t, shape)
     if is_cupy(like):
         a = sys.modules["cupy"].asarray(v).astype(dtype, copy=False)
         return a if shape is None else a.reshape(shape)
@@ -281,7 +294,7 @@ def affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
     y = empty_like_layout(x, x.dtype) if out is None else out
     shape3 = tuple(int(s) for s in plan.shape3)
     if math.prod(shape3) == 0:
-        return y
+        return handback(y)
     st3 = strides3(y.shape, y.strides, plan)
     if st3 is None:  # a user's out= with strides no 3-D view has: compute, then scatter
         _, tmp = empty(shape3, x.dtype)
@@ -294,7 +307,7 @@ def affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
             item = np.dtype(x.dtype).itemsize
             _copy_perm(_view(tmp, pshape, _c_strides(pshape, item)), tuple(range(len(pshape))),
                        y, plan.perm, pshape)
-        return y
+        return handback(y)
     y3 = _view(y, shape3, st3)
     if out is not None and not _separate(y3, x3, u3):
         _, tmp = empty(shape3, x.dtype)
@@ -302,4 +315,221 @@ def affine(bk, x3, plan, x, out, m, q, r, u3=None, p=None):
         _kernels().copy3(tmp, y3)
     else:
         bk.affine3(x3, m, q, r, y3, u3, p)
-    return y
+    return handback(y)
+
+
+# -- torch CUDA tensors ------------------------------------------------------------------------
+# The only places that touch torch (imported by the caller, never by fastbn);
+# the simulator tests replace them with fakes.
+
+def tensor_of(a):
+    """The torch tensor that Numba view ``a`` was made from (:func:`asarray`), or None."""
+    return getattr(a, "_fastbn_tensor", None)
+
+
+def handback(a):
+    """What the caller gets for device array ``a``: its tensor if it views one."""
+    t = getattr(a, "_fastbn_tensor", None)
+    return a if t is None else t
+
+
+def _torch_view(t):
+    # Version 2 of the interface (torch's) carries no stream: nothing to sync.
+    return rt.cuda_module().from_cuda_array_interface(t.__cuda_array_interface__, owner=t,
+                                                      sync=False)
+
+
+def _torch_dtype(dtype):
+    return getattr(sys.modules["torch"], np.dtype(dtype).name)
+
+
+def _torch_empty_like(t):
+    return sys.modules["torch"].empty_like(t)   # torch's allocator, t's memory format
+
+
+def _torch_empty(n, dtype, t):
+    return sys.modules["torch"].empty(n, dtype=_torch_dtype(dtype), device=t.device)
+
+
+def _torch_from(v, dtype, t, shape=None):
+    """A working vector (CuPy or host NumPy) as a new tensor on ``t``'s device."""
+    torch = sys.modules["torch"]
+    src = torch.as_tensor(v if is_cupy(v) else np.ascontiguousarray(v))
+    out = src.to(device=t.device, dtype=_torch_dtype(dtype), copy=True)
+    return out if shape is None else out.reshape(shape)
+
+
+# -- the fused calls ---------------------------------------------------------------------------
+#
+# ``fastbn.api``'s public functions hand a checked call here first
+# (``F.FUSED``); the CUDA backend then runs it in the fewest launches
+# (``train3`` ... in fastbn.kernels.cuda_numba: per-channel math inside the
+# kernels) on the caller's stream and device.  None: not this call (an empty
+# batch, a layout without a canonical view, an ``out`` that needs a
+# temporary): the general path takes it.
+
+FUSED = True
+
+
+class _Call:
+    """Where one call runs: the device and stream of ``x``, and result allocation."""
+
+    def __init__(self, x, named):
+        self.tensor = tensor_of(x)
+        self.cupy = is_cupy(x)
+        self.device = self.tensor.device.index if self.tensor is not None else rt.device_of(x)
+        for name, v in named:
+            if v is None:
+                continue
+            t = tensor_of(v)
+            dev = t.device.index if t is not None else rt.device_of(v)
+            if dev is not None and self.device is not None and dev != self.device:
+                raise ValueError(f"{name} is on CUDA device {dev} but x is on device {self.device}; "
+                                 f"move {name} to x's device first")
+        self._ctx = _on_device(self.device)
+        self._ctx.__enter__()
+        self.stream = rt.stream_for(x, self.tensor)
+
+    def close(self):
+        self._ctx.__exit__(None, None, None)
+
+    def vector(self, n, dtype):
+        """A new length-n result vector: ``(what the caller gets, Numba view)``."""
+        if self.tensor is not None:
+            t = _torch_empty(n, dtype, self.tensor)
+            return t, asarray(t)
+        if self.cupy:
+            a = sys.modules["cupy"].empty(n, dtype=dtype)
+            return a, to_numba(a)
+        a = rt.cuda_module().device_array(n, dtype=dtype, stream=self.stream)
+        return a, a
+
+
+class _on_device:
+    """Make device ``dev`` current for a call (nothing to do when it already is)."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.stack = []
+
+    def __enter__(self):
+        if self.dev is None or rt.simulator():
+            return
+        cuda = rt.cuda_module()
+        if cuda.get_current_device().id != self.dev:
+            g = cuda.gpus[self.dev]
+            g.__enter__()
+            self.stack.append(g)
+            cp = cupy()
+            if cp is not None:
+                d = cp.cuda.Device(self.dev)
+                d.__enter__()
+                self.stack.append(d)
+
+    def __exit__(self, *exc):
+        while self.stack:
+            self.stack.pop().__exit__(*exc)
+
+
+def _nb(v):
+    """A per-channel argument (as the caller passed it) as a Numba view."""
+    return None if v is None else to_numba(asarray(v))
+
+
+def _view3(a, plan):
+    st3 = strides3(a.shape, a.strides, plan)
+    return None if st3 is None else _view(a, tuple(int(s) for s in plan.shape3), st3)
+
+
+def _data3(plan, *arrays):
+    """Canonical views of the full-size inputs, or None if one has none (then the
+    general path copies it)."""
+    views = tuple(_view3(a, plan) for a in arrays)
+    return None if any(v is None for v in views) else views
+
+
+def _output3(x, plan, out, inputs3):
+    """``(y, y3)``: the array handed back and the view the kernel writes, or None
+    when ``out`` needs a temporary (no view, or a partial overlap)."""
+    if out is not None:
+        y3 = _view3(out, plan)
+        if y3 is None or not _separate(y3, *inputs3):
+            return None
+        return out, y3
+    y = empty_like_layout(x, x.dtype)
+    y3 = _view3(y, plan)
+    return None if y3 is None else (y, y3)
+
+
+def _fused(bk, name, plan):
+    C, n = plan.shape3[1], plan.count
+    if n == 0 or C == 0:
+        return None
+    return getattr(bk, name, None)
+
+
+def fused_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out,
+                stats_dtype):
+    """``fastbn.api.train`` for device arrays in two launches: ``(y, mean, invstd)`` or None."""
+    kern = _fused(bk, "train3", plan)
+    if kern is None or (views := _data3(plan, x)) is None:
+        return None
+    call = _Call(x, (("scale", scale), ("offset", offset), ("running_mean", running_mean),
+                     ("running_var", running_var), ("out", out)))
+    try:
+        target = _output3(x, plan, out, views)
+        if target is None:
+            return None
+        C = plan.shape3[1]
+        (mean, mean_d), (inv, inv_d) = call.vector(C, stats_dtype), call.vector(C, stats_dtype)
+        kern(views[0], target[1], mean_d, inv_d, _nb(scale), _nb(offset), _nb(running_mean),
+             _nb(running_var), eps, momentum, call.stream)
+        return handback(target[0]), mean, inv
+    finally:
+        call.close()
+
+
+def fused_infer(bk, x, plan, scale, offset, mean, var, eps, out):
+    """``fastbn.api.batch_norm_infer`` for device arrays in one launch: ``y`` or None."""
+    kern = _fused(bk, "infer3", plan)
+    if kern is None or (views := _data3(plan, x)) is None:
+        return None
+    call = _Call(x, (("scale", scale), ("offset", offset), ("mean", mean), ("var", var),
+                     ("out", out)))
+    try:
+        target = _output3(x, plan, out, views)
+        if target is None:
+            return None
+        kern(views[0], target[1], _nb(scale), _nb(offset), _nb(mean), _nb(var), eps, call.stream)
+        return handback(target[0])
+    finally:
+        call.close()
+
+
+def _fused_backward(name, bk, dy, x, plan, scale, mean, stat, eps, out, stat_name):
+    kern = _fused(bk, name, plan)
+    if kern is None or (views := _data3(plan, dy, x)) is None:
+        return None
+    call = _Call(x, (("dy", dy), ("scale", scale), ("mean", mean), (stat_name, stat), ("out", out)))
+    try:
+        target = _output3(x, plan, out, views)
+        if target is None:
+            return None
+        C = plan.shape3[1]
+        pdt = np.dtype(np.float32) if np.dtype(x.dtype) == np.float16 else np.dtype(x.dtype)
+        (ds, ds_d), (do, do_d) = call.vector(C, pdt), call.vector(C, pdt)
+        args = (views[0], views[1], target[1], ds_d, do_d, _nb(scale), _nb(mean), _nb(stat))
+        kern(*args, eps, call.stream) if eps is not None else kern(*args, call.stream)
+        return handback(target[0]), ds, do
+    finally:
+        call.close()
+
+
+def fused_backward(bk, dy, x, plan, scale, mean, invstd, out):
+    """``fastbn.api.batch_norm_backward`` for device arrays in two launches, or None."""
+    return _fused_backward("backward3", bk, dy, x, plan, scale, mean, invstd, None, out, "invstd")
+
+
+def fused_infer_backward(bk, dy, x, plan, scale, mean, var, eps, out):
+    """``fastbn.api.batch_norm_infer_backward`` for device arrays in two launches, or None."""
+    return _fused_backward("infer_backward3", bk, dy, x, plan, scale, mean, var, eps, out, "var")

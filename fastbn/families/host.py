@@ -11,6 +11,7 @@ import numpy as np
 from .. import layout
 
 NAME = "numpy"
+FUSED = False   # no fused whole-call kernels (fastbn.families.cuda has them)
 
 
 def describe(v):

@@ -382,6 +382,306 @@ def test_inputs_unchanged_and_empty(K, cuda, make_array):
     assert host(mean).shape == (4,) and np.isnan(host(mean)).all()
 
 
+# -- the fused paths: launches, streams, devices, torch tensors ----------------------------------
+
+@pytest.fixture
+def launches(K, monkeypatch):
+    """Every kernel launch of a call, as (kernel, stream) pairs."""
+    seen = []
+    real = K._launch
+
+    def counting(kern, grid, block, shmem, stream, *args):
+        seen.append((kern, stream))
+        return real(kern, grid, block, shmem, stream, *args)
+    monkeypatch.setattr(K, "_launch", counting)
+    return seen
+
+
+def _kinds(K, seen):
+    names = {K._moments_rows: "moments", K._moments_cols: "moments", K._dysums_rows: "sums",
+             K._dysums_cols: "sums", K._affine_cols: "affine", K._affine_u_cols: "affine",
+             K._infer_cols: "affine"}
+    return [names.get(k, k) for k, _ in seen]
+
+
+def _infer_backward(dy, x, scale, mean, var, axis, eps):
+    """API.md's batch_norm_infer_backward in float64."""
+    axes = ref.reduced_axes(x.ndim, axis)
+    q = 1.0 / np.sqrt(ref.f64(var) + eps)
+    g = ref.f64(dy)
+    xc = ref.f64(x) - ref.along(mean, x.ndim, axis)
+    return (g * ref.along(ref.f64(scale) * q, x.ndim, axis), (g * xc).sum(axis=axes) * q,
+            g.sum(axis=axes))
+
+
+# (shape, channel_axis): NCHW (row mapping), NHWC and (N, C) (column mapping)
+FUSED_LAYOUTS = [((3, 4, 2, 5), 1), ((3, 2, 5, 4), -1), ((7, 4), -1)]
+
+
+@sim
+@pytest.mark.parametrize("shape,axis", FUSED_LAYOUTS)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+def test_fused_launch_counts(K, cuda, make_array, launches, monkeypatch, shape, axis, dtype):
+    """Training forward 2 launches (<= 3), inference 1, backward 2, inference backward 2;
+    no host<->device copies once the call's scratch exists; every result against the
+    float64 reference."""
+    h = make_array(shape, dtype, channel_axis=axis)
+    g = make_array(shape, dtype)
+    C = shape[axis]
+    pdt = ref.param_dtype(dtype)
+    scale, offset = make_array(C, pdt, loc=1.0, sd=0.5), make_array(C, pdt)
+    rm0, rv0 = make_array(C, pdt), np.abs(make_array(C, pdt)) + 0.5
+    x, dy = cuda.to_device(h), cuda.to_device(g)
+    ds, do_ = cuda.to_device(scale), cuda.to_device(offset)
+    rm, rv = cuda.to_device(rm0), cuda.to_device(rv0)
+    fbn.batch_norm_train(x, ds, do_, channel_axis=axis)   # scratch for this shape, then count
+    launches.clear()
+    copies = []
+    real_to_device = cuda.to_device
+    monkeypatch.setattr(cuda, "to_device", lambda *a, **k: copies.append(1) or real_to_device(*a, **k))
+
+    y, mean, invstd = fbn.batch_norm_train(x, ds, do_, channel_axis=axis, eps=1e-3,
+                                           running_mean=rm, running_var=rv, momentum=0.2)
+    assert _kinds(K, launches) == ["moments", "affine"]
+    ey, emean, einv, erm, erv = ref.batch_norm_train(h, scale, offset, axis, 1e-3, rm0, rv0, 0.2)
+    assert host(y).dtype == dtype and host(mean).dtype == pdt
+    ref.assert_close(host(y), ey, "y")
+    ref.assert_close(host(mean), emean, "mean")
+    ref.assert_close(host(invstd), einv, "invstd")
+    ref.assert_close(host(rm), erm, "running_mean")
+    ref.assert_close(host(rv), erv, "running_var")
+
+    launches.clear()
+    var = cuda.to_device(rv0)
+    y = fbn.batch_norm_infer(x, ds, do_, rm, var, channel_axis=axis, eps=1e-3)
+    assert _kinds(K, launches) == ["affine"]
+    ref.assert_close(host(y), ref.batch_norm_infer(h, scale, offset, erm, rv0, axis, 1e-3), "infer y")
+
+    mean_d = cuda.to_device(emean.astype(pdt))
+    inv_d = cuda.to_device(einv.astype(pdt))
+    launches.clear()
+    dx, dscale, doffset = fbn.batch_norm_backward(dy, x, ds, mean_d, inv_d, channel_axis=axis)
+    assert _kinds(K, launches) == ["sums", "affine"]
+    edx, eds, edo = ref.batch_norm_backward(g, h, scale, emean.astype(pdt), einv.astype(pdt), axis)
+    ref.assert_close(host(dx), edx, "dx")
+    ref.assert_close(host(dscale), eds, "dscale")
+    ref.assert_close(host(doffset), edo, "doffset")
+
+    launches.clear()
+    dx, dscale, doffset = fbn.batch_norm_infer_backward(dy, x, ds, mean_d, var, channel_axis=axis,
+                                                        eps=1e-3)
+    assert _kinds(K, launches) == ["sums", "affine"]
+    edx, eds, edo = _infer_backward(g, h, scale, emean.astype(pdt), rv0, axis, 1e-3)
+    ref.assert_close(host(dx), edx, "infer dx")
+    ref.assert_close(host(dscale), eds, "infer dscale")
+    ref.assert_close(host(doffset), edo, "infer doffset")
+    assert copies == [1, 1, 1], "only the test's own to_device calls"
+
+
+@sim
+@pytest.mark.parametrize("shape,axis", [((3, 2, 10), 1), ((6, 2), -1)])
+def test_fused_constant_channel_nan_and_in_place(K, cuda, make_array, launches, shape, axis):
+    """PyTorch's var + eps == 0 rule (invstd 0, y = offset), NaN kept to its channel,
+    out=x in place, no scale/offset, running stats untouched when not given."""
+    h = make_array(shape, np.float64, channel_axis=axis)
+    idx = [slice(None)] * len(shape)
+    idx[axis] = 0
+    h[tuple(idx)] = 2.5          # channel 0 constant
+    idx[axis] = 1
+    h[tuple(idx)][0] = np.nan    # channel 1 holds a NaN
+    offset = np.array([0.75, -1.0])
+    x = cuda.to_device(h)
+    y, mean, invstd = fbn.batch_norm_train(x, None, cuda.to_device(offset), channel_axis=axis,
+                                           eps=0.0, out=x)
+    assert y is x and len(launches) == 2
+    inv = host(invstd)
+    assert inv[0] == 0.0 and np.isnan(inv[1]) and np.isnan(host(mean)[1])
+    yh = host(y)
+    idx[axis] = 0
+    assert (yh[tuple(idx)] == 0.75).all()
+    idx[axis] = 1
+    assert np.isnan(yh[tuple(idx)]).all()
+
+
+@sim
+def test_fused_stats_dtype_and_empty_batch(K, cuda, make_array, launches):
+    """The layers' float64 statistics come from the fused path too; an empty batch
+    goes the general way (NaN statistics, running statistics unchanged)."""
+    from fastbn import api
+    h = make_array((5, 3, 4), np.float32)
+    y, mean, invstd = api.train(cuda.to_device(h), stats_dtype=np.float64)
+    assert host(mean).dtype == np.float64 and len(launches) == 2
+    ey, emean, einv, _, _ = ref.batch_norm_train(h)
+    ref.assert_close(host(mean), emean, "mean", rtol=1e-12)
+    rm = cuda.to_device(np.full(3, 4.0, np.float32))
+    y, mean, invstd = fbn.batch_norm_train(cuda.to_device(np.ones((0, 3, 4), np.float32)), running_mean=rm)
+    assert host(y).shape == (0, 3, 4) and np.isnan(host(mean)).all()
+    np.testing.assert_array_equal(host(rm), 4.0)
+
+
+@sim
+def test_fused_launches_on_the_arrays_stream(K, cuda, make_array, launches, monkeypatch):
+    """Every launch of a call goes on the stream fastbn.kernels.cuda_runtime.stream_for
+    picks for x, and nothing synchronises the device or the host."""
+    from fastbn.kernels import cuda_runtime as rt
+    marker = object()
+    picked = []
+    monkeypatch.setattr(rt, "stream_for", lambda a, tensor=None: picked.append(a) or marker)
+    monkeypatch.setattr(cuda, "synchronize", lambda: pytest.fail("device-wide synchronize"))
+    h = make_array((4, 3, 9), np.float32)
+    x = cuda.to_device(h)
+    fbn.batch_norm_train(x)
+    fbn.batch_norm_backward(x, x, None, cuda.to_device(np.zeros(3, np.float32)),
+                            cuda.to_device(np.ones(3, np.float32)))
+    assert len(launches) == 4 and all(s is marker for _, s in launches)
+    assert all(a is x for a in picked)
+
+
+def test_stream_for_each_family(monkeypatch):
+    """stream_for: torch's current stream (wrapped once per pointer) for a tensor, only
+    when torch is imported; a Numba array's own stream; else CuPy's current stream."""
+    pytest.importorskip("numba.cuda")
+    import sys
+    import types
+    from fastbn.kernels import cuda_runtime as rt
+    made = []
+    fake_cuda = types.SimpleNamespace(external_stream=lambda ptr: made.append(ptr) or ("ext", ptr))
+    monkeypatch.setattr(rt, "cuda_module", lambda: fake_cuda)
+    monkeypatch.setattr(rt, "_streams", {})
+    monkeypatch.setattr(rt, "stream", lambda: "cupy-current")
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        current_stream=lambda index: types.SimpleNamespace(cuda_stream=0xABC + index)))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    tensor = types.SimpleNamespace(device=types.SimpleNamespace(index=1))
+    assert rt.stream_for(object(), tensor) == ("ext", 0xABD)
+    assert rt.stream_for(object(), tensor) == ("ext", 0xABD) and made == [0xABD]
+    fake_torch.cuda.current_stream = lambda index: types.SimpleNamespace(cuda_stream=0)
+    assert rt.stream_for(object(), tensor) == 0           # torch's default stream
+    monkeypatch.delitem(sys.modules, "torch")
+    assert rt.stream_for(object(), tensor) == "cupy-current"   # torch not imported: never imported here
+
+    class NumbaArray:   # what is_numba recognises
+        __cuda_ndarray__ = True
+
+        def copy_to_host(self):
+            pass
+    a = NumbaArray()
+    a.stream = "its-stream"
+    assert rt.stream_for(a) == "its-stream"
+    a.stream = 0
+    assert rt.stream_for(a) == "cupy-current"
+
+
+@sim
+def test_fused_arguments_on_other_devices_raise(K, cuda, make_array, launches, monkeypatch):
+    from fastbn.kernels import cuda_runtime as rt
+    x = cuda.to_device(make_array((4, 3, 5), np.float32))
+    scale = cuda.to_device(np.ones(3, np.float32))
+    rm = cuda.to_device(np.zeros(3, np.float32))
+    where = {id(x): 0, id(scale): 1, id(rm): 2}
+    monkeypatch.setattr(rt, "device_of", lambda a: where.get(id(a), 0))
+    with pytest.raises(ValueError, match="scale is on CUDA device 1 but x is on device 0"):
+        fbn.batch_norm_train(x, scale)
+    with pytest.raises(ValueError, match="running_mean is on CUDA device 2"):
+        fbn.batch_norm_train(x, running_mean=rm)
+    np.testing.assert_array_equal(host(rm), 0.0)
+    with pytest.raises(ValueError, match="scale"):
+        fbn.batch_norm_backward(x, x, scale, rm, rm)
+    assert launches == []
+    where[id(scale)] = where[id(rm)] = 0
+    fbn.batch_norm_train(x, scale, running_mean=rm)
+    assert len(launches) == 2
+
+
+def test_on_device_switches_only_when_needed(monkeypatch):
+    """The call runs on x's device: that device is made current (Numba and CuPy) for the
+    call and restored after; nothing is entered when it is already current."""
+    pytest.importorskip("numba.cuda")
+    import types
+    from fastbn.kernels import cuda_runtime as rt
+    log = []
+
+    class Ctx:
+        def __init__(self, what):
+            self.what = what
+
+        def __enter__(self):
+            log.append(("enter", self.what))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.what))
+    fake = types.SimpleNamespace(get_current_device=lambda: types.SimpleNamespace(id=0),
+                                 gpus={1: Ctx("numba 1")})
+    monkeypatch.setattr(rt, "simulator", lambda: False)
+    monkeypatch.setattr(rt, "cuda_module", lambda: fake)
+    monkeypatch.setattr(device, "cupy", lambda: None)
+    with device._on_device(0):
+        pass
+    assert log == []
+    with device._on_device(1):
+        log.append("work")
+    assert log == [("enter", "numba 1"), "work", ("exit", "numba 1")]
+
+
+class FakeTensor:
+    """A stand-in for a torch CUDA tensor in the simulator (family_of reads the module)."""
+    __module__ = "torch"
+
+    def __init__(self, arr):
+        self.arr = arr
+        self.device = type("device", (), {"type": "cuda", "index": 0})()
+
+    shape = property(lambda self: self.arr.shape)
+    dtype = property(lambda self: self.arr.dtype)
+
+
+@pytest.fixture
+def fake_torch(cuda, monkeypatch):
+    """torch's entry points in fastbn.families.cuda replaced by simulator arrays."""
+    made = []
+
+    def view(t):
+        return type(t.arr)(t.arr._ary)   # a new view object of the same memory
+
+    def empty(n, dtype, t):
+        made.append("empty")
+        return FakeTensor(cuda.device_array(n, dtype=dtype))
+
+    def empty_like(t):
+        made.append("empty_like")
+        return FakeTensor(cuda.device_array_like(t.arr))
+    monkeypatch.setattr(device, "_torch_view", view)
+    monkeypatch.setattr(device, "_torch_empty", empty)
+    monkeypatch.setattr(device, "_torch_empty_like", empty_like)
+    monkeypatch.setattr(device, "_torch_from", lambda v, dtype, t, shape=None: FakeTensor(
+        cuda.to_device(np.asarray(v, dtype=dtype).reshape(np.shape(v) if shape is None else shape))))
+    from fastbn.kernels import cuda_runtime as rt
+    monkeypatch.setattr(rt, "torch_stream", lambda index: 0)
+    return made
+
+
+@sim
+def test_torch_tensors_in_torch_tensors_out(K, cuda, make_array, launches, fake_torch):
+    h = make_array((4, 3, 6), np.float32)
+    x = FakeTensor(cuda.to_device(h))
+    scale = FakeTensor(cuda.to_device(np.full(3, 2.0, np.float32)))
+    rm = FakeTensor(cuda.to_device(np.zeros(3, np.float32)))
+    y, mean, invstd = fbn.batch_norm_train(x, scale, running_mean=rm)
+    assert all(isinstance(a, FakeTensor) for a in (y, mean, invstd))
+    assert fake_torch == ["empty_like", "empty", "empty"] and len(launches) == 2
+    ey, emean, einv, erm, _ = ref.batch_norm_train(h, np.full(3, 2.0), None, 1, 1e-5, np.zeros(3), None)
+    ref.assert_close(host(y.arr), ey, "y")
+    ref.assert_close(host(invstd.arr), einv, "invstd")
+    ref.assert_close(host(rm.arr), erm, "running_mean")
+    out = FakeTensor(cuda.device_array(h.shape, np.float32))
+    assert fbn.batch_norm_infer(x, scale, None, mean, invstd, out=out) is out
+    dx, ds, do_ = fbn.batch_norm_backward(x, x, scale, mean, invstd, out=out)
+    assert dx is out and isinstance(ds, FakeTensor)
+    m, v = fbn.moments(x, (0, 2))       # the general path hands back tensors too
+    assert isinstance(m, FakeTensor)
+    ref.assert_close(host(m.arr), ref.moments(h, (0, 2))[0], "moments")
+
+
 # -- layout helpers (plain Python, run in every test process) ------------------------------------
 
 @pytest.mark.parametrize("seed", range(40))

@@ -41,7 +41,6 @@ Array: TypeAlias = Any
 Axes: TypeAlias = int | tuple[int, ...] | None
 
 _NAN = float("nan")
-_SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _whole(x, backend, fn):
@@ -236,7 +235,7 @@ def _small(bk, name, x, out, data=()):
     """
     small = getattr(bk, name, None)
     if (small is None or type(x) is not np.ndarray or not 0 < x.size <= bk.SMALL
-            or x.dtype not in _SMALL_DTYPES or not x.flags.c_contiguous):
+            or x.dtype not in bk.SMALL_DTYPES or not x.flags.c_contiguous):
         return None
     for d in data:
         if type(d) is not np.ndarray or not d.flags.c_contiguous:
@@ -253,8 +252,8 @@ def _small(bk, name, x, out, data=()):
 
 def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
     """The fused training forward (``train_small3``) for small inputs, or None."""
-    dt = x.dtype
-    for v in (scale, offset, running_mean, running_var):   # the kernel takes x's dtype
+    dt = checks.param_dtype(x.dtype)
+    for v in (scale, offset, running_mean, running_var):   # the kernel takes this dtype
         if v is not None and (v.dtype != dt or not v.flags.c_contiguous):
             return None
     fused = _small(bk, "train_small3", x, out)   # (allocates y: asked last)

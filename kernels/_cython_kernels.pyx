@@ -214,15 +214,20 @@ cdef extern from *:
 
     /* float64 -> float32 rounded to odd (truncate, then set the last bit if
        inexact).  float32 has 13 more bits than float16, so rounding this to
-       float16 (nearest even) rounds the float64 value once, correctly. */
+       float16 (nearest even) rounds the float64 value once, correctly.  Done
+       in v's bits: the 29 low significand bits that float32 drops are
+       cleared, and the lowest kept one is set if any of them was ((b & low) +
+       low has bit 29 set exactly then, and stays below bit 30); the float32
+       conversion is then exact.  Below float32's normal range it rounds
+       again, but such values are 0 in float16 either way; inf is unchanged
+       and NaN stays NaN. */
+    #define FBN_LOW29 ((uint64_t)0x1fffffff)
     static inline float fbn_d2f_odd(double v) {
-        float f = (float)v;
-        uint32_t b;
-        memcpy(&b, &f, 4);
-        b -= (uint32_t)(fabs((double)f) > fabs(v));
-        b |= (uint32_t)((double)f != v);
-        memcpy(&f, &b, 4);
-        return f;
+        uint64_t b;
+        memcpy(&b, &v, 8);
+        b = (b | ((b & FBN_LOW29) + FBN_LOW29)) & ~FBN_LOW29;
+        memcpy(&v, &b, 8);
+        return (float)v;
     }
 
     /* float16 <-> float32 in hardware where the build targets F16C (the x86-64-v3
@@ -441,22 +446,15 @@ cdef extern from *:
     }
 
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    /* 4 float64 -> 4 float32 rounded to odd (see fbn_d2f_odd), in AVX2. */
+    /* 4 float64 -> 4 float32 rounded to odd (see fbn_d2f_odd), in AVX2: four
+       integer ops in the float64 lanes, then an exact conversion (comparing
+       the float32 back in float64 needed mask-narrowing permutes). */
     static inline __m128 fbn_odd4(__m256d v) {
-        const __m256d sign = _mm256_set1_pd(-0.0);
-        const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-        __m128 f = _mm256_cvtpd_ps(v);
-        __m256d back = _mm256_cvtps_pd(f);
-        __m256d inexact = _mm256_cmp_pd(back, v, _CMP_NEQ_UQ);
-        __m256d toward0 = _mm256_cmp_pd(_mm256_andnot_pd(sign, back),
-                                        _mm256_andnot_pd(sign, v), _CMP_GT_OQ);
-        __m128i in32 = _mm256_castsi256_si128(
-            _mm256_permutevar8x32_epi32(_mm256_castpd_si256(inexact), pick));
-        __m128i tz32 = _mm256_castsi256_si128(
-            _mm256_permutevar8x32_epi32(_mm256_castpd_si256(toward0), pick));
-        __m128i b = _mm_add_epi32(_mm_castps_si128(f), tz32);       /* -1 where too far */
-        b = _mm_or_si128(b, _mm_and_si128(in32, _mm_set1_epi32(1)));
-        return _mm_castsi128_ps(b);
+        const __m256i low = _mm256_set1_epi64x((long long)FBN_LOW29);
+        __m256i b = _mm256_castpd_si256(v);
+        b = _mm256_andnot_si256(low, _mm256_or_si256(b, _mm256_add_epi64(_mm256_and_si256(b, low),
+                                                                           low)));
+        return _mm256_cvtpd_ps(_mm256_castsi256_pd(b));
     }
     static inline void fbn_affine_f16(const uint16_t* x, Py_ssize_t sx, uint16_t* y,
                                       Py_ssize_t sy, const uint16_t* u, Py_ssize_t su,

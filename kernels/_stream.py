@@ -210,24 +210,28 @@ def cast(typingctx, v, like):
     def codegen(context, builder, signature, args):
         d = args[0]
         dt = signature.return_type
-        f32, f64, i32 = ir.FloatType(), ir.DoubleType(), ir.IntType(32)
+        f32, f64 = ir.FloatType(), ir.DoubleType()
         if dt == types.float64:
             return d
         if dt == types.uint16 and DIRECT_HALF:
             return builder.bitcast(builder.fptrunc(d, ir.HalfType()), ir.IntType(16))
-        f = builder.fptrunc(d, f32)
         if dt == types.float32:
-            return f
-        back = builder.fpext(f, f64)
-        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64, [f64]),
-                                              "llvm.fabs.f64")
-        inexact = builder.fcmp_unordered("!=", back, d)
-        toward_zero = builder.fcmp_ordered(">", builder.call(fabs, [back]),
-                                           builder.call(fabs, [d]))
-        bits = builder.bitcast(f, i32)
-        bits = builder.sub(bits, builder.zext(toward_zero, i32))
-        bits = builder.or_(bits, builder.zext(inexact, i32))
-        h = builder.fptrunc(builder.bitcast(bits, f32), ir.HalfType())
+            return builder.fptrunc(d, f32)
+        # Round to odd in d's own bits: clear the 29 low significand bits that
+        # float32 drops and set the lowest kept one if any was set.  The float32
+        # conversion is then exact, and the integer ops stay in d's 64-bit lanes
+        # (comparing back in float64 needed mask narrowing shuffles: 4.7
+        # instructions per value vs ~3 here).  Below float32's normal range the
+        # conversion rounds again, but such values are 0 in float16 either way;
+        # inf keeps its zero significand, NaN stays NaN (bit 29 set if needed).
+        i64 = ir.IntType(64)
+        low = ir.Constant(i64, (1 << 29) - 1)
+        bits = builder.bitcast(d, i64)
+        # (bits & low) + low has bit 29 set iff a low bit was; it stays below bit 30.
+        odd = builder.and_(builder.or_(bits, builder.add(builder.and_(bits, low), low)),
+                           ir.Constant(i64, ~((1 << 29) - 1)))
+        f = builder.fptrunc(builder.bitcast(odd, f64), f32)
+        h = builder.fptrunc(f, ir.HalfType())
         return builder.bitcast(h, ir.IntType(16))
 
     return sig, codegen

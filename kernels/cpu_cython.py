@@ -74,6 +74,8 @@ STREAM_FROM_CL = 16 << 20
 #: vs cpu_numba (2^17): its channels-last small kernel walks several rows as one
 #: wide row, which the one here does not.
 SMALL = 1 << 15
+#: dtypes of x that the fused small kernel takes (float16 runs the general path here).
+SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def unavailable_reason():

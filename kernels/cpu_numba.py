@@ -72,6 +72,8 @@ STREAM_GROUP = 16
 #: vs cpu_cython (2^15): the channels-last kernel here walks k rows as one wide
 #: row (_widen), which kept it fast up to 2^17 values; Cython's does not.
 SMALL = 1 << 17
+#: dtypes of x that the fused small kernels take (float16 as its bits, see _bits).
+SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _parallel(op, x3):
@@ -562,7 +564,7 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
         for o in range(O):
             xs = x[o, c]
             for i in range(I):
-                s += np.float64(xs[i]) - x0
+                s += ld(xs[i]) - x0
         md = s / n
         mu = x0 + md
         q = 0.0
@@ -571,7 +573,7 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
             for i in range(I):
                 # deviations from the shift, then from their mean: mu itself is
                 # rounded at |x0|, which would bias every deviation alike
-                d = (np.float64(xs[i]) - x0) - md
+                d = (ld(xs[i]) - x0) - md
                 q += d * d
         inv = _invstd(q / n, eps)
         a = inv if scale is None else np.float64(scale[c]) * inv
@@ -580,7 +582,7 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
             xs = x[o, c]
             ys = out[o, c]
             for i in range(I):
-                ys[i] = a * (np.float64(xs[i]) - mu) + b
+                ys[i] = cast(a * (ld(xs[i]) - mu) + b, ys)
         mean_out[c] = mu
         invstd_out[c] = inv
         if rm is not None:
@@ -610,7 +612,7 @@ def _widened_sums(xw, xr, shift, C):
     for r in range(xr.shape[0]):
         row = xr[r]
         for c in range(C):
-            d = np.float64(row[c]) - shift[c]
+            d = ld(row[c]) - shift[c]
             s[c] += d
             q[c] += d * d
     return s, q
@@ -649,7 +651,7 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
             md = s[c] / R
             m2 = 0.0
             for r in range(R):
-                d = (np.float64(x2[r, c]) - shift[c]) - md
+                d = (ld(x2[r, c]) - shift[c]) - md
                 m2 += d * d
         inv = _invstd(m2 / R, eps)
         invstd_out[c] = inv
@@ -671,12 +673,12 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
         row = xw[r]
         yr = outw[r]
         for j in range(W):
-            yr[j] = aw[j] * (np.float64(row[j]) - mw[j]) + bw[j]
+            yr[j] = cast(aw[j] * (ld(row[j]) - mw[j]) + bw[j], yr)
     for r in range(xr.shape[0]):
         row = xr[r]
         yr = outr[r]
         for c in range(C):
-            yr[c] = a[c] * (np.float64(row[c]) - mu[c]) + b[c]
+            yr[c] = cast(a[c] * (ld(row[c]) - mu[c]) + b[c], yr)
 
 
 def _widen(C):
@@ -693,10 +695,12 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     """Fused training forward for inputs of at most SMALL values (serial; channels-first
     two-pass, channels-last one pass shifted by the first row, see _shift).
 
-    x3/out3 (outer, C, inner) float32/64 (out3 may be x3); scale/offset/rm/rv
-    None or (C,) arrays of x3's dtype; mean_out/invstd_out (C,) receive the
-    batch mean and 1/sqrt(var + eps).  Running statistics are updated in place.
+    x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset/rm/rv
+    None or (C,) arrays of the per-channel dtype (float32 for float16 x3, else
+    x3's); mean_out/invstd_out (C,) of that dtype receive the batch mean and
+    1/sqrt(var + eps).  Running statistics are updated in place.
     """
+    x3, out3 = _bits(x3), _bits(out3)
     O, C, I = x3.shape
     if I == 1:
         _train_small_cl.serial(x3, _widen(C), scale, offset, eps, momentum, rm, rv, out3,
@@ -730,7 +734,7 @@ def _infer_small(x, scale, offset, mean, var, eps, out):
             xr = x2[o]
             yr = y2[o]
             for c in range(C):
-                yr[c] = q[c] * (np.float64(xr[c]) - m[c]) + r[c]
+                yr[c] = cast(q[c] * (ld(xr[c]) - m[c]) + r[c], yr)
         return
     for o in range(O):
         for c in range(C):
@@ -738,7 +742,7 @@ def _infer_small(x, scale, offset, mean, var, eps, out):
             xs = x[o, c]
             ys = out[o, c]
             for i in range(I):
-                ys[i] = qc * (np.float64(xs[i]) - mc) + rc
+                ys[i] = cast(qc * (ld(xs[i]) - mc) + rc, ys)
 
 
 @kernel
@@ -757,9 +761,9 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
             xr = x2[o]
             dr = d2[o]
             for c in range(C):
-                d = np.float64(dr[c])
+                d = ld(dr[c])
                 s1[c] += d
-                s2[c] += d * (np.float64(xr[c]) - m[c])
+                s2[c] += d * (ld(xr[c]) - m[c])
     else:
         for c in range(C):
             mc = m[c]
@@ -769,9 +773,9 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
                 xs = x[o, c]
                 ds = dy[o, c]
                 for i in range(I):
-                    d = np.float64(ds[i])
+                    d = ld(ds[i])
                     t1 += d
-                    t2 += d * (np.float64(xs[i]) - mc)
+                    t2 += d * (ld(xs[i]) - mc)
             s1[c] = t1
             s2[c] = t2
     a = np.empty(C)
@@ -794,7 +798,7 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
             dr = d2[o]
             yr = y2[o]
             for c in range(C):
-                yr[c] = b[c] * (np.float64(xr[c]) - m[c]) + cc[c] + a[c] * np.float64(dr[c])
+                yr[c] = cast(b[c] * (ld(xr[c]) - m[c]) + cc[c] + a[c] * ld(dr[c]), yr)
         return
     for o in range(O):
         for c in range(C):
@@ -803,24 +807,25 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
             ds = dy[o, c]
             ys = out[o, c]
             for i in range(I):
-                ys[i] = bc * (np.float64(xs[i]) - mc) + ccc + ac * np.float64(ds[i])
+                ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
     """Fused inference forward for inputs of at most SMALL values (serial).
 
-    x3/out3 (outer, C, inner) float32/64 (out3 may be x3); scale/offset None or
+    x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset None or
     (C,); mean/var (C,), any float dtype.  ``out3 = (x3 - mean) * scale /
     sqrt(var + eps) + offset``, in float64, rounded once.
     """
-    _infer_small.serial(x3, scale, offset, mean, var, eps, out3)
+    _infer_small.serial(_bits(x3), scale, offset, mean, var, eps, _bits(out3))
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
     """Fused training backward for inputs of at most SMALL values (serial, two reads).
 
-    dy3/x3/out3 (outer, C, inner) float32/64 (out3 may be dy3 or x3); scale None
+    dy3/x3/out3 (outer, C, inner) float16/32/64 (out3 may be dy3 or x3); scale None
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
-    _backward_small.serial(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
+    _backward_small.serial(_bits(dy3), _bits(x3), scale, mean, invstd, _bits(out3), dscale_out,
+                           doffset_out)

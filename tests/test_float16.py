@@ -73,6 +73,27 @@ def test_affine_rounds_once(bk, rng, shape3, layout, with_u):
     np.testing.assert_array_equal(x.view(np.uint16), want.view(np.uint16))
 
 
+def _hard_cases():
+    """float64 values next to float16 rounding boundaries (where float64 -> float32
+    -> float16 rounds twice), overflow to inf, subnormals, zeros of both signs,
+    inf and NaN, and NumPy's direct cast of them (the correctly rounded float16)."""
+    rng = np.random.default_rng(17)
+    h = rng.integers(0, 0x7C00, 4096, dtype=np.uint16).view(np.float16)
+    nxt = np.nextafter(h, np.float16(np.inf)).astype(np.float64)
+    mid = (h.astype(np.float64) + nxt) / 2                       # exact ties
+    d = np.concatenate([mid, mid * (1 + 2.0 ** -30), mid * (1 - 2.0 ** -30), -mid,
+                        [65504.0, 65519.99, 65520.0, 1e300, 2.0 ** -25, 2.0 ** -25 * 1.0001,
+                         1e-300, -1e-300, -0.0, 0.0, np.inf, -np.inf, np.nan]])
+    with np.errstate(over="ignore"):
+        return d, d.astype(np.float16)
+
+
+def _assert_same_half(got, want):
+    nan = np.isnan(want)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+
+
 @pytest.mark.skipif(cpu_numba is None, reason="no Numba")
 @pytest.mark.parametrize("direct", [False, True], ids=["via_round_to_odd", "direct"])
 def test_numba_cast_rounds_hard_cases_once(monkeypatch, direct):
@@ -89,21 +110,33 @@ def test_numba_cast_rounds_hard_cases_once(monkeypatch, direct):
         for i in range(d.size):
             out[i] = _stream.cast(d[i], out)
 
-    rng = np.random.default_rng(17)
-    h = rng.integers(0, 0x7C00, 4096, dtype=np.uint16).view(np.float16)
-    nxt = np.nextafter(h, np.float16(np.inf)).astype(np.float64)
-    mid = (h.astype(np.float64) + nxt) / 2                       # exact ties
-    d = np.concatenate([mid, mid * (1 + 2.0 ** -30), mid * (1 - 2.0 ** -30), -mid,
-                        [65504.0, 65519.99, 65520.0, 1e300, 2.0 ** -25, 2.0 ** -25 * 1.0001,
-                         1e-300, -1e-300, -0.0, 0.0, np.inf, -np.inf, np.nan]])
+    d, want = _hard_cases()
     out = np.empty(d.size, np.uint16)
     conv(d, out)
+    _assert_same_half(out.view(np.float16), want)
+
+
+@backends
+@pytest.mark.parametrize("inner", [1, 24, "strided"])
+def test_affine_rounds_hard_cases_once(bk, inner):
+    """affine3's float64 -> float16 rounding on the hard cases, through each loop
+    nest: channels-last rows, contiguous runs (the vector loops and their scalar
+    tails: 24 = 16 + 8) and strided runs (the blocked loops).  y = 1*(0 - 0) + r
+    is exactly r (but +0 for r = -0), so the output is r rounded once."""
+    d, _ = _hard_cases()
     with np.errstate(over="ignore"):
-        want = d.astype(np.float16)
-    got = out.view(np.float16)
-    nan = np.isnan(want)
-    assert np.isnan(got[nan]).all()
-    np.testing.assert_array_equal(out[~nan], want[~nan].view(np.uint16))
+        want = (0.0 + d).astype(np.float16)
+    I = 1 if inner == "strided" else inner
+    x = np.zeros((1, d.size, I), np.float16)
+    out = np.empty_like(x)
+    if inner == "strided":
+        x = np.zeros((1, d.size, 6), np.float16)[:, :, ::3]
+        out = np.empty((1, d.size, 6), np.float16)[:, :, ::3]
+    zero, one = np.zeros(d.size), np.ones(d.size)
+    with np.errstate(invalid="ignore", over="ignore"):
+        bk.affine3(x, zero, one, d, out)
+    for k in range(out.shape[2]):
+        _assert_same_half(out[0, :, k], want)
 
 
 @backends

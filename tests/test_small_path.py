@@ -1,7 +1,7 @@
 """The fused one-call kernels for small C-contiguous inputs.
 
 ``batch_norm_train``, ``batch_norm_infer`` and ``batch_norm_backward`` take
-them for NumPy float32/64 C-contiguous input of at most ``cpu_numba.SMALL``
+them for NumPy float16/32/64 C-contiguous input of at most ``cpu_numba.SMALL``
 values on the Numba backend.  Its channels-last
 kernel walks k rows at a time as one wide row; shapes here cover wide rows
 only, leftover rows only, and both.
@@ -20,18 +20,20 @@ SHAPES = [((16, 4), -1), ((50, 3), -1), ((64, 1), -1), ((2500, 30), -1), ((1000,
           ((2, 7), -1), ((7, 3, 5, 5), 1), ((3, 5, 4, 2), -1), ((6, 65, 3), 1), ((2, 1), 1)]
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 @pytest.mark.parametrize("shape,axis", SHAPES)
 @pytest.mark.parametrize("affine", [False, True])
-def test_small_path_matches_reference(rng, shape, axis, dtype, affine):
+def test_small_path_matches_reference(rng, monkeypatch, shape, axis, dtype, affine):
     assert np.prod(shape) <= numba_backend.SMALL
     C = shape[axis]
+    pdt = _param_dtype(dtype)
+    train_calls = _spy(monkeypatch, "train_small3")
     x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, C).reshape(
         [C if a == axis % len(shape) else 1 for a in range(len(shape))]) + 50).astype(dtype)
-    scale = rng.uniform(0.5, 2, C).astype(dtype) if affine else None
-    offset = rng.standard_normal(C).astype(dtype) if affine else None
-    rm = rng.standard_normal(C).astype(dtype)
-    rv = rng.uniform(0.5, 2, C).astype(dtype)
+    scale = rng.uniform(0.5, 2, C).astype(pdt) if affine else None
+    offset = rng.standard_normal(C).astype(pdt) if affine else None
+    rm = rng.standard_normal(C).astype(pdt)
+    rv = rng.uniform(0.5, 2, C).astype(pdt)
     rm0, rv0 = rm.copy(), rv.copy()
     x0 = x.copy()
     y, mean, invstd = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, running_mean=rm,
@@ -44,10 +46,16 @@ def test_small_path_matches_reference(rng, shape, axis, dtype, affine):
     ref.assert_close(rm, want[3])
     ref.assert_close(rv, want[4])
     assert np.array_equal(x, x0)
+    assert mean.dtype == invstd.dtype == rm.dtype == pdt
+    assert train_calls, "the fused kernel did not run"
     # in place: out=x gives the same numbers
     y2, _, _ = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, out=x, backend="numba")
     assert y2 is x
     ref.assert_close(x, want[0])
+
+
+def _param_dtype(dtype):
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
 
 
 def _spy(monkeypatch, name):
@@ -62,17 +70,18 @@ def _spy(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", ref.DTYPES)
 @pytest.mark.parametrize("shape,axis", SHAPES)
 @pytest.mark.parametrize("affine", [False, True])
 def test_small_infer_and_backward_match_reference(rng, monkeypatch, shape, axis, dtype, affine):
     C = shape[axis]
+    pdt = _param_dtype(dtype)
     x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    scale = rng.uniform(0.5, 2, C).astype(dtype) if affine else None
-    offset = rng.standard_normal(C).astype(dtype) if affine else None
-    mean = (50 + rng.standard_normal(C)).astype(dtype)
-    var = rng.uniform(0.5, 2, C).astype(dtype)
+    scale = rng.uniform(0.5, 2, C).astype(pdt) if affine else None
+    offset = rng.standard_normal(C).astype(pdt) if affine else None
+    mean = (50 + rng.standard_normal(C)).astype(pdt)
+    var = rng.uniform(0.5, 2, C).astype(pdt)
     x0, dy0 = x.copy(), dy.copy()
     infer_calls = _spy(monkeypatch, "infer_small3")
     back_calls = _spy(monkeypatch, "backward_small3")
@@ -82,7 +91,7 @@ def test_small_infer_and_backward_match_reference(rng, monkeypatch, shape, axis,
     ref.assert_close(y, ref.batch_norm_infer(x0, scale, offset, mean, var, channel_axis=axis,
                                              eps=1e-3))
     # statistics in float64 with float32 data (what the layers pass), and as given
-    for stats_dtype in {np.dtype(dtype), np.dtype(np.float64)}:
+    for stats_dtype in {pdt, np.dtype(np.float64)}:
         m, inv = mean.astype(stats_dtype), (1 / np.sqrt(var.astype(np.float64) + 1e-3)).astype(stats_dtype)
         dx, dscale, doffset = fbn.batch_norm_backward(dy, x, scale, m, inv, channel_axis=axis,
                                                       backend="numba")
@@ -91,7 +100,7 @@ def test_small_infer_and_backward_match_reference(rng, monkeypatch, shape, axis,
         ref.assert_close(dx, want[0], "dx", rtol=rtol)
         ref.assert_close(dscale, want[1], "dscale", rtol=rtol)
         ref.assert_close(doffset, want[2], "doffset", rtol=rtol)
-        assert dscale.dtype == doffset.dtype == np.dtype(dtype)
+        assert dscale.dtype == doffset.dtype == pdt
     assert np.array_equal(x, x0) and np.array_equal(dy, dy0)
     assert infer_calls and back_calls, "the fused kernels did not run"
     # in place: out=x / out=dy give the same numbers

@@ -77,8 +77,24 @@ else:
     _IMPORT_ERROR = None
 
 
+_why_not = None   # unavailable_reason's answer, asked once ("" = available)
+
+
 def unavailable_reason():
-    """None when kernels can run here (a GPU, or the CUDA simulator), else why not."""
+    """None when kernels can run here (a GPU, or the CUDA simulator), else why not.
+
+    A driver is not enough: numba-cuda without its compilers (NVVM, NVRTC:
+    ``pip install "numba-cuda[cu13]"``, the ``cuda`` extra) finds the GPU and
+    fails at the first call, so a tiny kernel with a float16 load (the part
+    that needs NVRTC) is compiled for the device once and the answer kept.
+    """
+    global _why_not
+    if _why_not is None:
+        _why_not = _probe() or ""
+    return _why_not or None
+
+
+def _probe():
     if cuda is None:
         return _IMPORT_ERROR
     if rt.simulator():
@@ -88,7 +104,21 @@ def unavailable_reason():
             return "no CUDA driver or GPU (numba.cuda.is_available() is False)"
     except Exception as exc:  # noqa: BLE001 - a broken driver install
         return f"no usable CUDA driver ({type(exc).__name__}: {exc})"
+    try:
+        cc = cuda.get_current_device().compute_capability
+        f16 = numba.from_dtype(np.dtype(np.float16))
+        cuda.compile_ptx(_probe_kernel, (numba.float32[:], f16[:]), cc=cc)
+    except Exception as exc:  # noqa: BLE001 - missing NVVM/NVRTC libraries, an unsupported device
+        return (f"a CUDA GPU is present but numba-cuda cannot compile kernels ({type(exc).__name__}: "
+                f"{str(exc).strip()[:200]}); install the compilers: pip install 'fastbn[cuda]' "
+                "(numba-cuda[cu13])")
     return None
+
+
+def _probe_kernel(out, a):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        out[i] = a[i]
 
 
 if cuda is not None:

@@ -174,11 +174,15 @@ def test_torch_cuda_tensor_in(cp, make_array):
     h = make_array((4, 3, 5, 5), np.float32)
     t = torch.as_tensor(h, device="cuda")
     y, mean, invstd = fbn.batch_norm_train(t)
-    assert isinstance(y, cp.ndarray)
-    ref.assert_close(y.get(), ref.batch_norm_train(h)[0], "y")
+    assert all(isinstance(a, torch.Tensor) and a.is_cuda for a in (y, mean, invstd))
+    ref.assert_close(y.cpu().numpy(), ref.batch_norm_train(h)[0], "y")
     out = torch.empty_like(t)
-    fbn.batch_norm_train(t, out=out)
+    assert fbn.batch_norm_train(t, out=out)[0] is out
     ref.assert_close(out.cpu().numpy(), ref.batch_norm_train(h)[0], "out= torch")
+    cl = t.to(memory_format=torch.channels_last)
+    y = fbn.batch_norm_train(cl)[0]
+    assert y.is_contiguous(memory_format=torch.channels_last)   # torch.empty_like keeps it
+    ref.assert_close(y.cpu().numpy(), ref.batch_norm_train(h)[0], "channels_last")
 
 
 def test_out_in_place_and_exotic(cp, make_array):
@@ -235,3 +239,106 @@ def test_deterministic(cp, make_array):
     for _ in range(3):
         again = fbn.moments(x, (0, 2, 3))
         assert all(bool((a == b).all()) for a, b in zip(first, again))
+
+
+# -- the fused paths on hardware: launches, the caller's stream and device ------------------------
+
+@pytest.fixture
+def launches(monkeypatch):
+    from fastbn.kernels import cuda_numba
+    seen = []
+    real = cuda_numba._launch
+
+    def counting(kern, grid, block, shmem, stream, *args):
+        seen.append((kern, stream))
+        return real(kern, grid, block, shmem, stream, *args)
+    monkeypatch.setattr(cuda_numba, "_launch", counting)
+    return seen
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_fused_launch_counts_on_the_gpu(cp, make_array, launches, shape, axis):
+    h = make_array(shape, np.float32, channel_axis=axis)
+    x = cp.asarray(h)
+    C = shape[axis]
+    rm, rv = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
+    y, mean, invstd = fbn.batch_norm_train(x, channel_axis=axis, running_mean=rm, running_var=rv)
+    assert len(launches) == 2
+    launches.clear()
+    fbn.batch_norm_infer(x, None, None, rm, rv, channel_axis=axis)
+    assert len(launches) == 1
+    launches.clear()
+    dx, ds, do_ = fbn.batch_norm_backward(x, x, None, mean, invstd, channel_axis=axis)
+    assert len(launches) == 2
+    launches.clear()
+    fbn.batch_norm_infer_backward(x, x, None, rm, rv, channel_axis=axis)
+    assert len(launches) == 2
+    edx, eds, edo = ref.batch_norm_backward(h, h, None, mean.get(), invstd.get(), axis)
+    ref.assert_close(dx.get(), edx, "dx")
+    ref.assert_close(ds.get(), eds, "dscale")
+
+
+def test_every_allowed_block_size_launches(cp, make_array, monkeypatch):
+    """Launch bounds: 1024 threads per block must launch (no LAUNCH_OUT_OF_RESOURCES)."""
+    from fastbn.kernels import cuda_numba
+    h = make_array((16, 8, 20, 20), np.float64)
+    for tpb in (32, 256, 1024):
+        monkeypatch.setattr(cuda_numba, "TPB", tpb)
+        for axis, x in ((1, cp.asarray(h)), (-1, cp.asarray(h.transpose(0, 2, 3, 1).copy()))):
+            y, mean, invstd = fbn.batch_norm_train(x, channel_axis=axis)
+            fbn.batch_norm_backward(x, x, None, mean, invstd, channel_axis=axis)
+        ref.assert_close(y.get(), ref.batch_norm_train(h.transpose(0, 2, 3, 1), channel_axis=-1)[0],
+                         f"TPB={tpb}")
+
+
+def test_torch_current_stream_is_used(cp, make_array, launches):
+    """Under ``with torch.cuda.stream(s)`` the kernels queue on s, behind torch's work there,
+    and the call does not wait for the device."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    h = make_array((16, 8, 32, 32), np.float32)
+    t = torch.as_tensor(h, device="cuda")
+    fbn.batch_norm_train(t)   # compile
+    launches.clear()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = t * 1.0
+        torch.cuda._sleep(1_000_000_000)
+        t0 = time.perf_counter()
+        y = fbn.batch_norm_train(x)[0]
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5, f"the call waited {elapsed:.2f} s"
+    assert all(int(st.handle.value if hasattr(st.handle, "value") else st.handle) == s.cuda_stream
+               for _, st in launches)
+    s.synchronize()
+    ref.assert_close(y.cpu().numpy(), ref.batch_norm_train(h)[0], "y on torch's stream")
+
+
+def test_numba_array_stream_is_used(cuda, make_array, launches):
+    h = make_array((4, 3, 40), np.float32)
+    s = cuda.stream()
+    x = cuda.to_device(h, stream=s)
+    y = fbn.batch_norm_train(x)[0]
+    assert launches and all(st is s for _, st in launches)
+    s.synchronize()
+    ref.assert_close(y.copy_to_host(), ref.batch_norm_train(h)[0], "y")
+
+
+def test_second_device(cp, make_array):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one GPU")
+    h = make_array((4, 3, 5, 5), np.float32)
+    with cp.cuda.Device(1):
+        x = cp.asarray(h)
+        rm = cp.zeros(3, cp.float32)
+    with cp.cuda.Device(0):
+        y, mean, invstd = fbn.batch_norm_train(x, running_mean=rm)   # runs on device 1
+        assert y.device.id == 1
+        ref.assert_close(y.get(), ref.batch_norm_train(h)[0], "y on device 1")
+        with pytest.raises(ValueError, match="scale is on CUDA device 0"):
+            fbn.batch_norm_train(x, cp.ones(3, cp.float32))
+
+
+def test_backend_compiles():
+    assert fbn.backends()["cuda"] == "available"

@@ -711,3 +711,31 @@ def test_cuda_backend_reports_why_it_is_unavailable():
     if status == "available":
         pytest.skip("a CUDA GPU is present")
     assert status and isinstance(status, str)
+
+
+def test_available_only_when_a_kernel_compiles(monkeypatch):
+    """backends()["cuda"] needs more than a driver: a kernel must compile (numba-cuda
+    without NVVM/NVRTC finds the GPU, then fails at the first call).  Asked once."""
+    if SIM:
+        pytest.skip("the simulator compiles nothing")
+    pytest.importorskip("numba.cuda")
+    import types
+    from fastbn.kernels import cuda_numba as K
+    if K.cuda is None:
+        pytest.skip("numba-cuda not installed")
+    monkeypatch.setattr(K.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(K.cuda, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    asked = []
+
+    def no_nvrtc(*a, **k):
+        asked.append(1)
+        raise OSError("libnvrtc.so.13 or .12 not found")
+    monkeypatch.setattr(K.cuda, "compile_ptx", no_nvrtc)
+    monkeypatch.setattr(K, "_why_not", None)
+    why = K.unavailable_reason()
+    assert "cannot compile" in why and "libnvrtc" in why and "fastbn[cuda]" in why
+    assert K.unavailable_reason() == why and asked == [1]
+    monkeypatch.setattr(K.cuda, "compile_ptx", lambda *a, **k: ("ptx", None))
+    monkeypatch.setattr(K, "_why_not", None)
+    assert K.unavailable_reason() is None

@@ -25,8 +25,14 @@ accumulates shifted sums ``sum(v - K)``, ``sum((v - K)**2)`` about its own
 first value ``K`` (float32 accumulators for float16 data, float64 otherwise),
 turns them into ``(n, mean, m2)``, the block merges those in shared memory
 with Chan's formula in float64 (a tree over ``threadIdx.y``/the block; the
-simulator has no warp shuffles, so shared memory is the only path), and a
-second kernel merges each channel's block partials in a fixed order.
+simulator has no warp shuffles, so shared memory is the only path), and the
+last block to finish a channel (an integer arrival counter, ``_arrive``)
+merges that channel's block partials in a fixed order and finishes it: the
+statistics, and for the fused paths (``train3``, ``backward3``,
+``infer_backward3``) fastbn.core's per-channel formulas, the running
+statistics and the next pass's coefficients.  So a training forward is two
+launches, inference one (``infer3``: each thread computes its channel's
+coefficients), a backward two.
 
 Knobs (module attributes, read at every call, so tests can shrink them):
 ``TPB`` threads per block (``FASTBN_CUDA_TPB``, default 256), ``TARGET_BLOCKS``

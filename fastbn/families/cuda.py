@@ -5,9 +5,18 @@ Three kinds of arrays belong to the family:
 * **CuPy** arrays: results come back as CuPy arrays;
 * **Numba device arrays** (``numba.cuda.to_device``; in the CUDA simulator
   ``FakeCUDAArray``): results come back as Numba device arrays;
-* anything else with ``__cuda_array_interface__`` (a PyTorch CUDA tensor):
-  :func:`asarray` turns it into a zero-copy CuPy view when CuPy is installed,
-  else into a Numba device array, and results follow that kind.
+* PyTorch CUDA tensors: :func:`asarray` makes a zero-copy Numba view that
+  remembers its tensor (:func:`tensor_of`); results are tensors allocated by
+  torch, ``out=`` comes back as the caller's tensor (:func:`handback`);
+* anything else with ``__cuda_array_interface__``: :func:`asarray` turns it
+  into a zero-copy CuPy view when CuPy is installed, else into a Numba device
+  array, and results follow that kind.
+
+``batch_norm_train``, ``batch_norm_infer`` and the two backward functions
+come here whole first (``FUSED``, :func:`fused_train` ...): their kernels do
+the per-channel math themselves (2, 1, 2 and 2 launches, no CuPy
+operations), on the device holding ``x`` and on the caller's stream
+(``fastbn.kernels.cuda_runtime.stream_for``).
 
 Kernels take Numba device arrays: :func:`to_numba` makes zero-copy views
 through the CUDA array interface with ``sync=False`` (Numba would otherwise
@@ -24,8 +33,9 @@ when CuPy is present.
 
 Module attribute ``USE_CUPY`` (default True; never in the simulator) lets
 tests exercise the no-CuPy path on a machine that has CuPy, with Numba arrays.
-Kernels queue on CuPy's current stream: work on other streams (a Numba stream
-of the caller's) must be synchronised by the caller first.
+Outside the fused calls (``moments``, ``batch_normalization``, empty
+batches, layouts that need a copy) kernels queue on CuPy's current stream:
+work on other streams must be synchronised by the caller first.
 
 Testing: the simulator (tests/test_cuda_sim.py) runs every no-CuPy branch; the
 CuPy branches (``cp = cupy()`` not None, ``is_cupy``) and :func:`stream` run

@@ -114,7 +114,36 @@ def to_numba(a):
     cai = getattr(a, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"expected a device array, got {type(a).__name__}")
+    if cai.get("stream") is not None:
+        # Numba would wrap the exported stream (one more object per call) only to
+        # not synchronise on it: fastbn picks the stream itself (stream_for).
+        cai = {k: v for k, v in cai.items() if k != "stream"}
     return cuda.from_cuda_array_interface(cai, owner=a, sync=False)
+
+
+_vector_views = {}
+_VECTOR_VIEWS_MAX = 64
+
+
+def vector_view(a):
+    """:func:`to_numba` for a per-channel vector, cached by what it points at.
+
+    The same scale, offset and running statistics come with every call of a
+    training loop; their views are kept (each holds its array, so its memory
+    cannot be reused under the key while cached; a few small vectors at most).
+    """
+    if is_numba(a):
+        return a
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        return to_numba(a)
+    key = (type(a), cai["data"][0], tuple(cai["shape"]), cai.get("strides"), cai["typestr"])
+    v = _vector_views.get(key)
+    if v is None:
+        if len(_vector_views) >= _VECTOR_VIEWS_MAX:
+            _vector_views.clear()
+        v = _vector_views[key] = to_numba(a)
+    return v
 
 
 def to_host(a):

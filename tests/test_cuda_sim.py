@@ -739,3 +739,26 @@ def test_available_only_when_a_kernel_compiles(monkeypatch):
     monkeypatch.setattr(K.cuda, "compile_ptx", lambda *a, **k: ("ptx", None))
     monkeypatch.setattr(K, "_why_not", None)
     assert K.unavailable_reason() is None
+
+
+def test_vector_views_are_cached_and_streams_not_wrapped(monkeypatch):
+    """Per-channel vectors (the same scale/offset/running statistics every iteration) get
+    one Numba view each, made without wrapping the stream their interface exports."""
+    import types
+    from fastbn.kernels import cuda_runtime as rt
+    made = []
+    fake = types.SimpleNamespace(from_cuda_array_interface=lambda desc, owner, sync: made.append(
+        (desc, owner, sync)) or object())
+    monkeypatch.setattr(rt, "cuda_module", lambda: fake)
+    monkeypatch.setattr(rt, "_vector_views", {})
+
+    class Vec:
+        def __init__(self, ptr):
+            self.__cuda_array_interface__ = {"shape": (3,), "strides": None, "typestr": "<f4",
+                                             "data": (ptr, False), "version": 3, "stream": 1}
+    a = Vec(4096)
+    first = rt.vector_view(a)
+    assert rt.vector_view(a) is first and rt.vector_view(Vec(4096)) is first
+    assert rt.vector_view(Vec(8192)) is not first
+    assert len(made) == 2 and all("stream" not in d and o is not None and s is False
+                                  for d, o, s in made)

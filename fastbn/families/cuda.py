@@ -442,8 +442,12 @@ class _on_device:
 
 
 def _nb(v):
-    """A per-channel argument (as the caller passed it) as a Numba view."""
-    return None if v is None else to_numba(asarray(v))
+    """A per-channel argument (as the caller passed it) as a Numba view (cached)."""
+    if v is None:
+        return None
+    if not (is_numba(v) or hasattr(type(v), "__cuda_array_interface__")):
+        v = asarray(v)   # (the simulator's stand-ins)
+    return rt.vector_view(v)
 
 
 def _view3(a, plan):

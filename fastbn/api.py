@@ -31,7 +31,7 @@ from typing import Any, TypeAlias
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from . import broadcast, checks, core, dispatch, docstrings, families, layout
+from . import broadcast, checks, core, dispatch, docstrings, families, fastlane, layout
 
 #: An array of ``x``'s family: ``numpy.ndarray`` for host input, ``cupy.ndarray``
 #: (or a Numba device array) for CUDA input, a lazy ``dask.array.Array`` for Dask
@@ -412,6 +412,10 @@ def batch_norm_train(x: ArrayLike, scale: ArrayLike | None = None,
     >>> y is x, mean.shape, mean.dtype
     (True, (3,), dtype('float32'))
     """
+    if (type(x) is np.ndarray and backend is None
+            and (r := fastlane.train(x, scale, offset, channel_axis, eps, running_mean, running_var,
+                                     momentum, out)) is not None):
+        return r
     if (whole := _whole(x, backend, batch_norm_train)) is not None:
         return whole(x, scale, offset, channel_axis=channel_axis, eps=eps,
                      running_mean=running_mean, running_var=running_var,
@@ -467,6 +471,9 @@ def batch_norm_infer(x: ArrayLike, scale: ArrayLike | None, offset: ArrayLike | 
            [-1.,  0.],
            [ 1.,  2.]], dtype=float32)
     """
+    if (type(x) is np.ndarray and backend is None
+            and (r := fastlane.infer(x, scale, offset, mean, var, channel_axis, eps, out)) is not None):
+        return r
     if (whole := _whole(x, backend, batch_norm_infer)) is not None:
         return whole(x, scale, offset, mean, var, channel_axis=channel_axis, eps=eps,
                      out=out, backend=backend)
@@ -564,6 +571,9 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
     >>> dx is dy
     True
     """
+    if (type(x) is np.ndarray and backend is None
+            and (r := fastlane.backward(dy, x, scale, mean, invstd, channel_axis, out)) is not None):
+        return r
     if (whole := _whole(x, backend, batch_norm_backward)) is not None:
         return whole(dy, x, scale, mean, invstd, channel_axis=channel_axis, out=out,
                      backend=backend)

@@ -1,0 +1,168 @@
+"""The small-call fast lane (fastbn/fastlane.py) against the general path.
+
+The lane must (1) give exactly what the general path gives for the calls it
+takes -- both end in the same fused kernel, so bit for bit, running
+statistics included -- and (2) decline (return None, changing nothing) every
+call that is not plainly valid, so that the general path answers it with its
+checks and messages.
+"""
+
+import numpy as np
+import pytest
+
+import fastbn as fbn
+from fastbn import fastlane
+import reference as ref
+
+pytestmark = pytest.mark.skipif(fbn.backends()["numba"] != "available", reason="needs numba")
+
+CASES = [((4, 16, 4, 4), 1), ((7, 5, 3), 1), ((50, 3), -1), ((2500, 30), 1), ((3, 5, 4, 6), -1),
+         ((2, 3), 0), ((5, 7, 2), 2)]
+
+
+def _pdt(dtype):
+    return np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
+
+
+def _args(rng, shape, axis, dtype):
+    C = shape[axis]
+    pdt = _pdt(dtype)
+    x = (rng.standard_normal(shape) * 2 + 30).astype(dtype)
+    vec = lambda lo, hi: rng.uniform(lo, hi, C).astype(pdt)  # noqa: E731
+    return x, C, vec
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("variant", ["plain", "affine_running", "out", "in_place"])
+def test_lane_equals_general_path(rng, dtype, shape, axis, variant):
+    x, C, vec = _args(rng, shape, axis, dtype)
+    scale, offset = (vec(0.5, 2), vec(-1, 1)) if variant != "plain" else (None, None)
+    rm, rv = (vec(-1, 1), vec(0.5, 2)) if variant == "affine_running" else (None, None)
+    rm2, rv2 = (None, None) if rm is None else (rm.copy(), rv.copy())
+    mk_out = {"out": lambda a: np.empty_like(a), "in_place": lambda a: a}.get(variant,
+                                                                              lambda a: None)
+    x2 = x.copy()
+    out = mk_out(x)
+    got = fastlane.train(x, scale, offset, axis, 1e-3, rm, rv, 0.25, out)
+    assert got is not None, "the lane declined a plain call"
+    if out is not None:
+        assert got[0] is out
+    want = fbn.batch_norm_train(x2, scale, offset, channel_axis=axis, eps=1e-3, running_mean=rm2,
+                                running_var=rv2, momentum=0.25, out=mk_out(x2), backend="numba")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+        assert g.dtype == w.dtype and g.shape == w.shape
+    if rm is not None:
+        np.testing.assert_array_equal(rm, rm2)
+        np.testing.assert_array_equal(rv, rv2)
+
+    mean, var = vec(25, 35), vec(0.5, 4)
+    x, x2 = x2.copy(), x2.copy()
+    got = fastlane.infer(x, scale, offset, mean, var, axis, 1e-3, mk_out(x))
+    want = fbn.batch_norm_infer(x2, scale, offset, mean, var, channel_axis=axis, eps=1e-3,
+                                out=mk_out(x2), backend="numba")
+    assert got is not None
+    np.testing.assert_array_equal(got, want)
+
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy2 = dy.copy()
+    invstd = mean.astype(np.float64) * 0 + 1 / np.sqrt(var.astype(np.float64))
+    got = fastlane.backward(dy, x, scale, mean, invstd, axis, mk_out(dy))
+    want = fbn.batch_norm_backward(dy2, x2, scale, mean, invstd, channel_axis=axis,
+                                   out=mk_out(dy2), backend="numba")
+    assert got is not None
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def _plain_train(rng):
+    x = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    v = lambda: np.ones(4, np.float32)  # noqa: E731
+    return dict(x=x, scale=v(), offset=v(), channel_axis=1, eps=1e-5, running_mean=v(),
+                running_var=v(), momentum=0.1, out=None)
+
+
+def _declines(**changes):
+    def apply(kw):
+        for k, f in changes.items():
+            kw[k] = f(kw)
+        return kw
+    return apply
+
+
+big = np.zeros((8, 4, 5), np.float32)
+DECLINED = {
+    "x_strided": _declines(x=lambda kw: np.asfortranarray(kw["x"])),
+    "x_matrix": _declines(x=lambda kw: np.asmatrix(kw["x"][:, :, 0]), scale=lambda kw: None,
+                          offset=lambda kw: None, running_mean=lambda kw: None,
+                          running_var=lambda kw: None),
+    "x_list": _declines(x=lambda kw: kw["x"].tolist()),
+    "x_int": _declines(x=lambda kw: kw["x"].astype(np.int32)),
+    "x_empty": _declines(x=lambda kw: kw["x"][:0]),
+    "x_big": _declines(x=lambda kw: np.zeros((1 << 18, 4), np.float32),
+                       channel_axis=lambda kw: -1),
+    "one_per_channel": _declines(x=lambda kw: kw["x"][:1, :, :1].copy()),
+    "axis_bool": _declines(channel_axis=lambda kw: True),
+    "axis_numpy_int": _declines(channel_axis=lambda kw: np.int64(1)),
+    "axis_out_of_range": _declines(channel_axis=lambda kw: 3),
+    "eps_int": _declines(eps=lambda kw: 0),
+    "eps_nan": _declines(eps=lambda kw: float("nan")),
+    "eps_negative": _declines(eps=lambda kw: -1.0),
+    "momentum_big": _declines(momentum=lambda kw: 1.5),
+    "scale_float64": _declines(scale=lambda kw: kw["scale"].astype(np.float64)),
+    "scale_long": _declines(scale=lambda kw: np.ones(5, np.float32)),
+    "scale_strided": _declines(scale=lambda kw: np.ones(8, np.float32)[::2]),
+    "scale_list": _declines(scale=lambda kw: [1.0] * 4),
+    "running_readonly": _declines(running_mean=lambda kw: np.broadcast_to(np.float32(0), (4,))),
+    "running_same": _declines(running_var=lambda kw: kw["running_mean"]),
+    "running_is_scale": _declines(running_mean=lambda kw: kw["scale"]),
+    "running_views_overlap": _declines(running_mean=lambda kw: big.reshape(-1)[:4],
+                                       running_var=lambda kw: big.reshape(-1)[2:6]),
+    "out_overlaps_x": _declines(out=lambda kw: kw["x"][::-1].copy()[::-1]),
+    "out_view_of_x": _declines(x=lambda kw: big, out=lambda kw: big.reshape(8, 4, 5)),
+    "out_readonly": _declines(out=lambda kw: np.broadcast_to(np.float32(0), (8, 4, 5))),
+    "out_float64": _declines(out=lambda kw: np.empty((8, 4, 5))),
+    "out_fortran": _declines(out=lambda kw: np.asfortranarray(np.empty((8, 4, 5), np.float32))),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")   # np.matrix
+@pytest.mark.parametrize("case", sorted(DECLINED))
+def test_lane_declines_and_changes_nothing(rng, case):
+    kw = DECLINED[case](_plain_train(rng))
+    before = {k: np.array(v, copy=True) for k, v in kw.items() if isinstance(v, np.ndarray)}
+    got = fastlane.train(kw["x"], kw["scale"], kw["offset"], kw["channel_axis"], kw["eps"],
+                         kw["running_mean"], kw["running_var"], kw["momentum"], kw["out"])
+    assert got is None, case
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.asarray(kw[k]), v, err_msg=k)
+
+
+def test_lane_follows_the_chosen_backend(rng):
+    """use_backend / FASTBN_BACKEND pick the kernels of the lane too; a backend
+    without the fused kernel (the NumPy reference) declines it."""
+    kw = _plain_train(rng)
+    args = [kw[k] for k in ("x", "scale", "offset", "channel_axis", "eps", "running_mean",
+                            "running_var", "momentum", "out")]
+    with fbn.use_backend("numpy"):
+        assert fastlane.train(*args) is None
+        assert fastlane.infer(kw["x"], None, None, kw["scale"], kw["offset"], 1, 1e-5,
+                              None) is None
+    if fbn.backends()["cython"] == "available":
+        with fbn.use_backend("cython"):   # the Cython backend has a fused training kernel only
+            assert fastlane.train(*args) is not None
+            assert fastlane.infer(kw["x"], None, None, kw["scale"], kw["offset"], 1, 1e-5,
+                                  None) is None
+
+
+def test_public_functions_still_raise_for_declined_calls(rng):
+    kw = _plain_train(rng)
+    with pytest.raises(ValueError, match="overlap"):
+        fbn.batch_norm_train(kw["x"], running_mean=kw["running_mean"],
+                             running_var=kw["running_mean"])
+    with pytest.raises(ValueError, match="eps"):
+        fbn.batch_norm_infer(kw["x"], None, None, kw["scale"], kw["offset"], eps=-1.0)
+    with pytest.raises(TypeError, match="channel_axis"):
+        fbn.batch_norm_backward(kw["x"], kw["x"], None, kw["scale"], kw["offset"],
+                                channel_axis=1.0)

@@ -414,8 +414,9 @@ def _infer_backward(dy, x, scale, mean, var, axis, eps):
             g.sum(axis=axes))
 
 
-# (shape, channel_axis): NCHW (row mapping), NHWC and (N, C) (column mapping)
-FUSED_LAYOUTS = [((3, 4, 2, 5), 1), ((3, 2, 5, 4), -1), ((7, 4), -1)]
+# (shape, channel_axis): NCHW (row mapping), NCHW with a small spatial extent (column
+# mapping, two channels per block), NHWC and (N, C) (column mapping)
+FUSED_LAYOUTS = [((2, 3, 2, 4), 1), ((3, 3, 2, 2), 1), ((2, 2, 3, 3), -1), ((5, 3), -1)]
 
 
 @sim

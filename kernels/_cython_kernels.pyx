@@ -1293,25 +1293,26 @@ def dy_sums_cl(const real_t[:, :, :] dy, const real_t[:, :, :] x, const double[:
 
 # -- small inputs: the whole training forward in one serial call ----------------
 
-ctypedef fused flt_t:
+ctypedef fused prm_t:   # per-channel vectors: float32 for float16 data, else x's dtype
     float
     double
 
 
-def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1] offset,
-                double eps, double momentum, flt_t[::1] rm, flt_t[::1] rv,
-                flt_t[:, :, :] out, flt_t[::1] mean_out, flt_t[::1] invstd_out,
+def train_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1] offset,
+                double eps, double momentum, prm_t[::1] rm, prm_t[::1] rv,
+                real_t[:, :, :] out, prm_t[::1] mean_out, prm_t[::1] invstd_out,
                 Py_ssize_t chunk, Py_ssize_t rows):
     """Fused training forward for a small x (O, C, I), serial, one call.
 
     Same per-run / per-tile two-pass statistics and the same elementwise pass
     as the parallel kernels (so the same numbers), without their per-call
-    Python work.  scale/offset/rm/rv may be None; out may be x.
+    Python work.  x/out: float32, float64 or float16 as its uint16 bits; the
+    vectors float32 or float64.  scale/offset/rm/rv may be None; out may be x.
     """
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t so, sc, si, oo, oc_, oi, nk, k, o, c, L
-    cdef const flt_t* bx
-    cdef flt_t* bo
+    cdef const real_t* bx
+    cdef real_t* bo
     cdef void* raw
     cdef double* mean
     cdef double* m2
@@ -1325,12 +1326,12 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
         raise ValueError("train_small: empty input")
     bx = &x[0, 0, 0]
     bo = &out[0, 0, 0]
-    so = x.strides[0] // sizeof(flt_t)
-    sc = x.strides[1] // sizeof(flt_t)
-    si = x.strides[2] // sizeof(flt_t)
-    oo = out.strides[0] // sizeof(flt_t)
-    oc_ = out.strides[1] // sizeof(flt_t)
-    oi = out.strides[2] // sizeof(flt_t)
+    so = x.strides[0] // sizeof(real_t)
+    sc = x.strides[1] // sizeof(real_t)
+    si = x.strides[2] // sizeof(real_t)
+    oo = out.strides[0] // sizeof(real_t)
+    oc_ = out.strides[1] // sizeof(real_t)
+    oi = out.strides[2] // sizeof(real_t)
     n = <double>(O * I)
     raw = malloc((12 * pad8(C)) * sizeof(double) + 64)
     if raw == NULL:
@@ -1364,19 +1365,19 @@ def train_small(const flt_t[:, :, :] x, const flt_t[::1] scale, const flt_t[::1]
                 a[c] = inv * scale[c] if has_scale else inv
                 b[c] = offset[c] if has_offset else 0.0
                 zero[c] = 0.0
-                mean_out[c] = <flt_t>mean[c]
-                invstd_out[c] = <flt_t>inv
+                mean_out[c] = <prm_t>mean[c]
+                invstd_out[c] = <prm_t>inv
                 if has_rm:
-                    rm[c] = <flt_t>((1.0 - momentum) * rm[c] + momentum * mean[c])
+                    rm[c] = <prm_t>((1.0 - momentum) * rm[c] + momentum * mean[c])
                 if has_rv:
-                    rv[c] = <flt_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / (n - 1.0)))
+                    rv[c] = <prm_t>((1.0 - momentum) * rv[c] + momentum * (m2[c] / (n - 1.0)))
             if I == 1:
-                rows_affine(bx, so, sc, bo, oo, oc_, <const flt_t*>NULL, 0, 0, 0, O, 0, C,
+                rows_affine(bx, so, sc, bo, oo, oc_, <const real_t*>NULL, 0, 0, 0, O, 0, C,
                             mean, a, b, zero, 0)
             else:
                 for o in range(O):
                     for c in range(C):
                         run_affine(bx + o * so + c * sc, si, bo + o * oo + c * oc_, oi,
-                                   <const flt_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0, 0)
+                                   <const real_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0, 0)
     finally:
         free(raw)

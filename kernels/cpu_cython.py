@@ -74,8 +74,8 @@ STREAM_FROM_CL = 16 << 20
 #: vs cpu_numba (2^17): its channels-last small kernel walks several rows as one
 #: wide row, which the one here does not.
 SMALL = 1 << 15
-#: dtypes of x that the fused small kernel takes (float16 runs the general path here).
-SMALL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: dtypes of x that the fused small kernel takes (float16 as its bits, see _kview).
+SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 def unavailable_reason():
@@ -261,14 +261,24 @@ def dy_sums3(dy3, x3, m):
 
 # -- small inputs: the whole training forward in one serial call ----------------
 
+#: NumPy dtype char -> the name of the Cython type in the fused signatures.
+_C_TYPE = {"f": "float", "d": "double", "H": "half_t"}
+
+
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """Fused training forward for inputs of at most SMALL values (serial).
 
     Same contract as ``cpu_numba.train_small3``: x3/out3 (outer, C, inner)
-    float32/64 (out3 may be x3); scale/offset/rm/rv None or (C,) contiguous
-    arrays of x3's dtype; mean_out/invstd_out (C,) receive the batch mean and
+    float16/32/64 (out3 may be x3); scale/offset/rm/rv None or (C,) contiguous
+    arrays of the per-channel dtype (float32 for float16 x3, else x3's);
+    mean_out/invstd_out (C,) of that dtype receive the batch mean and
     1/sqrt(var + eps); running statistics are updated in place.
     """
     C = x3.shape[1]
-    _ck.train_small(x3, scale, offset, float(eps), float(momentum), rm, rv, out3, mean_out,
-                    invstd_out, CHUNK, max(1, TILE // max(C, 1)))
+    if x3.dtype == np.float16:   # as its bits (views: the arrays are C-contiguous)
+        x3, out3 = x3.view(np.uint16), out3.view(np.uint16)
+    # The specialisation named: Cython's fused dispatch cannot tell the vectors'
+    # type from None scale/offset and took float for float64 running statistics.
+    kern = _ck.train_small.__signatures__[f"{_C_TYPE[x3.dtype.char]}|{_C_TYPE[mean_out.dtype.char]}"]
+    kern(x3, scale, offset, float(eps), float(momentum), rm, rv, out3, mean_out, invstd_out,
+         CHUNK, max(1, TILE // max(C, 1)))

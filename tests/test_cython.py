@@ -359,7 +359,8 @@ def test_threads_calling_at_once_get_their_own_results(rng):
 
 # -- the fused small-input path ----------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64],
+                         ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape, axis", [((16, 4), 1), ((300, 30), 1), ((6, 3, 5, 7), 1),
                                          ((4, 6, 5), 2), ((3, 2, 5000), 1)])
 @pytest.mark.parametrize("affine", [True, False])
@@ -367,12 +368,13 @@ def test_train_small3_matches_oracle(rng, shape, axis, dtype, affine):
     """train_small3 (one serial call; runs of CHUNK when inner is long) against the oracle."""
     x = (5 + rng.standard_normal(shape)).astype(dtype)
     C = shape[axis]
+    pdt = np.float32 if dtype == np.float16 else dtype   # float16: float32 vectors, x as is
     x3 = x.reshape(int(np.prod(shape[:axis])), C, -1)
-    scale = rng.standard_normal(C).astype(dtype) if affine else None
-    offset = rng.standard_normal(C).astype(dtype) if affine else None
-    rm, rv = rng.standard_normal(C).astype(dtype), rng.random(C).astype(dtype)
+    scale = rng.standard_normal(C).astype(pdt) if affine else None
+    offset = rng.standard_normal(C).astype(pdt) if affine else None
+    rm, rv = rng.standard_normal(C).astype(pdt), rng.random(C).astype(pdt)
     erm, erv = rm.copy(), rv.copy()
-    out, mean, invstd = np.empty_like(x3), np.empty(C, dtype), np.empty(C, dtype)
+    out, mean, invstd = np.empty_like(x3), np.empty(C, pdt), np.empty(C, pdt)
     cy.train_small3(x3, scale, offset, 1e-5, 0.1, rm, rv, out, mean, invstd)
     ey, emean, einvstd, erm, erv = oracle.batch_norm_train(
         x, scale, offset, channel_axis=axis, running_mean=erm, running_var=erv)

@@ -108,6 +108,11 @@ def test_tf_style_matches_the_layer_per_step():
     float32, each step from the same state: loss, gradients, running statistics
     and the eval-mode loss and gradients agree to float32 rounding."""
     xtr, ytr, _, _ = dc.load_data(3)
+    # The upsampled digits hold ~14 distinct values per image, so max-pool windows
+    # hold exact ties that float32 and float64 (and BLAS builds: numpy 2.4's took
+    # another branch on every step of this test) break apart differently; a little
+    # noise leaves only near-ties, which rounding rarely reaches.
+    xtr = (xtr + np.random.default_rng(0).normal(0, 1e-2, xtr.shape)).astype(xtr.dtype)
     with dc._one_blas_thread():
         worst = dc.compare_styles(xtr, ytr, steps=4, seed=3, batch=32)
     assert worst["loss"] < 1e-5 and worst["eval_loss"] < 1e-5, worst

@@ -134,20 +134,6 @@ def choose(family: str, backend: str | None = None) -> str:
                     + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
 
 
-def numpy_default() -> ModuleType:
-    """The module of ``choose("numpy")``, memoised on what that depends on here:
-    ``use_backend``'s override and ``FASTBN_BACKEND`` (backend availability is
-    settled at first load).  For the small-call fast lane: ~0.5 us, not ~2."""
-    key = (_override.get(), os.environ.get("FASTBN_BACKEND"))
-    mod = _numpy_default.get(key)
-    if mod is None:
-        mod = _numpy_default[key] = module(choose("numpy"))
-    return mod
-
-
-_numpy_default: dict[tuple[str | None, str | None], ModuleType] = {}
-
-
 def module(name: str) -> ModuleType:
     """The loaded backend module ``name`` (which must be available)."""
     mod = _load(name)

@@ -38,7 +38,7 @@ def _kernel(name, x):
     """``(backend, its fused kernel name)`` when the default backend for NumPy
     arrays has that kernel and it takes ``x`` as it is (dtype, size,
     C-contiguous); else None."""
-    bk = dispatch.numpy_default()
+    bk = dispatch.module(dispatch.choose("numpy"))
     kern = getattr(bk, name, None)
     if (kern is None or type(x) is not np.ndarray or x.dtype not in bk.SMALL_DTYPES
             or not 0 < x.size <= bk.SMALL or not x.flags.c_contiguous):

@@ -8,7 +8,8 @@ small kernel unchanged:
 
 * ``x`` (and ``dy``) a C-contiguous ``numpy.ndarray`` (not a subclass) of a
   dtype the backend's fused kernels take, with 0 < size <= the backend's
-  ``SMALL``; ``dy`` of ``x``'s shape and dtype;
+  ``SMALL`` (inference: ``INFER_MAX``, where its fused kernel runs in
+  parallel); ``dy`` of ``x``'s shape and dtype;
 * ``channel_axis`` a Python int in range, ``eps``/``momentum`` Python floats
   in range, ``backend=None`` (the default backend, as ``dispatch.choose``
   picks it: ``use_backend``, ``FASTBN_BACKEND``);
@@ -34,14 +35,14 @@ _F32 = np.dtype(np.float32)
 _FLOATS = (_F16, _F32, np.dtype(np.float64))
 
 
-def _kernel(name, x):
-    """``(backend, its fused kernel name)`` when the default backend for NumPy
-    arrays has that kernel and it takes ``x`` as it is (dtype, size,
+def _kernel(name, x, limit="SMALL"):
+    """The default NumPy backend's fused kernel ``name`` when the backend has it
+    and it takes ``x`` as it is (dtype, 0 < size <= the backend's ``limit``,
     C-contiguous); else None."""
     bk = dispatch.module(dispatch.choose("numpy"))
     kern = getattr(bk, name, None)
     if (kern is None or type(x) is not np.ndarray or x.dtype not in bk.SMALL_DTYPES
-            or not 0 < x.size <= bk.SMALL or not x.flags.c_contiguous):
+            or not 0 < x.size <= getattr(bk, limit, bk.SMALL) or not x.flags.c_contiguous):
         return None
     return kern
 
@@ -132,7 +133,7 @@ def train(x, scale, offset, channel_axis, eps, running_mean, running_var, moment
 
 def infer(x, scale, offset, mean, var, channel_axis, eps, out):
     """``batch_norm_infer`` for the common small call: ``y``, or None."""
-    kern = _kernel("infer_small3", x)
+    kern = _kernel("infer_small3", x, "INFER_MAX")
     if kern is None:
         return None
     s3 = _shape3(x.shape, channel_axis)

@@ -72,6 +72,12 @@ STREAM_GROUP = 16
 #: vs cpu_cython (2^15): the channels-last kernel here walks k rows as one wide
 #: row (_widen), which kept it fast up to 2^17 values; Cython's does not.
 SMALL = 1 << 17
+#: Largest C-contiguous input (values) that the fused inference kernel
+#: (:func:`infer_small3`, parallel beyond SMALL) takes from the small-call fast
+#: lane: it skips ~40 us of per-call Python work (checks, float64 vectors,
+#: coefficients in NumPy; measured at (16,64,16,16) float32, 1 MiB, where the
+#: kernel is ~50 us).  Below the streaming-store sizes, which stay with affine3.
+INFER_MAX = (16 << 20) // 8
 #: dtypes of x that the fused small kernels take (float16 as its bits, see _bits).
 SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -716,7 +722,7 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
 # formulas as fastbn.core, tested against it through the public functions.
 
 @kernel
-def _infer_small(x, scale, offset, mean, var, eps, out):
+def _infer_small(x, scale, offset, mean, var, eps, out, chunk):
     O, C, I = x.shape
     q = np.empty(C)
     r = np.zeros(C)
@@ -730,19 +736,20 @@ def _infer_small(x, scale, offset, mean, var, eps, out):
     if I == 1:   # channels-last: along rows, vectorised over the channels
         x2 = x.reshape(O, C)   # (a reshape keeps Numba's contiguous layout: vectorised)
         y2 = out.reshape(O, C)
-        for o in range(O):
+        for o in prange(O):
             xr = x2[o]
             yr = y2[o]
             for c in range(C):
                 yr[c] = cast(q[c] * (ld(xr[c]) - m[c]) + r[c], yr)
         return
-    for o in range(O):
-        for c in range(C):
-            qc, mc, rc = q[c], m[c], r[c]
-            xs = x[o, c]
-            ys = out[o, c]
-            for i in range(I):
-                ys[i] = cast(qc * (ld(xs[i]) - mc) + rc, ys)
+    nk = (I + chunk - 1) // chunk
+    for t in prange(O * C * nk):
+        o, c, i0, i1 = _unit(t, nk, C, I, chunk)
+        qc, mc, rc = q[c], m[c], r[c]
+        xs = x[o, c, i0:i1]
+        ys = out[o, c, i0:i1]
+        for i in range(xs.size):
+            ys[i] = cast(qc * (ld(xs[i]) - mc) + rc, ys)
 
 
 @kernel
@@ -811,13 +818,16 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
-    """Fused inference forward for inputs of at most SMALL values (serial).
+    """Fused inference forward, for C-contiguous inputs of at most INFER_MAX values
+    (parallel from PARALLEL_FROM's affine sizes, like affine3).
 
     x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset None or
     (C,); mean/var (C,), any float dtype.  ``out3 = (x3 - mean) * scale /
     sqrt(var + eps) + offset``, in float64, rounded once.
     """
-    _infer_small.serial(_bits(x3), scale, offset, mean, var, eps, _bits(out3))
+    x3 = _bits(x3)
+    run(_infer_small, _parallel("affine", x3), x3, scale, offset, mean, var, eps, _bits(out3),
+        CHUNK)
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):

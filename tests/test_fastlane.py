@@ -76,6 +76,29 @@ def test_lane_equals_general_path(rng, dtype, shape, axis, variant):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", [((16, 64, 16, 16), 1), ((4096, 64), 1),
+                                        ((8, 9, 9, 400), -1)])
+def test_lane_infers_beyond_small_in_parallel(rng, dtype, shape, axis):
+    """Inference takes the lane up to INFER_MAX values (its fused kernel runs in
+    parallel there): the general path's numbers, in place too."""
+    from fastbn.kernels import cpu_numba
+    x, C, vec = _args(rng, shape, axis, dtype)
+    assert cpu_numba.SMALL < x.size <= cpu_numba.INFER_MAX
+    scale, offset, mean, var = vec(0.5, 2), vec(-1, 1), vec(25, 35), vec(0.5, 4)
+    want = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-3,
+                                backend="numba")
+    got = fastlane.infer(x, scale, offset, mean, var, axis, 1e-3, None)
+    assert got is not None
+    # another kernel than the general path's affine3 here: float64 may differ in
+    # the last bit (where LLVM contracted to an FMA), so to the oracle's tolerance
+    ref.assert_close(got, want)
+    ref.assert_close(got, ref.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis,
+                                               eps=1e-3))
+    assert fastlane.infer(x, scale, offset, mean, var, axis, 1e-3, x) is x
+    np.testing.assert_array_equal(x, got)
+
+
 def _plain_train(rng):
     x = rng.standard_normal((8, 4, 5)).astype(np.float32)
     v = lambda: np.ones(4, np.float32)  # noqa: E731

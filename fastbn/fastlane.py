@@ -8,8 +8,9 @@ small kernel unchanged:
 
 * ``x`` (and ``dy``) a C-contiguous ``numpy.ndarray`` (not a subclass) of a
   dtype the backend's fused kernels take, with 0 < size <= the backend's
-  ``SMALL`` (inference: ``INFER_MAX``, where its fused kernel runs in
-  parallel); ``dy`` of ``x``'s shape and dtype;
+  ``FUSED_MAX`` (Numba: any size; its entry points run the parallel
+  primitives beyond ``SMALL``, with the per-channel math compiled) or else
+  ``SMALL``; ``dy`` of ``x``'s shape and dtype;
 * ``channel_axis`` a Python int in range, ``eps``/``momentum`` Python floats
   in range, ``backend=None`` (the default backend, as ``dispatch.choose``
   picks it: ``use_backend``, ``FASTBN_BACKEND``);
@@ -106,7 +107,7 @@ def _written(out, y, data):
 
 def train(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out):
     """``batch_norm_train`` for the common small call: ``(y, mean, invstd)``, or None."""
-    kern = _kernel("train_small3", x)
+    kern = _kernel("train_small3", x, "FUSED_MAX")
     if kern is None:
         return None
     s3 = _shape3(x.shape, channel_axis)
@@ -133,7 +134,7 @@ def train(x, scale, offset, channel_axis, eps, running_mean, running_var, moment
 
 def infer(x, scale, offset, mean, var, channel_axis, eps, out):
     """``batch_norm_infer`` for the common small call: ``y``, or None."""
-    kern = _kernel("infer_small3", x, "INFER_MAX")
+    kern = _kernel("infer_small3", x, "FUSED_MAX")
     if kern is None:
         return None
     s3 = _shape3(x.shape, channel_axis)
@@ -155,7 +156,7 @@ def infer(x, scale, offset, mean, var, channel_axis, eps, out):
 
 def backward(dy, x, scale, mean, invstd, channel_axis, out):
     """``batch_norm_backward`` for the common small call: ``(dx, dscale, doffset)``, or None."""
-    kern = _kernel("backward_small3", x)
+    kern = _kernel("backward_small3", x, "FUSED_MAX")
     if kern is None:
         return None
     if (type(dy) is not np.ndarray or dy.dtype != x.dtype or dy.shape != x.shape

@@ -78,6 +78,9 @@ SMALL = 1 << 17
 #: coefficients in NumPy; measured at (16,64,16,16) float32, 1 MiB, where the
 #: kernel is ~50 us).  Below the streaming-store sizes, which stay with affine3.
 INFER_MAX = (16 << 20) // 8
+#: Largest C-contiguous input (values) that the fast lane hands to the fused
+#: entry points (train_small3, backward_small3, infer_small3): they take any size.
+FUSED_MAX = 1 << 62
 #: dtypes of x that the fused small kernels take (float16 as its bits, see _bits).
 SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -697,15 +700,81 @@ def _widen(C):
     return k
 
 
+# -- beyond SMALL: the primitives, with fastbn.core's per-channel formulas compiled -
+# The NumPy form of these (fastbn.core on length-C vectors: ~10 ufunc calls, each
+# run on caches the kernel has just flushed) cost 20-40 us a call here.
+
+@kernel
+def _train_coefficients(mean, m2, n, eps, scale, offset, q, r, mean_out, invstd_out):
+    """core.train_coefficients: q, r (float64) and the returned mean/invstd."""
+    for c in range(mean.size):
+        inv = _invstd(m2[c] / n, eps)
+        q[c] = inv if scale is None else np.float64(scale[c]) * inv
+        r[c] = 0.0 if offset is None else np.float64(offset[c])
+        mean_out[c] = mean[c]
+        invstd_out[c] = inv
+
+
+@kernel
+def _running_update(mean, m2, n, momentum, rm, rv):
+    """core.running_update, in place, rounded once."""
+    for c in range(mean.size):
+        if rm is not None:
+            rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
+        if rv is not None:
+            rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2[c] / (n - 1.0))
+
+
+@kernel
+def _infer_coefficients(scale, offset, mean, var, eps, m, q, r):
+    """core.infer_coefficients (and the mean as float64)."""
+    for c in range(m.size):
+        inv = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        q[c] = inv if scale is None else np.float64(scale[c]) * inv
+        r[c] = 0.0 if offset is None else np.float64(offset[c])
+        m[c] = mean[c]
+
+
+@kernel
+def _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out):
+    """core.gradient_sums + core.backward_coefficients (n > 0)."""
+    for c in range(s1.size):
+        inv = np.float64(invstd[c])
+        dscale = s2[c] * inv
+        a[c] = inv if scale is None else np.float64(scale[c]) * inv
+        b[c] = -a[c] * inv * dscale / n
+        cc[c] = -a[c] * s1[c] / n
+        dscale_out[c] = dscale
+        doffset_out[c] = s1[c]
+
+
+def _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
+    """train_small3 beyond SMALL: moments3, the coefficients, affine3, then the
+    running statistics (last: a failure before leaves them untouched)."""
+    C = x3.shape[1]
+    n = float(x3.shape[0] * x3.shape[2])
+    mean, m2 = moments3(x3)
+    q, r = np.empty(C), np.empty(C)
+    _train_coefficients.serial(mean, m2, n, float(eps), scale, offset, q, r, mean_out, invstd_out)
+    affine3(x3, mean, q, r, out3)
+    if rm is not None or rv is not None:
+        _running_update.serial(mean, m2, n, float(momentum), rm, rv)
+
+
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
-    """Fused training forward for inputs of at most SMALL values (serial; channels-first
-    two-pass, channels-last one pass shifted by the first row, see _shift).
+    """Fused training forward: for inputs of at most SMALL values one serial kernel
+    (channels-first two-pass, channels-last one pass shifted by the first row,
+    see _shift); beyond, the parallel primitives with the per-channel math in
+    one compiled call (_train_large).
 
     x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset/rm/rv
     None or (C,) arrays of the per-channel dtype (float32 for float16 x3, else
     x3's); mean_out/invstd_out (C,) of that dtype receive the batch mean and
     1/sqrt(var + eps).  Running statistics are updated in place.
     """
+    if x3.size > SMALL:
+        _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
+        return
     x3, out3 = _bits(x3), _bits(out3)
     O, C, I = x3.shape
     if I == 1:
@@ -818,24 +887,42 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
-    """Fused inference forward, for C-contiguous inputs of at most INFER_MAX values
-    (parallel from PARALLEL_FROM's affine sizes, like affine3).
+    """Fused inference forward: one kernel up to INFER_MAX values (parallel from
+    PARALLEL_FROM's affine sizes, like affine3); beyond, affine3 with the
+    coefficients from one compiled call.
 
     x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset None or
     (C,); mean/var (C,), any float dtype.  ``out3 = (x3 - mean) * scale /
     sqrt(var + eps) + offset``, in float64, rounded once.
     """
+    if x3.size > INFER_MAX:   # big enough for affine3's streaming stores
+        C = x3.shape[1]
+        m, q, r = np.empty(C), np.empty(C), np.empty(C)
+        _infer_coefficients.serial(scale, offset, mean, var, eps, m, q, r)
+        affine3(x3, m, q, r, out3)
+        return
     x3 = _bits(x3)
     run(_infer_small, _parallel("affine", x3), x3, scale, offset, mean, var, eps, _bits(out3),
         CHUNK)
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
-    """Fused training backward for inputs of at most SMALL values (serial, two reads).
+    """Fused training backward: one serial kernel (two reads) for inputs of at most
+    SMALL values; beyond, dy_sums3 and affine3 with the coefficients from one
+    compiled call.
 
     dy3/x3/out3 (outer, C, inner) float16/32/64 (out3 may be dy3 or x3); scale None
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
+    if x3.size > SMALL:
+        C = x3.shape[1]
+        m = np.ascontiguousarray(mean, np.float64)
+        s1, s2 = dy_sums3(dy3, x3, m)
+        a, b, c = np.empty(C), np.empty(C), np.empty(C)
+        _backward_coefficients.serial(s1, s2, float(x3.shape[0] * x3.shape[2]), scale, invstd,
+                                      a, b, c, dscale_out, doffset_out)
+        affine3(x3, m, b, c, out3, dy3, a)
+        return
     _backward_small.serial(_bits(dy3), _bits(x3), scale, mean, invstd, _bits(out3), dscale_out,
                            doffset_out)

@@ -627,6 +627,25 @@ if cuda is not None:
 
     # -- elementwise ---------------------------------------------------------------------
 
+    @_dev
+    def _affine_col(x, out, c, i, o, o1, TY, mc, qc, rc):
+        """out[o', c, i] = qc*(x[o', c, i] - mc) + rc for o' = o, o + TY, ... < o1: one
+        thread's column of the columns-mapped elementwise kernels."""
+        while o + 3 * TY < o1:
+            # Four loads before the stores: more bytes in flight, and out may be x.
+            v0 = x[o, c, i]
+            v1 = x[o + TY, c, i]
+            v2 = x[o + 2 * TY, c, i]
+            v3 = x[o + 3 * TY, c, i]
+            out[o, c, i] = qc * (v0 - mc) + rc
+            out[o + TY, c, i] = qc * (v1 - mc) + rc
+            out[o + 2 * TY, c, i] = qc * (v2 - mc) + rc
+            out[o + 3 * TY, c, i] = qc * (v3 - mc) + rc
+            o += 4 * TY
+        while o < o1:
+            out[o, c, i] = qc * (x[o, c, i] - mc) + rc
+            o += TY
+
     @_kernel
     def _affine_cols(x, prm, out, rows_per):
         """out = q*(x - m) + r per channel, prm = [m, q, r] (C columns) in the compute dtype
@@ -646,21 +665,8 @@ if cuda is not None:
         qc = prm[1, c]
         rc = prm[2, c]
         o = cuda.blockIdx.y * rows_per + ty
-        o1 = min(outer, cuda.blockIdx.y * rows_per + rows_per)
-        while o + 3 * TY < o1:
-            # Four loads before the stores: more bytes in flight, and out may be x.
-            v0 = x[o, c, i]
-            v1 = x[o + TY, c, i]
-            v2 = x[o + 2 * TY, c, i]
-            v3 = x[o + 3 * TY, c, i]
-            out[o, c, i] = qc * (v0 - mc) + rc
-            out[o + TY, c, i] = qc * (v1 - mc) + rc
-            out[o + 2 * TY, c, i] = qc * (v2 - mc) + rc
-            out[o + 3 * TY, c, i] = qc * (v3 - mc) + rc
-            o += 4 * TY
-        while o < o1:
-            out[o, c, i] = qc * (x[o, c, i] - mc) + rc
-            o += TY
+        _affine_col(x, out, c, i, o, min(outer, cuda.blockIdx.y * rows_per + rows_per), TY,
+                    mc, qc, rc)
 
     @_kernel
     def _infer_cols(x, scale, offset, mean, var, eps, flags, out, rows_per):
@@ -692,20 +698,8 @@ if cuda is not None:
         if flags & F_OFFSET:
             rc = float(offset[c])
         o = cuda.blockIdx.y * rows_per + ty
-        o1 = min(outer, cuda.blockIdx.y * rows_per + rows_per)
-        while o + 3 * TY < o1:
-            v0 = x[o, c, i]
-            v1 = x[o + TY, c, i]
-            v2 = x[o + 2 * TY, c, i]
-            v3 = x[o + 3 * TY, c, i]
-            out[o, c, i] = qc * (v0 - mc) + rc
-            out[o + TY, c, i] = qc * (v1 - mc) + rc
-            out[o + 2 * TY, c, i] = qc * (v2 - mc) + rc
-            out[o + 3 * TY, c, i] = qc * (v3 - mc) + rc
-            o += 4 * TY
-        while o < o1:
-            out[o, c, i] = qc * (x[o, c, i] - mc) + rc
-            o += TY
+        _affine_col(x, out, c, i, o, min(outer, cuda.blockIdx.y * rows_per + rows_per), TY,
+                    mc, qc, rc)
 
     @_kernel
     def _affine_u_cols(x, prm, out, u, rows_per):

@@ -109,11 +109,10 @@ def _out(out, x, data):
     ndarray like ``x`` (whose layout and overlaps the caller checks), else None."""
     if out is None:
         return np.empty_like(x)
-    if out is x or any(out is d for d in data) or (
-            type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape
-            and out.flags.writeable):
-        return out
-    return None
+    if not (out is x or any(out is d for d in data) or (
+            type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape)):
+        return None
+    return out if out.flags.writeable else None
 
 
 def _written(out, y, data):

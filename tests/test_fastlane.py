@@ -139,6 +139,12 @@ def _plain_train(rng):
                 running_var=v(), momentum=0.1, out=None)
 
 
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
 def _declines(**changes):
     def apply(kw):
         for k, f in changes.items():
@@ -177,6 +183,7 @@ DECLINED = {
     "out_view_of_x": _declines(x=lambda kw: big, out=lambda kw: big.reshape(8, 4, 5)),
     "out_readonly": _declines(out=lambda kw: np.broadcast_to(np.float32(0), (8, 4, 5))),
     "out_float64": _declines(out=lambda kw: np.empty((8, 4, 5))),
+    "out_is_readonly_x": _declines(x=lambda kw: _readonly(kw["x"]), out=lambda kw: kw["x"]),
     "out_fortran": _declines(out=lambda kw: np.asfortranarray(np.empty((8, 4, 5), np.float32))),
 }
 
@@ -212,6 +219,13 @@ def test_lane_follows_the_chosen_backend(rng):
 
 def test_public_functions_still_raise_for_declined_calls(rng):
     kw = _plain_train(rng)
+    ro = _readonly(kw["x"])
+    for call in (lambda: fbn.batch_norm_train(ro, out=ro),
+                 lambda: fbn.batch_norm_infer(ro, None, None, kw["scale"], kw["offset"], out=ro),
+                 lambda: fbn.batch_norm_backward(ro, ro, None, kw["scale"], kw["offset"],
+                                                 out=ro)):
+        with pytest.raises(ValueError, match="writeable|read-only"):
+            call()
     with pytest.raises(ValueError, match="overlap"):
         fbn.batch_norm_train(kw["x"], running_mean=kw["running_mean"],
                              running_var=kw["running_mean"])

@@ -564,6 +564,51 @@ def dy_sums3(dy3, x3, m):
     return p1.sum(axis=0), p2.sum(axis=0)
 
 
+# -- per-channel formulas of fastbn.core, compiled once for every fused path -----
+
+@helper
+def _train_channel(c, mu, m2, n, eps, scale, offset, mean_out, invstd_out):
+    """core.train_coefficients for channel c (mean mu, m2 over n values): writes the
+    returned mean/invstd, gives (q, r) of y = q*(x - mu) + r."""
+    inv = _invstd(m2 / n, eps)
+    mean_out[c] = mu
+    invstd_out[c] = inv
+    return (inv if scale is None else np.float64(scale[c]) * inv,
+            0.0 if offset is None else np.float64(offset[c]))
+
+
+@helper
+def _running_channel(c, mu, m2, n, momentum, rm, rv):
+    """core.running_update for channel c, in place, rounded once (unbiased variance)."""
+    if rm is not None:
+        rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mu
+    if rv is not None:
+        rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2 / (n - 1.0))
+
+
+@helper
+def _infer_coefficients(scale, offset, mean, var, eps, m, q, r):
+    """core.infer_coefficients into q, r (and the mean as float64 into m)."""
+    for c in range(m.size):
+        inv = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        q[c] = inv if scale is None else np.float64(scale[c]) * inv
+        r[c] = 0.0 if offset is None else np.float64(offset[c])
+        m[c] = mean[c]
+
+
+@helper
+def _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out):
+    """core.gradient_sums + core.backward_coefficients (n > 0): dx = b*(x - m) + cc + a*dy."""
+    for c in range(s1.size):
+        inv = np.float64(invstd[c])
+        dscale = s2[c] * inv
+        a[c] = inv if scale is None else np.float64(scale[c]) * inv
+        b[c] = -a[c] * inv * dscale / n
+        cc[c] = -a[c] * s1[c] / n
+        dscale_out[c] = dscale
+        doffset_out[c] = s1[c]
+
+
 # -- small inputs: the whole training forward in one serial call --------------
 
 @kernel
@@ -589,20 +634,13 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
                 # rounded at |x0|, which would bias every deviation alike
                 d = (ld(xs[i]) - x0) - md
                 q += d * d
-        inv = _invstd(q / n, eps)
-        a = inv if scale is None else np.float64(scale[c]) * inv
-        b = 0.0 if offset is None else np.float64(offset[c])
+        a, b = _train_channel(c, mu, q, n, eps, scale, offset, mean_out, invstd_out)
         for o in range(O):
             xs = x[o, c]
             ys = out[o, c]
             for i in range(I):
                 ys[i] = cast(a * (ld(xs[i]) - mu) + b, ys)
-        mean_out[c] = mu
-        invstd_out[c] = inv
-        if rm is not None:
-            rm[c] = (1.0 - momentum) * rm[c] + momentum * mu
-        if rv is not None:
-            rv[c] = (1.0 - momentum) * rv[c] + momentum * (q / (n - 1))
+        _running_channel(c, mu, q, n, momentum, rm, rv)
 
 
 @helper
@@ -655,7 +693,7 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
         shift[c] = _shift(first[c])
     s, q = _widened_sums(xw, xr, shift, C)
     a = np.empty(C)
-    b = np.zeros(C)
+    b = np.empty(C)
     mu = np.empty(C)
     for c in range(C):
         mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], R)
@@ -667,15 +705,8 @@ def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
             for r in range(R):
                 d = (ld(x2[r, c]) - shift[c]) - md
                 m2 += d * d
-        inv = _invstd(m2 / R, eps)
-        invstd_out[c] = inv
-        mean_out[c] = mu[c]
-        a[c] = inv if scale is None else np.float64(scale[c]) * inv
-        b[c] = 0.0 if offset is None else np.float64(offset[c])
-        if rm is not None:
-            rm[c] = (1.0 - momentum) * rm[c] + momentum * mu[c]
-        if rv is not None:
-            rv[c] = (1.0 - momentum) * rv[c] + momentum * (m2 / (R - 1))
+        a[c], b[c] = _train_channel(c, mu[c], m2, R, eps, scale, offset, mean_out, invstd_out)
+        _running_channel(c, mu[c], m2, R, momentum, rm, rv)
     aw = np.empty(W)
     bw = np.empty(W)
     mw = np.empty(W)
@@ -711,46 +742,17 @@ def _widen(C):
 
 @kernel
 def _train_coefficients(mean, m2, n, eps, scale, offset, q, r, mean_out, invstd_out):
-    """core.train_coefficients: q, r (float64) and the returned mean/invstd."""
+    """_train_channel for every channel: q, r (float64) and the returned mean/invstd."""
     for c in range(mean.size):
-        inv = _invstd(m2[c] / n, eps)
-        q[c] = inv if scale is None else np.float64(scale[c]) * inv
-        r[c] = 0.0 if offset is None else np.float64(offset[c])
-        mean_out[c] = mean[c]
-        invstd_out[c] = inv
+        q[c], r[c] = _train_channel(c, mean[c], m2[c], n, eps, scale, offset, mean_out,
+                                    invstd_out)
 
 
 @kernel
 def _running_update(mean, m2, n, momentum, rm, rv):
-    """core.running_update, in place, rounded once."""
+    """_running_channel for every channel."""
     for c in range(mean.size):
-        if rm is not None:
-            rm[c] = (1.0 - momentum) * np.float64(rm[c]) + momentum * mean[c]
-        if rv is not None:
-            rv[c] = (1.0 - momentum) * np.float64(rv[c]) + momentum * (m2[c] / (n - 1.0))
-
-
-@kernel
-def _infer_coefficients(scale, offset, mean, var, eps, m, q, r):
-    """core.infer_coefficients (and the mean as float64)."""
-    for c in range(m.size):
-        inv = 1.0 / np.sqrt(np.float64(var[c]) + eps)
-        q[c] = inv if scale is None else np.float64(scale[c]) * inv
-        r[c] = 0.0 if offset is None else np.float64(offset[c])
-        m[c] = mean[c]
-
-
-@kernel
-def _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out):
-    """core.gradient_sums + core.backward_coefficients (n > 0)."""
-    for c in range(s1.size):
-        inv = np.float64(invstd[c])
-        dscale = s2[c] * inv
-        a[c] = inv if scale is None else np.float64(scale[c]) * inv
-        b[c] = -a[c] * inv * dscale / n
-        cc[c] = -a[c] * s1[c] / n
-        dscale_out[c] = dscale
-        doffset_out[c] = s1[c]
+        _running_channel(c, mean[c], m2[c], n, momentum, rm, rv)
 
 
 def _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
@@ -799,14 +801,9 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
 def _infer_small(x, scale, offset, mean, var, eps, out, chunk):
     O, C, I = x.shape
     q = np.empty(C)
-    r = np.zeros(C)
+    r = np.empty(C)
     m = np.empty(C)
-    for c in range(C):
-        inv = 1.0 / np.sqrt(np.float64(var[c]) + eps)   # core.infer_coefficients
-        q[c] = inv if scale is None else np.float64(scale[c]) * inv
-        if offset is not None:
-            r[c] = offset[c]
-        m[c] = mean[c]
+    _infer_coefficients(scale, offset, mean, var, eps, m, q, r)
     if I == 1:   # channels-last: along rows, vectorised over the channels
         x2 = x.reshape(O, C)   # (a reshape keeps Numba's contiguous layout: vectorised)
         y2 = out.reshape(O, C)
@@ -862,14 +859,7 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
     a = np.empty(C)
     b = np.empty(C)
     cc = np.empty(C)
-    for c in range(C):
-        inv = np.float64(invstd[c])
-        dscale = s2[c] * inv                            # core.gradient_sums
-        a[c] = inv if scale is None else np.float64(scale[c]) * inv   # core.backward_coefficients
-        b[c] = -a[c] * inv * dscale / n
-        cc[c] = -a[c] * s1[c] / n
-        dscale_out[c] = dscale
-        doffset_out[c] = s1[c]
+    _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out)
     if I == 1:
         x2 = x.reshape(O, C)
         d2 = dy.reshape(O, C)
@@ -903,7 +893,7 @@ def infer_small3(x3, scale, offset, mean, var, eps, out3):
     if x3.size > INFER_MAX:   # big enough for affine3's streaming stores
         C = x3.shape[1]
         m, q, r = np.empty(C), np.empty(C), np.empty(C)
-        _infer_coefficients.serial(scale, offset, mean, var, eps, m, q, r)
+        _infer_coefficients(scale, offset, mean, var, eps, m, q, r)
         affine3(x3, m, q, r, out3)
         return
     x3 = _bits(x3)
@@ -925,8 +915,8 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
         m = np.ascontiguousarray(mean, np.float64)
         s1, s2 = dy_sums3(dy3, x3, m)
         a, b, c = np.empty(C), np.empty(C), np.empty(C)
-        _backward_coefficients.serial(s1, s2, float(x3.shape[0] * x3.shape[2]), scale, invstd,
-                                      a, b, c, dscale_out, doffset_out)
+        _backward_coefficients(s1, s2, float(x3.shape[0] * x3.shape[2]), scale, invstd, a, b, c,
+                               dscale_out, doffset_out)
         affine3(x3, m, b, c, out3, dy3, a)
         return
     _backward_small.serial(_bits(dy3), _bits(x3), scale, mean, invstd, _bits(out3), dscale_out,

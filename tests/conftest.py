@@ -117,3 +117,23 @@ def make_array(rng):
     def make(shape, dtype=np.float64, memory="C", channel_axis=None, **kw):
         return random_array(rng, shape, dtype, memory, channel_axis, **kw)
     return make
+
+
+# -- slow subprocess checks started early (tests/background.py) -------------------
+
+def pytest_collection_finish(session):
+    """Start the ``BACKGROUND`` work of every module with a selected test (once)."""
+    import background
+    started = set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        jobs = getattr(module, "BACKGROUND", None)
+        if jobs and module not in started:
+            started.add(module)
+            for key, function in jobs.items():
+                background.submit(key, function)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import background
+    background.stop()

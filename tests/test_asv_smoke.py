@@ -33,11 +33,13 @@ import math
 import os
 import re
 import site
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+import background
 
 asv = pytest.importorskip("asv")
 from asv import util as asv_util  # noqa: E402
@@ -156,8 +158,8 @@ def _env(home):
 
 
 def _asv(args, cwd, env, timeout):
-    proc = subprocess.run([sys.executable, "-m", "asv", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", timeout=timeout)
+    proc = background.run([sys.executable, "-m", "asv", *args], cwd=cwd, env=env, timeout=timeout,
+                          encoding="utf-8", errors="replace")
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -165,30 +167,42 @@ def _snapshot(path):
     return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
+def run_smoke():
+    """Run ``asv machine``, ``asv check`` and the smoke ``asv run`` once, in a
+    temporary directory removed afterwards; what the tests check."""
+    with tempfile.TemporaryDirectory(prefix="fastbn-asv-") as tmp:
+        tmp = Path(tmp)
+        conf = asv_util.load_json(str(ASV_DIR / "asv.conf.json"), js_comments=True)
+        conf.update(repo=str(tmp), benchmark_dir=str(BENCH_DIR), env_dir=str(tmp / "env"),
+                    results_dir=str(tmp / "results"), html_dir=str(tmp / "html"))
+        (tmp / "asv.conf.json").write_text(json.dumps(conf, indent=1))
+        env = _env(tmp / "home")
+        (tmp / "home").mkdir()
+        before = _snapshot(ASV_DIR)
+        cfg = ["--config", str(tmp / "asv.conf.json")]
+        machine = _asv(["machine", "--yes", "--machine", "ci", *cfg], tmp, env, 120)
+        check = _asv(["check", "--python=same", *cfg], tmp, env, 300)
+        # forkserver needs fork(); elsewhere the configured method (spawn) runs, slower.
+        launch = ["--launch-method", "forkserver"] if hasattr(os, "fork") else []
+        run = _asv(["run", "--python=same", "--quick", "--show-stderr", *launch, "--machine", "ci",
+                    *cfg], tmp, env, RUN_TIMEOUT)
+        discovered_file = tmp / "results" / "benchmarks.json"
+        discovered = json.loads(discovered_file.read_text()) if discovered_file.is_file() else {}
+        discovered.pop("version", None)
+        return {"machine": machine, "check": check, "run": run, "discovered": discovered,
+                "before": before, "after": _snapshot(ASV_DIR)}
+
+
+# started when collection ends (tests/background.py), awaited by the fixture
+BACKGROUND = {"asv-smoke": run_smoke} if (ASV_DIR / "asv.conf.json").is_file() else {}
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """Run ``asv machine``, ``asv check`` and the smoke ``asv run`` once."""
-    tmp = tmp_path_factory.mktemp("asv")
-    conf = asv_util.load_json(str(ASV_DIR / "asv.conf.json"), js_comments=True)
-    conf.update(repo=str(tmp), benchmark_dir=str(BENCH_DIR), env_dir=str(tmp / "env"),
-                results_dir=str(tmp / "results"), html_dir=str(tmp / "html"))
-    (tmp / "asv.conf.json").write_text(json.dumps(conf, indent=1))
-    env = _env(tmp / "home")
-    (tmp / "home").mkdir()
-    before = _snapshot(ASV_DIR)
-    cfg = ["--config", str(tmp / "asv.conf.json")]
-    rc, out = _asv(["machine", "--yes", "--machine", "ci", *cfg], tmp, env, 120)
+def smoke():
+    result = background.result("asv-smoke", run_smoke)
+    rc, out = result["machine"]
     assert rc == 0, out
-    check = _asv(["check", "--python=same", *cfg], tmp, env, 300)
-    # forkserver needs fork(); elsewhere the configured method (spawn) runs, slower.
-    launch = ["--launch-method", "forkserver"] if hasattr(os, "fork") else []
-    run = _asv(["run", "--python=same", "--quick", "--show-stderr", *launch, "--machine", "ci", *cfg],
-               tmp, env, RUN_TIMEOUT)
-    discovered_file = tmp / "results" / "benchmarks.json"
-    discovered = json.loads(discovered_file.read_text()) if discovered_file.is_file() else {}
-    discovered.pop("version", None)
-    return {"check": check, "run": run, "discovered": discovered,
-            "before": before, "after": _snapshot(ASV_DIR)}
+    return result
 
 
 def test_asv_check_passes(smoke):

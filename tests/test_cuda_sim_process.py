@@ -7,26 +7,41 @@ with its output if any simulator test fails, so the README's single test
 command covers the GPU kernels too.
 """
 
+import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
+
+import background
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 pytestmark = pytest.mark.integration
 
+INSIDE = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
 
-@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"),
-                    reason="already inside the simulator run")
-def test_cuda_simulator_suite_passes():
-    pytest.importorskip("numba.cuda")
+
+def run_simulator_suite():
+    """The simulator run's ``CompletedProcess``; None where it cannot run."""
+    if INSIDE or importlib.util.find_spec("numba") is None \
+            or importlib.util.find_spec("numba.cuda") is None:
+        return None
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run(
+    return background.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--import-mode=importlib",
          "-o", "addopts=", os.path.join(HERE, "test_cuda_sim.py")],
-        cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True, timeout=900)
+        cwd=os.path.dirname(HERE), env=env, timeout=900)
+
+
+# started when collection ends (tests/background.py), awaited here
+BACKGROUND = {"cuda-simulator-suite": run_simulator_suite}
+
+
+@pytest.mark.skipif(INSIDE, reason="already inside the simulator run")
+def test_cuda_simulator_suite_passes():
+    pytest.importorskip("numba.cuda")
+    proc = background.result("cuda-simulator-suite", run_simulator_suite)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"simulator suite failed (rc={proc.returncode}):\n{tail}"
     assert " passed" in proc.stdout, tail

@@ -37,11 +37,16 @@ _F32 = np.dtype(np.float32)
 _FLOATS = (_F16, _F32, np.dtype(np.float64))
 
 
+def _module():
+    """The default NumPy backend's kernel module."""
+    return dispatch.module(dispatch.choose("numpy"))
+
+
 def _kernel(name, x, limit="SMALL"):
     """The default NumPy backend's fused kernel ``name`` when the backend has it
     and it takes ``x``'s dtype and size (0 < size <= the backend's ``limit``);
     else None."""
-    bk = dispatch.module(dispatch.choose("numpy"))
+    bk = _module()
     kern = getattr(bk, name, None)
     if (kern is None or type(x) is not np.ndarray or x.dtype not in bk.SMALL_DTYPES
             or not 0 < x.size <= getattr(bk, limit, bk.SMALL)):
@@ -123,9 +128,16 @@ def _written(out, y, data):
     return [y], [d for d in data if d is not y]
 
 
-def train(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out):
-    """``batch_norm_train`` for the common small call: ``(y, mean, invstd)``, or None."""
+def train(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
+          f64_stats=False):
+    """``batch_norm_train`` for the common small call: ``(y, mean, invstd)``, or None.
+
+    ``f64_stats``: ``mean``/``invstd`` as the kernel computed them, in float64
+    (``layer.train_forward_f64``); None where the backend's kernel writes only
+    the per-channel dtype (its ``F64_STATS`` false)."""
     kern = _kernel("train_small3", x, "FUSED_MAX")
+    if f64_stats and kern is not None and not getattr(_module(), "F64_STATS", False):
+        return None
     lay = None if kern is None else _layout(x, channel_axis)
     if lay is None:
         return None
@@ -147,7 +159,8 @@ def train(x, scale, offset, channel_axis, eps, running_mean, running_var, moment
     if y3 is None or ((written or running)
                       and not _apart(running + written, data + [scale, offset])):
         return None
-    mean, invstd = np.empty(C, pdt), np.empty(C, pdt)
+    sdt = np.float64 if f64_stats else pdt
+    mean, invstd = np.empty(C, sdt), np.empty(C, sdt)
     kern(_as3(x, s3, order), scale, offset, eps, momentum, running_mean, running_var, y3, mean,
          invstd)
     return y, mean, invstd

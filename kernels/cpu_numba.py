@@ -86,6 +86,19 @@ INFER_MAX = (16 << 20) // 8
 #: Largest C-contiguous input (values) that the fast lane hands to the fused
 #: entry points (train_small3, backward_small3, infer_small3): they take any size.
 FUSED_MAX = 1 << 62
+#: Channels-first inputs beyond SMALL run the fused kernels (_train_small,
+#: _backward_small) channel by channel in parallel when one channel's slab of the
+#: arrays they touch (x, y; x, dy, dx) fits this many bytes: the passes after the
+#: first read it from L2 (1 MiB per core here), so memory sees one read of x (and
+#: dy) instead of two.  The primitives (moments3, dy_sums3, affine3) read x again.
+CHANNEL_SLAB = 512 << 10
+#: ... with at least this many channels (fewer would leave threads idle) and
+#: this many values per (outer, channel) row (shorter rows vectorise poorly).
+CHANNEL_MIN_C = 8
+CHANNEL_MIN_I = 16
+#: train_small3 writes mean_out/invstd_out of any float dtype, float64 included
+#: (the float64 values it computed; fastbn.layer.train_forward_f64).
+F64_STATS = True
 #: dtypes of x that the fused small kernels take (float16 as its bits, see _bits).
 SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -597,50 +610,64 @@ def _infer_coefficients(scale, offset, mean, var, eps, m, q, r):
 
 
 @helper
+def _backward_channel(c, s1, s2, n, scale, invstd, dscale_out, doffset_out):
+    """core.gradient_sums + core.backward_coefficients for channel c (sums s1 of dy,
+    s2 of dy*(x - mean), n > 0): writes dscale/doffset, gives (a, b, cc) of
+    dx = b*(x - m) + cc + a*dy."""
+    inv = np.float64(invstd[c])
+    dscale = s2 * inv
+    a = inv if scale is None else np.float64(scale[c]) * inv
+    dscale_out[c] = dscale
+    doffset_out[c] = s1
+    return a, -a * inv * dscale / n, -a * s1 / n
+
+
+@helper
 def _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out):
-    """core.gradient_sums + core.backward_coefficients (n > 0): dx = b*(x - m) + cc + a*dy."""
+    """_backward_channel for every channel, into a, b, cc."""
     for c in range(s1.size):
-        inv = np.float64(invstd[c])
-        dscale = s2[c] * inv
-        a[c] = inv if scale is None else np.float64(scale[c]) * inv
-        b[c] = -a[c] * inv * dscale / n
-        cc[c] = -a[c] * s1[c] / n
-        dscale_out[c] = dscale
-        doffset_out[c] = s1[c]
+        a[c], b[c], cc[c] = _backward_channel(c, s1[c], s2[c], n, scale, invstd, dscale_out,
+                                              doffset_out)
 
 
 # -- small inputs: the whole training forward in one serial call --------------
 
 @kernel
 def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):
+    """Channels-first training forward, channel by channel: statistics in one pass
+    shifted by one of the channel's values (see _shift: a constant channel gets
+    its mean exactly), then the output; the second pass finds the channel's slab
+    in L2 (see CHANNEL_SLAB)."""
     O, C, I = x.shape
     n = O * I
-    for c in range(C):
-        # shifted by one of the channel's values (see _shift): a constant
-        # channel gets its mean exactly, and 1.7e308 does not overflow the sum
+    for c in prange(C):
         x0 = _shift(x[0, c, 0])
         s = 0.0
-        for o in range(O):
-            xs = x[o, c]
-            for i in range(I):
-                s += ld(xs[i]) - x0
-        md = s / n
-        mu = x0 + md
         q = 0.0
         for o in range(O):
             xs = x[o, c]
             for i in range(I):
-                # deviations from the shift, then from their mean: mu itself is
-                # rounded at |x0|, which would bias every deviation alike
-                d = (ld(xs[i]) - x0) - md
+                d = ld(xs[i]) - x0
+                s += d
                 q += d * d
-        a, b = _train_channel(c, mu, q, n, eps, scale, offset, mean_out, invstd_out)
+        mu, m2 = _shifted_moments(x0, s, q, n)
+        if not np.isfinite(m2) and np.isfinite(mu):
+            # the shifted sum overflowed (see _m2_about_mean): a second pass about
+            # the mean, as deviations from the shift (mu is rounded at |x0|)
+            md = s / n
+            m2 = 0.0
+            for o in range(O):
+                xs = x[o, c]
+                for i in range(I):
+                    d = (ld(xs[i]) - x0) - md
+                    m2 += d * d
+        a, b = _train_channel(c, mu, m2, n, eps, scale, offset, mean_out, invstd_out)
         for o in range(O):
             xs = x[o, c]
             ys = out[o, c]
             for i in range(I):
                 ys[i] = cast(a * (ld(xs[i]) - mu) + b, ys)
-        _running_channel(c, mu, q, n, momentum, rm, rv)
+        _running_channel(c, mu, m2, n, momentum, rm, rv)
 
 
 @helper
@@ -768,6 +795,15 @@ def _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
         _running_update.serial(mean, m2, n, float(momentum), rm, rv)
 
 
+def _channel_blocked(x3, arrays):
+    """Run the fused kernel channel by channel in parallel (channels-first x3 of at
+    least CHANNEL_MIN_C channels, whose per-channel slabs of ``arrays`` arrays of
+    x3's size fit CHANNEL_SLAB)?"""
+    O, C, I = x3.shape
+    return (I >= CHANNEL_MIN_I and C >= CHANNEL_MIN_C
+            and O * I * x3.itemsize * arrays <= CHANNEL_SLAB)
+
+
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """Fused training forward: for inputs of at most SMALL values one serial kernel
     (channels-first two-pass, channels-last one pass shifted by the first row,
@@ -779,12 +815,15 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     x3's); mean_out/invstd_out (C,) of that dtype receive the batch mean and
     1/sqrt(var + eps).  Running statistics are updated in place.
     """
-    if x3.size > SMALL:
+    if x3.size > SMALL and not _channel_blocked(x3, 2):
         _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
         return
     x3, out3 = _bits(x3), _bits(out3)
     O, C, I = x3.shape
-    if I == 1:
+    if x3.size > SMALL:
+        run(_train_small, True, x3, scale, offset, eps, momentum, rm, rv, out3, mean_out,
+            invstd_out)
+    elif I == 1:
         _train_small_cl.serial(x3, _widen(C), scale, offset, eps, momentum, rm, rv, out3,
                                mean_out, invstd_out)
     else:
@@ -825,60 +864,56 @@ def _infer_small(x, scale, offset, mean, var, eps, out, chunk):
 
 @kernel
 def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
+    """Training backward; channels-first channel by channel (both passes on one
+    channel's slab of x and dy, in L2 after the first: see CHANNEL_SLAB)."""
     O, C, I = x.shape
     n = O * I
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
-    m = np.empty(C)
-    for c in range(C):
-        m[c] = mean[c]
-    if I == 1:   # channels-last: along rows, vectorised over the channels
-        x2 = x.reshape(O, C)
-        d2 = dy.reshape(O, C)
-        for o in range(O):
-            xr = x2[o]
-            dr = d2[o]
-            for c in range(C):
-                d = ld(dr[c])
-                s1[c] += d
-                s2[c] += d * (ld(xr[c]) - m[c])
-    else:
-        for c in range(C):
-            mc = m[c]
+    if I > 1:
+        for c in prange(C):
+            mc = np.float64(mean[c])
             t1 = 0.0
             t2 = 0.0
             for o in range(O):
                 xs = x[o, c]
                 ds = dy[o, c]
-                for i in range(I):
+                for i in range(xs.size):
                     d = ld(ds[i])
                     t1 += d
                     t2 += d * (ld(xs[i]) - mc)
-            s1[c] = t1
-            s2[c] = t2
+            ac, bc, ccc = _backward_channel(c, t1, t2, n, scale, invstd, dscale_out, doffset_out)
+            for o in range(O):
+                xs = x[o, c]
+                ds = dy[o, c]
+                ys = out[o, c]
+                for i in range(xs.size):
+                    ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
+        return
+    # channels-last: along rows, vectorised over the channels
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    m = np.empty(C)
+    for c in range(C):
+        m[c] = mean[c]
+    x2 = x.reshape(O, C)
+    d2 = dy.reshape(O, C)
+    for o in range(O):
+        xr = x2[o]
+        dr = d2[o]
+        for c in range(C):
+            d = ld(dr[c])
+            s1[c] += d
+            s2[c] += d * (ld(xr[c]) - m[c])
     a = np.empty(C)
     b = np.empty(C)
     cc = np.empty(C)
     _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out)
-    if I == 1:
-        x2 = x.reshape(O, C)
-        d2 = dy.reshape(O, C)
-        y2 = out.reshape(O, C)
-        for o in range(O):
-            xr = x2[o]
-            dr = d2[o]
-            yr = y2[o]
-            for c in range(C):
-                yr[c] = cast(b[c] * (ld(xr[c]) - m[c]) + cc[c] + a[c] * ld(dr[c]), yr)
-        return
+    y2 = out.reshape(O, C)
     for o in range(O):
+        xr = x2[o]
+        dr = d2[o]
+        yr = y2[o]
         for c in range(C):
-            bc, mc, ccc, ac = b[c], m[c], cc[c], a[c]
-            xs = x[o, c]
-            ds = dy[o, c]
-            ys = out[o, c]
-            for i in range(I):
-                ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
+            yr[c] = cast(b[c] * (ld(xr[c]) - m[c]) + cc[c] + a[c] * ld(dr[c]), yr)
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
@@ -910,6 +945,10 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
+    if x3.size > SMALL and _channel_blocked(x3, 3):
+        run(_backward_small, True, _bits(dy3), _bits(x3), scale, mean, invstd, _bits(out3),
+            dscale_out, doffset_out)
+        return
     if x3.size > SMALL:
         C = x3.shape[1]
         m = np.ascontiguousarray(mean, np.float64)

@@ -132,6 +132,36 @@ def test_lane_beyond_small(rng, dtype, shape, axis):
     assert np.array_equal(x, fastlane.infer(x0, scale, offset, mean, var, axis, 1e-3, None))
 
 
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", [((4, 16, 4, 4), 1), ((50, 3), -1), ((16, 64, 16, 16), 1),
+                                        ((2, 3, 70000), 1)])
+def test_lane_float64_statistics(rng, dtype, shape, axis):
+    """``f64_stats=True`` (fastbn.layer.train_forward_f64): the same y and running
+    statistics as the ordinary call, and the batch mean/invstd in float64 as the
+    kernel computed them -- the float64 oracle's to ~1e-12, even where rounding
+    them to float32 would not be (mean 1e6); every fused loop nest (small
+    channels-first and channels-last, channel-blocked, the primitives)."""
+    x, C, vec = _args(rng, shape, axis, dtype)
+    if dtype != np.float16:
+        x = x + np.asarray(1e6, dtype)   # float16 cannot hold it
+    scale, offset, rm, rv = vec(0.5, 2), vec(-1, 1), vec(-1, 1), vec(0.5, 2)
+    rm2, rv2 = rm.copy(), rv.copy()
+    got = fastlane.train(x, scale, offset, axis, 1e-3, rm, rv, 0.25, None, f64_stats=True)
+    want = fastlane.train(x, scale, offset, axis, 1e-3, rm2, rv2, 0.25, None)
+    assert got is not None and want is not None
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(rm, rm2)
+    np.testing.assert_array_equal(rv, rv2)
+    assert got[1].dtype == got[2].dtype == np.float64
+    mean, var = ref.moments(x, axis=ref.reduced_axes(x.ndim, axis))
+    np.testing.assert_allclose(got[1], mean, rtol=1e-13)
+    np.testing.assert_allclose(got[2], 1 / np.sqrt(var + 1e-3), rtol=1e-10)
+    with fbn.use_backend("cython"):   # its kernel writes the per-channel dtype only
+        if fbn.backends()["cython"] == "available":
+            assert fastlane.train(x, scale, offset, axis, 1e-3, None, None, 0.25, None,
+                                  f64_stats=True) is None
+
+
 def _plain_train(rng):
     x = rng.standard_normal((8, 4, 5)).astype(np.float32)
     v = lambda: np.ones(4, np.float32)  # noqa: E731

@@ -172,23 +172,35 @@ def _direct_half():
 DIRECT_HALF = _direct_half()
 
 
+def _to_f64(builder, a, t):
+    """LLVM: the element ``a`` of Numba type ``t`` as a double, exactly."""
+    if t == types.uint16:
+        return builder.fpext(builder.fpext(builder.bitcast(a, ir.HalfType()), ir.FloatType()),
+                             ir.DoubleType())
+    if t == types.float32:
+        return builder.fpext(a, ir.DoubleType())
+    return a
+
+
 @intrinsic
 def ld(typingctx, v):
     """An element as float64: float16 bits (uint16) exactly, float32 widened, float64 as is."""
     if v not in _CONVERTIBLE:
         return None
-    sig = types.float64(v)
+    return types.float64(v), lambda context, builder, sig, args: _to_f64(builder, args[0],
+                                                                         sig.args[0])
 
-    def codegen(context, builder, signature, args):
-        a, t = args[0], signature.args[0]
-        if t == types.uint16:
-            return builder.fpext(builder.fpext(builder.bitcast(a, ir.HalfType()), ir.FloatType()),
-                                 ir.DoubleType())
-        if t == types.float32:
-            return builder.fpext(a, ir.DoubleType())
-        return a
 
-    return sig, codegen
+@intrinsic
+def ldw(typingctx, v, w):
+    """An element in the arithmetic of the scalar ``w``'s type: a float32 element
+    as is where ``w`` is float32 (float32 inference), else as :func:`ld`."""
+    if v not in _CONVERTIBLE:
+        return None
+    if v == types.float32 and w == types.float32:
+        return types.float32(v, w), lambda context, builder, sig, args: args[0]
+    return types.float64(v, w), lambda context, builder, sig, args: _to_f64(builder, args[0],
+                                                                            sig.args[0])
 
 
 @intrinsic

@@ -162,6 +162,28 @@ def test_lane_float64_statistics(rng, dtype, shape, axis):
                                   f64_stats=True) is None
 
 
+@pytest.mark.parametrize("mean_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", [((8, 16, 6, 6), 1), ((300, 24), -1),
+                                        ((16, 64, 16, 16), 1)])
+def test_float32_inference_arithmetic(rng, shape, axis, mean_dtype):
+    """float32 inference runs in float32 arithmetic (cpu_numba.INFER_F32): within a
+    few float32 ulps of the float64 oracle at a large mean (x = 1e6 + randn), also
+    for a float64 mean that float32 cannot hold (its rounding folded into r; without
+    the fold y would be off by scale*invstd*|mean - float32(mean)|, ~1e-2 here)."""
+    from fastbn.kernels import cpu_numba
+    assert cpu_numba.INFER_F32
+    C = shape[axis]
+    x = (1e6 + rng.standard_normal(shape)).astype(np.float32)
+    mean = 1e6 + rng.uniform(-0.5, 0.5, C).astype(mean_dtype)
+    var = rng.uniform(0.5, 2, C).astype(mean_dtype)
+    scale, offset = rng.uniform(0.5, 2, C).astype(np.float32), rng.uniform(-1, 1, C).astype(np.float32)
+    got = fastlane.infer(x, scale, offset, mean, var, axis, 1e-5, None)
+    assert got is not None and got.dtype == np.float32
+    want = ref.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-5)
+    ulp = np.spacing(np.float32(np.max(np.abs(want))), dtype=np.float32)
+    assert np.max(np.abs(got - want)) <= 4 * ulp
+
+
 def _plain_train(rng):
     x = rng.standard_normal((8, 4, 5)).astype(np.float32)
     v = lambda: np.ones(4, np.float32)  # noqa: E731

@@ -795,14 +795,24 @@ def _running_update(mean, m2, n, momentum, rm, rv):
 
 
 def _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
-    """train_small3 beyond SMALL: moments3, the coefficients, affine3, then the
-    running statistics (last: a failure before leaves them untouched)."""
+    """train_small3 beyond SMALL: moments3, the coefficients, the output (up to
+    INFER_MAX the inference kernel, in float32 arithmetic for float32 data: NHWC
+    (32,16,16,128) 263-306 -> 227-231 us, (1024,1024) 315 -> 269-279 us; beyond,
+    affine3 and its streaming stores), then the running statistics (last: a
+    failure before leaves them untouched)."""
     C = x3.shape[1]
     n = float(x3.shape[0] * x3.shape[2])
     mean, m2 = moments3(x3)
-    q, r = np.empty(C), np.empty(C)
-    _train_coefficients.serial(mean, m2, n, float(eps), scale, offset, q, r, mean_out, invstd_out)
-    affine3(x3, mean, q, r, out3)
+    mqr = np.empty((3, C))
+    mqr[0] = mean
+    _train_coefficients.serial(mean, m2, n, float(eps), scale, offset, mqr[1], mqr[2], mean_out,
+                               invstd_out)
+    if x3.size <= INFER_MAX:   # the inference kernel: float32 arithmetic for float32 (INFER_F32)
+        xb = _bits(x3)
+        run(_infer_small, _parallel("infer", xb), xb, None, None, mqr[0], mqr[0], 0.0,
+            _bits(out3), CHUNK, _work(xb), mqr)
+    else:
+        affine3(x3, mean, mqr[1], mqr[2], out3)
     if rm is not None or rv is not None:
         _running_update.serial(mean, m2, n, float(momentum), rm, rv)
 
@@ -849,15 +859,23 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
 # formulas as fastbn.core, tested against it through the public functions.
 
 @kernel
-def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work):
-    """``out = q*(x - m) + r`` with core's coefficients, in the arithmetic of
-    ``work``'s dtype (see _work): float64, rounded once; or float32 for float32
-    data, one FMA on the float32 ``x - m`` (see INFER_F32)."""
+def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work, given):
+    """``out = q*(x - m) + r`` with core's inference coefficients, or with the
+    float64 ``given`` = (m, q, r) rows (3, C) (the training forward, _train_large;
+    the inference arguments are then unused), in the arithmetic of ``work``'s
+    dtype (see _work): float64, rounded once; or float32 for float32 data, one
+    FMA on the float32 ``x - m`` (see INFER_F32).  ``given`` is (0, C) for
+    inference: an array either way, as Numba types both branches."""
     O, C, I = x.shape
-    q = np.empty(C)
-    r = np.empty(C)
-    m = np.empty(C)
-    _infer_coefficients(scale, offset, mean, var, eps, m, q, r)
+    if given.shape[0] == 0:
+        q = np.empty(C)
+        r = np.empty(C)
+        m = np.empty(C)
+        _infer_coefficients(scale, offset, mean, var, eps, m, q, r)
+    else:
+        m = given[0]
+        q = given[1]
+        r = given[2]
     qw = np.empty(C, work.dtype)
     rw = np.empty(C, work.dtype)
     mw = np.empty(C, work.dtype)
@@ -956,7 +974,7 @@ def infer_small3(x3, scale, offset, mean, var, eps, out3):
         return
     x3 = _bits(x3)
     run(_infer_small, _parallel("infer", x3), x3, scale, offset, mean, var, eps, _bits(out3),
-        CHUNK, _work(x3))
+        CHUNK, _work(x3), _NOT_GIVEN)
 
 
 def _work(x3):
@@ -965,6 +983,7 @@ def _work(x3):
 
 
 _WORK_F32, _WORK_F64 = np.empty(0, np.float32), np.empty(0, np.float64)
+_NOT_GIVEN = np.empty((0, 0))
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):

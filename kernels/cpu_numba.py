@@ -828,9 +828,10 @@ def _channel_blocked(x3, arrays):
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """Fused training forward: for inputs of at most SMALL values one serial kernel
-    (channels-first two-pass, channels-last one pass shifted by the first row,
-    see _shift); beyond, the parallel primitives with the per-channel math in
-    one compiled call (_train_large).
+    (statistics in one pass shifted by a value of each channel, see _shift);
+    beyond, channels-first inputs whose channel slabs fit CHANNEL_SLAB run that
+    kernel channel by channel in parallel, the rest the parallel primitives
+    with the per-channel math in one compiled call (_train_large).
 
     x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset/rm/rv
     None or (C,) arrays of the per-channel dtype (float32 for float16 x3, else
@@ -988,8 +989,9 @@ _NOT_GIVEN = np.empty((0, 0))
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
     """Fused training backward: one serial kernel (two reads) for inputs of at most
-    SMALL values; beyond, dy_sums3 and affine3 with the coefficients from one
-    compiled call.
+    SMALL values; beyond, channels-first inputs whose channel slabs fit
+    CHANNEL_SLAB run it channel by channel in parallel, the rest dy_sums3 and
+    affine3 with the coefficients from one compiled call.
 
     dy3/x3/out3 (outer, C, inner) float16/32/64 (out3 may be dy3 or x3); scale None
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the

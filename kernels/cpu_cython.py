@@ -69,11 +69,13 @@ SERIAL_BELOW = 1 << 16
 #: channels-first, channels-last.  Same values as cpu_numba (same stores, its measurements).
 STREAM_FROM = 64 << 20
 STREAM_FROM_CL = 16 << 20
-#: Largest input (values) that :func:`train_small3` takes: below it the work is
-#: microseconds and the per-call Python work of separate kernels dominates.
-#: vs cpu_numba (2^17): its channels-last small kernel walks several rows as one
-#: wide row, which the one here does not.
-SMALL = 1 << 15
+#: Largest input (values) that :func:`train_small3` takes: below it the serial
+#: fused kernel beats the parallel primitives and the per-call Python work of
+#: separate kernels.  Measured (float32, C = 64/256, fused serial vs the general
+#: path, min of 300 calls, us): 2^15 32 vs 48 (NCHW), 24 vs 39 (NHWC); 2^16 62 vs
+#: 211, 45 vs 111; 2^17 106-123 vs 139-267, 83 vs 133-140; 2^18 164-178 vs
+#: 175-193 (even).  Same value as cpu_numba.
+SMALL = 1 << 17
 #: dtypes of x that the fused small kernel takes (float16 as its bits, see _kview).
 SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 

@@ -184,6 +184,31 @@ def test_float32_inference_arithmetic(rng, shape, axis, mean_dtype):
     assert np.max(np.abs(got - want)) <= 4 * ulp
 
 
+@pytest.mark.skipif(fbn.backends()["cython"] != "available", reason="needs the Cython backend")
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", [((16, 64, 8, 8), 1), ((2048, 64), -1), ((2, 64, 1023), 1),
+                                        ((509, 257), -1)])
+def test_cython_fused_training_up_to_its_small(rng, dtype, shape, axis):
+    """The Cython backend's fused training kernel up to cpu_cython.SMALL (2^17
+    values): the oracle's numbers, the same from the lane and the general path."""
+    from fastbn.kernels import cpu_cython
+    x, C, vec = _args(rng, shape, axis, dtype)
+    assert 1 << 15 < x.size <= cpu_cython.SMALL   # beyond its former SMALL
+    scale, offset, rm, rv = vec(0.5, 2), vec(-1, 1), vec(-1, 1), vec(0.5, 2)
+    rm2, rv2, rm3, rv3 = rm.copy(), rv.copy(), rm.copy(), rv.copy()
+    with fbn.use_backend("cython"):
+        got = fastlane.train(x, scale, offset, axis, 1e-3, rm, rv, 0.25, None)
+    assert got is not None
+    general = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, eps=1e-3, running_mean=rm2,
+                                   running_var=rv2, momentum=0.25, backend="cython")
+    want = ref.batch_norm_train(x, scale, offset, channel_axis=axis, eps=1e-3, running_mean=rm3,
+                                running_var=rv3, momentum=0.25)
+    for g, h, w, what in zip(got + (rm, rv), general + (rm2, rv2), want, ("y", "mean", "invstd",
+                                                                         "rm", "rv")):
+        np.testing.assert_array_equal(g, h)
+        ref.assert_close(g, w, what)
+
+
 def _plain_train(rng):
     x = rng.standard_normal((8, 4, 5)).astype(np.float32)
     v = lambda: np.ones(4, np.float32)  # noqa: E731

@@ -97,6 +97,14 @@ CHANNEL_SLAB = 512 << 10
 #: this many values per (outer, channel) row (shorter rows vectorise poorly).
 CHANNEL_MIN_C = 8
 CHANNEL_MIN_I = 16
+#: Up to SMALL, channels-first inputs with fewer values than this per (outer,
+#: channel) run as rows of C*I values (the row form, as channels-last; see
+#: _train_rows) if they have at least 2*I rows (O): the row form costs a few
+#: per-column tables, which O rows must repay.  Serial, float32, channel by
+#: channel vs rows, us (train, backward): (64, 16, 4) 9.2 vs 3.8, 13.5 vs 4.7;
+#: (128, 32, 16) 55 vs 33, 73 vs 43; (32, 16, 16) even; (8, 32, 16) 5.2 vs 10.2,
+#: 5.6 vs 11.3; (16, 64, 32) 19 vs 40; (64, 32, 64) 57 vs 93, 94 vs 125.
+ROW_FORM_I = 32
 #: train_small3 writes mean_out/invstd_out of any float dtype, float64 included
 #: (the float64 values it computed; fastbn.layer.train_forward_f64).
 F64_STATS = True
@@ -687,38 +695,57 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
 
 
 @helper
-def _widened_sums(xw, xr, shift, C):
-    """Per-channel sum of (x - shift[c]) and of its square over an (R, C) matrix given as
-    ``xw`` (R // k, k*C): k rows per wide row, so the inner loop is long and a
-    multiple of the vector width even for C = 4 (see _widen), and ``xr``
-    (R % k, C), the rows left over.  shift: (C,)."""
+def _widened_sums(xw, xr, shift, I):
+    """Per-channel sum of (x - shift[c]) and of its square over an (R, C*I) matrix (the
+    row form, see _train_rows) given as ``xw`` (R // k, k*C*I): k rows per wide row,
+    so the inner loop is long and a multiple of the vector width even for C*I = 4
+    (see _widen), and ``xr`` (R % k, C*I), the rows left over, summed into the
+    first C*I columns (the same channels).  shift: (C,)."""
     W = xw.shape[1]
+    CI = xr.shape[1]
     sw = np.zeros(W)
     qw = np.zeros(W)
-    _shifted_row_sums(xw, 0, xw.shape[0], _tiled(shift, W), sw, qw)
-    s = _folded(sw, C)
-    q = _folded(qw, C)
-    _shifted_row_sums(xr, 0, xr.shape[0], shift, s, q)
-    return s, q
+    sh = _tiled(shift, W, I)
+    _shifted_row_sums(xw, 0, xw.shape[0], sh, sw, qw)
+    _shifted_row_sums(xr, 0, xr.shape[0], sh[:CI], sw[:CI], qw[:CI])
+    return _folded(sw, shift.size, I), _folded(qw, shift.size, I)
 
 
 @helper
-def _tiled(v, W):
-    """(W,) float64 copy of the (C,) vector v repeated W // C times: its values for
-    a wide row of W // C rows of C channels (see _widen)."""
+def _tile_into(v, I, t):
+    """t[j] = v[(j // I) % C] for the (C,) vector v: its values along a row of the row
+    form (see _train_rows), whose column j is channel (j // I) % C.  Counters, not
+    that division (~30 cycles a value)."""
     C = v.size
-    t = np.empty(W)
-    for j in range(W):
-        t[j] = v[j % C]
+    c = 0
+    i = 0
+    for j in range(t.size):
+        t[j] = v[c]
+        i += 1
+        if i == I:
+            i = 0
+            c = c + 1 if c + 1 < C else 0
     return t
 
 
 @helper
-def _folded(w, C):
-    """(C,) float64 sums of a wide row's per-column sums w (W,) over its W // C rows."""
+def _tiled(v, W, I):
+    """(W,) float64: _tile_into a new array."""
+    return _tile_into(v, I, np.empty(W))
+
+
+@helper
+def _folded(w, C, I):
+    """(C,) float64 per-channel sums of a row's per-column sums w (see _tile_into)."""
     v = np.zeros(C)
+    c = 0
+    i = 0
     for j in range(w.size):
-        v[j % C] += w[j]
+        v[c] += w[j]
+        i += 1
+        if i == I:
+            i = 0
+            c = c + 1 if c + 1 < C else 0
     return v
 
 
@@ -745,44 +772,54 @@ def _dx_rows(dy, x, m, a, b, cc, out):
 
 
 @kernel
-def _train_small_cl(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
-    """Channels-last twin of _train_small: x3/out3 (R, C, 1), C-contiguous, seen as
-    k rows per wide row (see _widened_sums, _widen) -- reshaped here, where it is
-    free, not in Python (~1 us of a 6 us call).
+def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
+    """The training forward in the row form: x3/out3 (R, C, I), C-contiguous, as R rows
+    of C*I values, k rows per wide row (see _widened_sums, _widen) -- reshaped here,
+    where it is free, not in Python (~1 us of a 6 us call).  For channels-last
+    (I = 1) and channels-first with short I (see ROW_FORM_I), whose
+    channel-by-channel loops (_train_small) would be a few values long.
 
-    Statistics in one pass, shifted by the first row (see _shift): the second
-    read of a 300 KB MLP batch cost as much as the rest of the call."""
-    R, C = x3.shape[0], x3.shape[1]
-    W = k * C
+    Statistics in one pass, shifted by a value of each channel in the first row
+    (see _shift): the second read of a 300 KB MLP batch cost as much as the rest."""
+    R, C, I = x3.shape
+    CI = C * I
+    W = k * CI
+    n = R * I
     main = (R // k) * k
-    x2 = x3.reshape(R, C)
-    y2 = out3.reshape(R, C)
+    x2 = x3.reshape(R, CI)
+    y2 = out3.reshape(R, CI)
     xw = x2[:main].reshape(R // k, W)
-    xr = x2[main:]
-    outw = y2[:main].reshape(R // k, W)
-    outr = y2[main:]
-    first = xw[0, :C] if xw.shape[0] > 0 else xr[0]
     shift = np.empty(C)
     for c in range(C):
-        shift[c] = _shift(first[c])
-    s, q = _widened_sums(xw, xr, shift, C)
+        shift[c] = _shift(x2[0, c * I])
+    s, q = _widened_sums(xw, x2[main:], shift, I)
     a = np.empty(C)
     b = np.empty(C)
     mu = np.empty(C)
     for c in range(C):
-        mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], R)
+        mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], n)
         if not np.isfinite(m2) and np.isfinite(mu[c]):
             # the shifted sum overflowed (see _m2_about_mean): a second pass about the
             # mean, as deviations from the shift (the mean itself is rounded at |x0|)
-            md = s[c] / R
+            md = s[c] / n
             m2 = 0.0
             for r in range(R):
-                d = (ld(x2[r, c]) - shift[c]) - md
-                m2 += d * d
-        a[c], b[c] = _train_channel(c, mu[c], m2, R, eps, scale, offset, mean_out, invstd_out)
-        _running_channel(c, mu[c], m2, R, momentum, rm, rv)
-    _affine_rows(xw, _tiled(mu, W), _tiled(a, W), _tiled(b, W), outw)
-    _affine_rows(xr, mu, a, b, outr)
+                for i in range(c * I, (c + 1) * I):
+                    d = (ld(x2[r, i]) - shift[c]) - md
+                    m2 += d * d
+        a[c], b[c] = _train_channel(c, mu[c], m2, n, eps, scale, offset, mean_out, invstd_out)
+        _running_channel(c, mu[c], m2, n, momentum, rm, rv)
+    mw, aw, bw = _tiled(mu, W, I), _tiled(a, W, I), _tiled(b, W, I)
+    _affine_rows(xw, mw, aw, bw, y2[:main].reshape(R // k, W))
+    _affine_rows(x2[main:], mw[:CI], aw[:CI], bw[:CI], y2[main:])
+
+
+def _row_form(x3):
+    """k for the row form of the small fused kernels (see _train_rows): channels-last,
+    and channels-first with I < ROW_FORM_I and O >= 2*I; 0 (channel by channel)
+    otherwise."""
+    O, C, I = x3.shape
+    return _widen(C * I) if I == 1 or (I < ROW_FORM_I and O >= 2 * I) else 0
 
 
 @functools.lru_cache(maxsize=1024)   # ~0.7 us a call otherwise, in ~3 us calls
@@ -863,13 +900,13 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
         _train_large(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
         return
     x3, out3 = _bits(x3), _bits(out3)
-    O, C, I = x3.shape
+    k = 0 if x3.size > SMALL else _row_form(x3)
     if x3.size > SMALL:
         run(_train_small, True, x3, scale, offset, eps, momentum, rm, rv, out3, mean_out,
             invstd_out)
-    elif I == 1:
-        _train_small_cl.serial(x3, _widen(C), scale, offset, eps, momentum, rm, rv, out3,
-                               mean_out, invstd_out)
+    elif k:
+        _train_rows.serial(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
+                           invstd_out)
     else:
         _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
 
@@ -928,13 +965,12 @@ def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work, given):
 
 @kernel
 def _backward_small(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out):
-    """Training backward; channels-first channel by channel (both passes on one
-    channel's slab of x and dy, in L2 after the first: see CHANNEL_SLAB);
-    channels-last seen as k rows per wide row (see _widen; k unused for
-    channels-first)."""
+    """Training backward: k = 0 channel by channel (channels-first: both passes on one
+    channel's slab of x and dy, in L2 after the first: see CHANNEL_SLAB), else in
+    the row form, k rows per wide row (see _train_rows, _row_form)."""
     O, C, I = x.shape
     n = O * I
-    if I > 1:
+    if k == 0:
         for c in prange(C):
             mc = np.float64(mean[c])
             t1 = 0.0
@@ -954,34 +990,28 @@ def _backward_small(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out)
                 for i in range(xs.size):
                     ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
         return
-    # channels-last: along rows, vectorised over the channels, k rows per wide row
-    # (see _widen): (4096, 16) 52 -> 40 us, (2500, 30) 71 -> 44, (64, 16) 2.0 -> 2.6
-    W = k * C
+    # the row form (see _train_rows): (4096, 16, 1) 52 -> 40 us, (2500, 30, 1) 71 -> 44,
+    # (64, 16, 1) 2.0 -> 2.6; (64, 32, 16) 34 -> 20, (64, 16, 4) 13.5 -> 4.3
+    CI = C * I
+    W = k * CI
     main = (O // k) * k
-    x2 = x.reshape(O, C)
-    d2 = dy.reshape(O, C)
-    y2 = out.reshape(O, C)
+    x2 = x.reshape(O, CI)
+    d2 = dy.reshape(O, CI)
+    y2 = out.reshape(O, CI)
     xw = x2[:main].reshape(O // k, W)
     dw = d2[:main].reshape(O // k, W)
-    t = np.empty((6, W))   # mean, a, b, cc along a wide row; the two sums (one allocation)
-    for j in range(W):
-        t[0, j] = mean[j % C]
-        t[4, j] = 0.0
-        t[5, j] = 0.0
+    t = np.zeros((6, W))   # mean, a, b, cc along a wide row; the two sums (one allocation)
+    _tile_into(mean, I, t[0])
     s = t[4:]
     _dy_row_sums(dw, xw, t[0], 0, dw.shape[0], s[0], s[1])
-    for j in range(C, W):   # fold the wide row's columns into its first C
-        s[0, j % C] += s[0, j]
-        s[1, j % C] += s[1, j]
-    _dy_row_sums(d2[main:], x2[main:], t[0, :C], 0, O - main, s[0, :C], s[1, :C])
-    _backward_coefficients(s[0, :C], s[1, :C], n, scale, invstd, t[1, :C], t[2, :C], t[3, :C],
-                           dscale_out, doffset_out)
-    for j in range(C, W):
-        t[1, j] = t[1, j % C]
-        t[2, j] = t[2, j % C]
-        t[3, j] = t[3, j % C]
+    _dy_row_sums(d2[main:], x2[main:], t[0, :CI], 0, O - main, s[0, :CI], s[1, :CI])
+    abc = np.empty((3, C))
+    _backward_coefficients(_folded(s[0], C, I), _folded(s[1], C, I), n, scale, invstd,
+                           abc[0], abc[1], abc[2], dscale_out, doffset_out)
+    for e in range(3):
+        _tile_into(abc[e], I, t[e + 1])
     _dx_rows(dw, xw, t[0], t[1], t[2], t[3], y2[:main].reshape(O // k, W))
-    _dx_rows(d2[main:], x2[main:], t[0, :C], t[1, :C], t[2, :C], t[3, :C], y2[main:])
+    _dx_rows(d2[main:], x2[main:], t[0, :CI], t[1, :CI], t[2, :CI], t[3, :CI], y2[main:])
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
@@ -1024,7 +1054,7 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
     if x3.size > SMALL and _channel_blocked(x3, 3):
-        run(_backward_small, True, _bits(dy3), _bits(x3), 1, scale, mean, invstd, _bits(out3),
+        run(_backward_small, True, _bits(dy3), _bits(x3), 0, scale, mean, invstd, _bits(out3),
             dscale_out, doffset_out)
         return
     if x3.size > SMALL:
@@ -1036,5 +1066,5 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
                                dscale_out, doffset_out)
         affine3(x3, m, b, c, out3, dy3, a)
         return
-    _backward_small.serial(_bits(dy3), _bits(x3), _widen(x3.shape[1]), scale, mean, invstd,
+    _backward_small.serial(_bits(dy3), _bits(x3), _row_form(x3), scale, mean, invstd,
                            _bits(out3), dscale_out, doffset_out)

@@ -953,6 +953,18 @@ def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work, given):
             for c in range(C):
                 yr[c] = cast(qw[c] * (ldw(xr[c], qw[c]) - mw[c]) + rw[c], yr)
         return
+    if I <= chunk:   # whole (o, c) rows: no per-unit index math or ranged slices
+        # (serial, float32 (16, 64, 64): 22 -> 14 us; (16, 16, 16) 4.2 -> 2.0)
+        x2 = x.reshape(O * C, I)
+        y2 = out.reshape(O * C, I)
+        for t in prange(O * C):
+            c = t % C
+            qc, mc, rc = qw[c], mw[c], rw[c]
+            xs = x2[t]
+            ys = y2[t]
+            for i in range(I):
+                ys[i] = cast(qc * (ldw(xs[i], qc) - mc) + rc, ys)
+        return
     nk = (I + chunk - 1) // chunk
     for t in prange(O * C * nk):
         o, c, i0, i1 = _unit(t, nk, C, I, chunk)

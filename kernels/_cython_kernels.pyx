@@ -12,7 +12,9 @@ Every function works on the canonical view ``x`` of shape ``(O, C, I)``
   block) tasks over tiles of rows of the ``(O, C)`` matrix; the innermost
   loop walks ``C``.
 
-``train_small`` fuses a whole small training forward into one serial call.
+``train_small``, ``infer_small`` and ``backward_small`` fuse a whole small
+training forward, inference forward and training backward into one serial
+call each.
 
 Element types are the fused ``real_t``: float32, float64, or float16 passed
 as its uint16 bit pattern (converted in C, below).  All arithmetic is float64.
@@ -538,6 +540,68 @@ cdef extern from *:
     #else
     #define fbn_affine_f16 fbn_affine_f16_blk
     #endif
+
+    /* sum(g) and sum(g*(x - m)) over nr runs of n contiguous values (run k at
+       g + k*sg and x + k*sx): one channel of the fused backward.  The vector
+       accumulators are carried across the runs and their lanes summed once:
+       the per-run reductions (FBN_DY_SUMS) spend about as long summing their
+       lanes as a 64-value run takes.  Four accumulators of 4 lanes each: one
+       would wait on the latency of its adds. */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    #define FBN_DY_CHAN(T, NAME, LD)                                              \
+    static inline void NAME(const T* g, Py_ssize_t sg, const T* x, Py_ssize_t sx, \
+                            Py_ssize_t nr, Py_ssize_t n, double m,            \
+                            double* s1, double* s2) {                         \
+        __m256d a[4], c[4], vm = _mm256_set1_pd(m);                           \
+        double at = 0.0, ct = 0.0;                                            \
+        for (int j = 0; j < 4; j++) a[j] = c[j] = _mm256_setzero_pd();        \
+        for (Py_ssize_t k = 0; k < nr; k++) {                                 \
+            const T* gk = g + k * sg;                                         \
+            const T* xk = x + k * sx;                                         \
+            Py_ssize_t i = 0;                                                 \
+            for (; i + 16 <= n; i += 16) {                                    \
+                for (int j = 0; j < 4; j++) {                                 \
+                    __m256d gv = LD(gk + i + 4 * j), xv = LD(xk + i + 4 * j); \
+                    a[j] = _mm256_add_pd(a[j], gv);                           \
+                    c[j] = _mm256_fmadd_pd(gv, _mm256_sub_pd(xv, vm), c[j]);  \
+                }                                                             \
+            }                                                                 \
+            for (; i + 4 <= n; i += 4) {                                      \
+                __m256d gv = LD(gk + i), xv = LD(xk + i);                     \
+                a[0] = _mm256_add_pd(a[0], gv);                               \
+                c[0] = _mm256_fmadd_pd(gv, _mm256_sub_pd(xv, vm), c[0]);      \
+            }                                                                 \
+            for (; i < n; i++) {                                              \
+                double gi = (double)gk[i];                                    \
+                at += gi;                                                     \
+                ct += gi * ((double)xk[i] - m);                               \
+            }                                                                 \
+        }                                                                     \
+        *s1 = at + fbn_hsum4(_mm256_add_pd(_mm256_add_pd(a[0], a[1]),         \
+                                           _mm256_add_pd(a[2], a[3])));       \
+        *s2 = ct + fbn_hsum4(_mm256_add_pd(_mm256_add_pd(c[0], c[1]),         \
+                                           _mm256_add_pd(c[2], c[3])));       \
+    }
+    #define FBN_LD4F(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+    FBN_DY_CHAN(float, fbn_dy_chan_f32, FBN_LD4F)
+    FBN_DY_CHAN(double, fbn_dy_chan_f64, _mm256_loadu_pd)
+    #else
+    #define FBN_DY_CHAN(T, NAME, RUN)                                             \
+    static inline void NAME(const T* g, Py_ssize_t sg, const T* x, Py_ssize_t sx, \
+                            Py_ssize_t nr, Py_ssize_t n, double m,            \
+                            double* s1, double* s2) {                         \
+        double a = 0.0, c = 0.0, ak, ck;                                      \
+        for (Py_ssize_t k = 0; k < nr; k++) {                                 \
+            RUN(g + k * sg, x + k * sx, n, m, &ak, &ck);                      \
+            a += ak;                                                          \
+            c += ck;                                                          \
+        }                                                                     \
+        *s1 = a;                                                              \
+        *s2 = c;                                                              \
+    }
+    FBN_DY_CHAN(float, fbn_dy_chan_f32, fbn_dy_sums_f32)
+    FBN_DY_CHAN(double, fbn_dy_chan_f64, fbn_dy_sums_f64)
+    #endif
     """
     double* fbn_align64(void* raw) nogil
     void fbn_stats_f32(const float* p, Py_ssize_t n, double* mean, double* m2) nogil
@@ -564,6 +628,10 @@ cdef extern from *:
                         Py_ssize_t sy, const unsigned short* u, Py_ssize_t su, Py_ssize_t n,
                         Py_ssize_t ps, const double* m, const double* q, const double* r,
                         const double* p) nogil
+    void fbn_dy_chan_f32(const float* g, Py_ssize_t sg, const float* x, Py_ssize_t sx,
+                         Py_ssize_t nr, Py_ssize_t n, double m, double* s1, double* s2) nogil
+    void fbn_dy_chan_f64(const double* g, Py_ssize_t sg, const double* x, Py_ssize_t sx,
+                         Py_ssize_t nr, Py_ssize_t n, double m, double* s1, double* s2) nogil
 
 
 ctypedef unsigned short half_t   # float16 bits
@@ -1379,5 +1447,344 @@ def train_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1
                     for c in range(C):
                         run_affine(bx + o * so + c * sc, si, bo + o * oo + c * oc_, oi,
                                    <const real_t*>NULL, 0, I, mean[c], a[c], b[c], 0.0, 0)
+    finally:
+        free(raw)
+
+
+# -- small inputs: inference and backward in one serial call --------------------
+# What the general path does in several calls (per-channel coefficients in NumPy,
+# then the elementwise kernel; for the backward the sums kernel first), fused:
+# for a few KB the calls cost far more than the arithmetic.  The per-channel
+# vectors come in whatever float dtype the caller has (a float64 mean with float32
+# data: the layers keep their statistics in float64), so they get fused types of
+# their own; the loops these functions call are specialised on x's type only.
+#
+# Two loop nests.  Runs: channels-first, one run of I values per (o, c), as
+# affine_cf.  Rows: each o a row of B = C*I values (channels-last, I == 1; or
+# channels-first with short runs, folded as the general path folds them), k rows
+# taken as one wide row of W = k*B values where the rows follow each other in
+# memory, with the per-channel values spread along it; as affine_cl and
+# dy_sums_cl.  Short runs cost more in per-run set-up than in arithmetic.
+
+ctypedef fused stat_t:   # mean/var/invstd: float32 or float64 for any x
+    float
+    double
+
+ctypedef fused grad_t:   # dscale/doffset: the per-channel dtype of x
+    float
+    double
+
+
+cdef inline Py_ssize_t widen(Py_ssize_t B) noexcept nogil:
+    """Rows of B values per wide row: k*B >= 64 and a multiple of 16 values, so
+    that the inner loop is long and whole vectors even for B = 4 (the loop
+    set-up per row cost more than the row; as cpu_numba._widen)."""
+    cdef Py_ssize_t g = 16, k
+    if B <= 0 or B > 256:
+        return 1
+    while B % g:
+        g = g // 2
+    k = 16 // g
+    while k * B < 64:
+        k = 2 * k
+    return k
+
+
+cdef inline void spread(const double* v, Py_ssize_t B, Py_ssize_t I, double* w,
+                        Py_ssize_t W) noexcept nogil:
+    """w[j] = v[(j % B) // I] for j < W: the per-channel values v along a wide
+    row of W // B rows of B = C*I values (each channel's I values together)."""
+    cdef Py_ssize_t j, i
+    for j in range(B // I):
+        for i in range(I):
+            w[j * I + i] = v[j]
+    for j in range(B, W):
+        w[j] = w[j - B]
+
+
+cdef struct Rows:
+    Py_ssize_t B   # values per row: C*I
+    Py_ssize_t k   # rows per wide row
+    Py_ssize_t R   # wide rows (the O - R*k rows after them are taken one by one)
+    Py_ssize_t W   # values per wide row (B if R == 0)
+
+
+cdef inline bint as_rows(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, Py_ssize_t fold,
+                         const Py_ssize_t* s, Py_ssize_t narrays, Rows* rows) noexcept nogil:
+    """Plan the rows nest for arrays of shape (O, C, I) with strides (in items)
+    s[3*a : 3*a + 3], a < narrays; False to take the runs nest instead
+    (I > fold; fewer than 4 rows, which do not pay for spreading the per-channel
+    values along a row; or a (C, I) block that is not one evenly strided row)."""
+    cdef Py_ssize_t a, cs
+    cdef bint wide = True
+    rows.B = C * I
+    rows.k = 1
+    rows.R = 0
+    rows.W = rows.B
+    if I > 1 and (I > fold or O < 4):
+        return False
+    for a in range(narrays):
+        cs = s[3 * a + 1] if I == 1 else s[3 * a + 2]   # stride along a row
+        if I > 1 and s[3 * a + 1] != I * cs:
+            return False
+        wide = wide and s[3 * a] == rows.B * cs
+    rows.k = widen(rows.B) if wide else 1
+    rows.R = O // rows.k if rows.k > 1 else 0
+    rows.W = rows.k * rows.B if rows.R > 0 else rows.B
+    return True
+
+
+def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1] offset,
+                const stat_t[::1] mean, const stat_t[::1] var, double eps,
+                real_t[:, :, :] out, Py_ssize_t fold):
+    """Fused inference forward for a small x (O, C, I), serial, one call.
+
+    ``out = q*(x - mean) + r`` with ``q = scale/sqrt(var + eps)``, ``r = offset``
+    (core.infer_coefficients), in float64, rounded once; runs of I > ``fold``
+    values, else rows (see above).  x/out: float32, float64 or float16 as its
+    uint16 bits, out may be x; scale/offset (C,) float32 or float64, or None;
+    mean/var (C,) float32 or float64.
+    """
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t s[6]
+    cdef Py_ssize_t o, c, cx, co, W = 0
+    cdef Rows plan
+    cdef bint by_rows, spreads
+    cdef const real_t* bx
+    cdef real_t* bo
+    cdef void* raw
+    cdef double* m
+    cdef double* q
+    cdef double* r
+    cdef double* mw
+    cdef double* qw
+    cdef double* rw
+    cdef double inv
+    cdef bint has_scale = scale is not None, has_offset = offset is not None
+    if O == 0 or C == 0 or I == 0:
+        raise ValueError("infer_small: empty input")
+    bx = &x[0, 0, 0]
+    bo = &out[0, 0, 0]
+    for c in range(3):
+        s[c] = x.strides[c] // sizeof(real_t)
+        s[3 + c] = out.strides[c] // sizeof(real_t)
+    by_rows = as_rows(O, C, I, fold, s, 2, &plan)
+    # rows of C values taken one by one need no spread vectors (no copies of
+    # C-long vectors for a (2, 65536) input)
+    spreads = by_rows and (I > 1 or plan.R > 0)
+    W = plan.W if spreads else 0
+    raw = malloc((3 * pad8(C) + 3 * pad8(W)) * sizeof(double) + 64)
+    if raw == NULL:
+        raise MemoryError()
+    m = fbn_align64(raw)
+    q = m + pad8(C)
+    r = q + pad8(C)
+    mw = r + pad8(C) if spreads else m
+    qw = mw + pad8(W) if spreads else q
+    rw = qw + pad8(W) if spreads else r
+    try:
+        with nogil:
+            for c in range(C):
+                # var + eps == 0 gives q = inf, as core.infer_coefficients (PyTorch's
+                # invstd = 0 rule is for batch statistics only)
+                inv = 1.0 / sqrt(<double>var[c] + eps)
+                q[c] = <double>scale[c] * inv if has_scale else inv
+                r[c] = offset[c] if has_offset else 0.0
+                m[c] = mean[c]
+            if by_rows:
+                cx = s[1] if I == 1 else s[2]
+                co = s[4] if I == 1 else s[5]
+                if spreads:
+                    spread(m, plan.B, I, mw, W)
+                    spread(q, plan.B, I, qw, W)
+                    spread(r, plan.B, I, rw, W)
+                if plan.R > 0:
+                    rows_affine(bx, plan.k * s[0], cx, bo, plan.k * s[3], co, <const real_t*>NULL,
+                                0, 0, 0, plan.R, 0, W, mw, qw, rw, <const double*>NULL, 0)
+                rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0, plan.R * plan.k,
+                            O - plan.R * plan.k, 0, plan.B, mw, qw, rw, <const double*>NULL, 0)
+            else:
+                for o in range(O):
+                    for c in range(C):
+                        run_affine(bx + o * s[0] + c * s[1], s[2], bo + o * s[3] + c * s[4], s[5],
+                                   <const real_t*>NULL, 0, I, m[c], q[c], r[c], 0.0, 0)
+    finally:
+        free(raw)
+
+
+cdef inline void backward_channel(double s1, double s2, double n, double scale, double inv,
+                                  double* a, double* b, double* cc,
+                                  double* dscale) noexcept nogil:
+    """core.gradient_sums + core.backward_coefficients for one channel: sums s1 of
+    dy and s2 of dy*(x - mean) over n > 0 values, scale (1.0 for None) -> dscale and
+    (a, b, cc) of dx = b*(x - mean) + cc + a*dy, in core's order of operations."""
+    dscale[0] = s2 * inv
+    a[0] = scale * inv
+    b[0] = -a[0] * inv * dscale[0] / n
+    cc[0] = -a[0] * s1 / n
+
+
+cdef void channel_dy_sums(const real_t* pg, Py_ssize_t g0, Py_ssize_t g2, const real_t* px,
+                          Py_ssize_t x0, Py_ssize_t x2, Py_ssize_t O, Py_ssize_t I, double m,
+                          double* s1, double* s2) noexcept nogil:
+    """sum(dy), sum(dy*(x - m)) over one channel's O runs of I values (run o at
+    pg + o*g0, px + o*x0)."""
+    cdef Py_ssize_t o
+    cdef double t1 = 0.0, t2 = 0.0, p1 = 0.0, p2 = 0.0
+    if g2 == 1 and x2 == 1:
+        if real_t is float:
+            fbn_dy_chan_f32(pg, g0, px, x0, O, I, m, s1, s2)
+            return
+        elif real_t is double:
+            fbn_dy_chan_f64(pg, g0, px, x0, O, I, m, s1, s2)
+            return
+    for o in range(O):
+        run_dy_sums(pg + o * g0, g2, px + o * x0, x2, I, m, &p1, &p2)
+        t1 = t1 + p1
+        t2 = t2 + p2
+    s1[0] = t1
+    s2[0] = t2
+
+
+def backward_small(const real_t[:, :, :] dy, const real_t[:, :, :] x, const prm_t[::1] scale,
+                   const stat_t[::1] mean, const stat_t[::1] invstd, real_t[:, :, :] out,
+                   grad_t[::1] dscale_out, grad_t[::1] doffset_out, Py_ssize_t fold):
+    """Fused training backward for a small x (O, C, I), serial, one call.
+
+    Per channel ``s1 = sum(dy)``, ``s2 = sum(dy*(x - mean))``, then ``dscale =
+    s2*invstd``, ``doffset = s1`` and ``dx = b*(x - mean) + cc + a*dy``
+    (core.backward_coefficients), in float64, rounded once.  Runs of I > ``fold``
+    values channel by channel, so that the dx pass finds the channel's slab of
+    x and dy in L1/L2, the sums in vector lanes carried across the channel's
+    runs; else rows (see above), both passes over all channels at once, the
+    sums per column of a wide row (as dy_sums_cl) folded per channel after.
+
+    dy/x/out: float32, float64 or float16 as its uint16 bits, out may be dy or x;
+    scale (C,) float32 or float64, or None; mean/invstd (C,) float32 or float64;
+    dscale_out/doffset_out (C,) float32 or float64.
+    """
+    cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
+    cdef Py_ssize_t s[9]
+    cdef Py_ssize_t o, c, j, gc, xc, oc_, B, W, r0
+    cdef Rows plan
+    cdef bint by_rows, spreads
+    cdef const real_t* bg
+    cdef const real_t* bx
+    cdef real_t* bo
+    cdef void* raw
+    cdef double* m
+    cdef double* s1
+    cdef double* s2
+    cdef double* a
+    cdef double* b
+    cdef double* cc
+    cdef double* mw
+    cdef double* aw
+    cdef double* bw
+    cdef double* ccw
+    cdef double* s1w
+    cdef double* s2w
+    cdef double* s1b
+    cdef double* s2b
+    cdef double* scratch
+    cdef double n, ds, sc
+    cdef bint has_scale = scale is not None
+    if O == 0 or C == 0 or I == 0:
+        raise ValueError("backward_small: empty input")
+    bg = &dy[0, 0, 0]
+    bx = &x[0, 0, 0]
+    bo = &out[0, 0, 0]
+    for c in range(3):
+        s[c] = dy.strides[c] // sizeof(real_t)
+        s[3 + c] = x.strides[c] // sizeof(real_t)
+        s[6 + c] = out.strides[c] // sizeof(real_t)
+    n = <double>(O * I)
+    by_rows = as_rows(O, C, I, fold, s, 3, &plan)
+    B = plan.B if by_rows else 0
+    W = plan.W if by_rows else 0
+    # rows of C values taken one by one need no spread vectors (see infer_small)
+    spreads = by_rows and (I > 1 or plan.R > 0)
+    # per channel: m, s1, s2, a, b, cc; along a wide row: the spread m, a, b, cc
+    # and the column sums (s1w, s2w; s1b, s2b for the single rows); 3*W of
+    # scratch for task_dy_sums_cl
+    raw = malloc((6 * pad8(C) + (6 * pad8(W) + 2 * pad8(B) if spreads else 0) + 3 * pad8(W))
+                 * sizeof(double) + 64)
+    if raw == NULL:
+        raise MemoryError()
+    m = fbn_align64(raw)
+    s1 = m + pad8(C)
+    s2 = s1 + pad8(C)
+    a = s2 + pad8(C)
+    b = a + pad8(C)
+    cc = b + pad8(C)
+    scratch = cc + pad8(C)
+    mw = m
+    aw = a
+    bw = b
+    ccw = cc
+    s1b = s1
+    s2b = s2
+    s1w = s2w = NULL
+    if spreads:
+        mw = scratch
+        aw = mw + pad8(W)
+        bw = aw + pad8(W)
+        ccw = bw + pad8(W)
+        s1w = ccw + pad8(W)
+        s2w = s1w + pad8(W)
+        s1b = s2w + pad8(W)
+        s2b = s1b + pad8(B)
+        scratch = s2b + pad8(B)
+    try:
+        with nogil:
+            for c in range(C):
+                m[c] = mean[c]
+            if by_rows:
+                gc = s[1] if I == 1 else s[2]
+                xc = s[4] if I == 1 else s[5]
+                oc_ = s[7] if I == 1 else s[8]
+                r0 = plan.R * plan.k
+                if spreads:
+                    spread(m, B, I, mw, W)
+                task_dy_sums_cl(bg + r0 * s[0], s[0], gc, bx + r0 * s[3], s[3], xc, O - r0, B,
+                                mw, s1b, s2b, scratch)
+                if spreads:
+                    for c in range(C):
+                        s1[c] = 0.0
+                        s2[c] = 0.0
+                    for j in range(B):
+                        s1[j // I] += s1b[j]
+                        s2[j // I] += s2b[j]
+                if plan.R > 0:
+                    task_dy_sums_cl(bg, plan.k * s[0], gc, bx, plan.k * s[3], xc, plan.R, W, mw,
+                                    s1w, s2w, scratch)
+                    for j in range(W):
+                        s1[(j % B) // I] += s1w[j]
+                        s2[(j % B) // I] += s2w[j]
+                for c in range(C):
+                    sc = scale[c] if has_scale else 1.0
+                    backward_channel(s1[c], s2[c], n, sc, invstd[c], &a[c], &b[c], &cc[c], &ds)
+                    dscale_out[c] = <grad_t>ds
+                    doffset_out[c] = <grad_t>s1[c]
+                if spreads:
+                    spread(a, B, I, aw, W)
+                    spread(b, B, I, bw, W)
+                    spread(cc, B, I, ccw, W)
+                if plan.R > 0:
+                    rows_affine(bx, plan.k * s[3], xc, bo, plan.k * s[6], oc_, bg, plan.k * s[0],
+                                gc, 0, plan.R, 0, W, mw, bw, ccw, aw, 0)
+                rows_affine(bx, s[3], xc, bo, s[6], oc_, bg, s[0], gc, r0, O - r0, 0, B, mw, bw,
+                            ccw, aw, 0)
+            else:
+                for c in range(C):
+                    channel_dy_sums(bg + c * s[1], s[0], s[2], bx + c * s[4], s[3], s[5], O, I,
+                                    m[c], &s1[c], &s2[c])
+                    sc = scale[c] if has_scale else 1.0
+                    backward_channel(s1[c], s2[c], n, sc, invstd[c], &a[c], &b[c], &cc[c], &ds)
+                    dscale_out[c] = <grad_t>ds
+                    doffset_out[c] = <grad_t>s1[c]
+                    for o in range(O):
+                        run_affine(bx + o * s[3] + c * s[4], s[5], bo + o * s[6] + c * s[7], s[8],
+                                   bg + o * s[0] + c * s[1], s[2], I, m[c], b[c], cc[c], a[c], 0)
     finally:
         free(raw)

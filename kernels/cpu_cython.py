@@ -23,6 +23,11 @@ for any thread count):
   channel are merged (Chan) here.  Short runs would cost more in per-run
   summaries than in data; where the ``(C, I)`` block is not evenly strided,
   the reductions fold a contiguous copy.
+
+Inputs of at most ``SMALL`` values skip all of that: the training forward,
+inference forward and training backward each run as one serial call
+(``train_small3``, ``infer_small3``, ``backward_small3``, which
+``fastbn.fastlane`` calls directly), per-channel coefficients computed inside.
 """
 
 import math
@@ -69,13 +74,24 @@ SERIAL_BELOW = 1 << 16
 #: channels-first, channels-last.  Same values as cpu_numba (same stores, its measurements).
 STREAM_FROM = 64 << 20
 STREAM_FROM_CL = 16 << 20
-#: Largest input (values) that :func:`train_small3` takes: below it the serial
-#: fused kernel beats the parallel primitives and the per-call Python work of
-#: separate kernels.  Measured (float32, C = 64/256, fused serial vs the general
-#: path, min of 300 calls, us): 2^15 32 vs 48 (NCHW), 24 vs 39 (NHWC); 2^16 62 vs
+#: Largest input (values) that the fused kernels (:func:`train_small3`,
+#: :func:`infer_small3`, :func:`backward_small3`) take: below it the serial fused
+#: kernel beats the parallel primitives and the per-call Python work of separate
+#: kernels.  Measured (float32, C = 64/256, fused serial vs the general path, min
+#: of 300 calls, us): training 2^15 32 vs 48 (NCHW), 24 vs 39 (NHWC); 2^16 62 vs
 #: 211, 45 vs 111; 2^17 106-123 vs 139-267, 83 vs 133-140; 2^18 164-178 vs
-#: 175-193 (even).  Same value as cpu_numba.
+#: 175-193 (even).  Inference / backward at 2^17 (C = 64, the public functions,
+#: min of 20 x 50 calls, two runs): 54-55 vs 98-103 / 111-122 vs 224-232 (NCHW),
+#: 63-64 vs 70-76 / 128-137 vs 147-160 (NHWC).  Same value as cpu_numba.
 SMALL = 1 << 17
+#: Channels-first inputs with runs of at most this many values (and at least 4
+#: rows) go through the fused inference and backward kernels as rows of C*I
+#: values, like channels-last ones: a run's set-up costs more than its values.
+#: Measured (float32, serial, runs vs rows, min of 21 x 100 calls, us, infer /
+#: backward): (1024,16,4) 76/163 vs 27/57; (64,64,9) 21/49 vs 15/35; (64,64,12)
+#: 29/66 vs 21/48; I = 16 even ((128,16,16) 15/34 vs 14/32, (8,256,16) 16/48 vs
+#: 21/52); (16,64,64) 24/52 vs 32/90 (the spread vectors no longer fit L1).
+FUSED_FOLD = 12
 #: dtypes of x that the fused small kernel takes (float16 as its bits, see _kview).
 SMALL_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -284,3 +300,58 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     kern = _ck.train_small.__signatures__[f"{_C_TYPE[x3.dtype.char]}|{_C_TYPE[mean_out.dtype.char]}"]
     kern(x3, scale, offset, float(eps), float(momentum), rm, rv, out3, mean_out, invstd_out,
          CHUNK, max(1, TILE // max(C, 1)))
+
+
+# -- small inputs: inference and backward in one serial call -------------------
+
+#: NumPy dtype char of a per-channel vector -> its type in the fused signatures.
+_VEC_TYPE = {"f": "float", "d": "double"}
+
+
+def _vectors(a, b=None):
+    """Per-channel vectors ``a``, ``b`` (None or (C,) contiguous float16/32/64) in
+    one dtype of a fused vector type, and that type's name: as they are when they
+    share float32 or float64, else both as float64 (exact)."""
+    ca = None if a is None else a.dtype.char
+    cb = None if b is None else b.dtype.char
+    c = cb if ca is None else ca
+    if c is None:
+        return a, b, "double"
+    if (cb is None or cb == c) and c in _VEC_TYPE:
+        return a, b, _VEC_TYPE[c]
+    return _vec(a), _vec(b), "double"
+
+
+def infer_small3(x3, scale, offset, mean, var, eps, out3):
+    """Fused inference forward for inputs of at most SMALL values (serial).
+
+    Same contract as ``cpu_numba.infer_small3``: x3/out3 (outer, C, inner)
+    C-contiguous float16/32/64 (out3 may be x3); scale/offset None or (C,)
+    contiguous, mean/var (C,) contiguous, each of any float dtype.  ``out3 =
+    (x3 - mean) * scale / sqrt(var + eps) + offset``, in float64, rounded once.
+    """
+    if x3.dtype == np.float16:   # as its bits (views: the arrays are C-contiguous)
+        x3, out3 = x3.view(np.uint16), out3.view(np.uint16)
+    scale, offset, pt = _vectors(scale, offset)
+    mean, var, st = _vectors(mean, var)
+    # Named, not dispatched: Cython's fused dispatch cannot type a None scale/offset.
+    _ck.infer_small.__signatures__[f"{_C_TYPE[x3.dtype.char]}|{pt}|{st}"](
+        x3, scale, offset, mean, var, float(eps), out3, FUSED_FOLD)
+
+
+def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
+    """Fused training backward for inputs of at most SMALL values (serial).
+
+    Same contract as ``cpu_numba.backward_small3``: dy3/x3/out3 (outer, C, inner)
+    C-contiguous float16/32/64 of one dtype (out3 may be dy3 or x3); scale None
+    or (C,) contiguous, mean/invstd (C,) contiguous, each of any float dtype.
+    Writes ``dx`` to out3 and the per-channel ``dscale``, ``doffset`` to the (C,)
+    outputs of the per-channel dtype (float32 for float16 x3, else x3's).
+    """
+    if x3.dtype == np.float16:
+        dy3, x3, out3 = dy3.view(np.uint16), x3.view(np.uint16), out3.view(np.uint16)
+    scale, _, pt = _vectors(scale)
+    mean, invstd, st = _vectors(mean, invstd)
+    _ck.backward_small.__signatures__[
+        f"{_C_TYPE[x3.dtype.char]}|{pt}|{st}|{_VEC_TYPE[dscale_out.dtype.char]}"](
+        dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out, FUSED_FOLD)

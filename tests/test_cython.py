@@ -12,7 +12,9 @@ The public API is tested over every CPU backend by the ``backend`` fixture
 * float16 conversion in C: every half bit pattern round-trips, and float64 ->
   half rounds once to nearest-even exactly as NumPy does;
 * memory the typed memoryviews cannot take directly (unaligned, read-only,
-  zero strides), in-place output, results independent of the thread count.
+  zero strides), in-place output, results independent of the thread count;
+* the fused small-input kernels: training, and inference and backward as the
+  fast lane runs them (each loop nest), against the oracle and the general path.
 """
 
 import os
@@ -389,6 +391,142 @@ def test_small_inputs_take_the_fused_path(monkeypatch):
     monkeypatch.setattr(cy, "train_small3", lambda *a: calls.append(a) or None)
     fastbn.batch_norm_train(np.ones((8, 3), np.float32), channel_axis=-1, backend="cython")
     assert len(calls) == 1
+
+
+#: (shape of a C-contiguous array, the transpose that gives its (N, C, ...) view or
+#: None): a case for each loop nest of the fused inference and backward kernels.
+FUSED_CASES = {
+    "runs": ((3, 5, 7, 9), None),             # I = 63 > FUSED_FOLD: a run per (o, c)
+    "runs-few-rows": ((2, 6, 3, 3), None),    # short runs, too few rows to fold
+    "folded": ((43, 3, 2, 2), None),           # I = 4: rows of C*I = 12, 8 to a wide row
+    "matrix": ((37, 12), None),                # (N, C): 8 rows to a wide row, 5 left over
+    "wide-channels": ((3, 300), None),         # rows of C > 256: not widened
+    "channels-last": ((5, 3, 3, 6), (0, 3, 1, 2)),   # NHWC memory seen as NCHW
+    "few-rows": ((3, 11), None),               # fewer rows than a wide row takes
+}
+
+
+def _fused_inputs(make_array, case, dtype):
+    """(x, dy) of ``case`` in FUSED_CASES, channel axis 1; channels differ in mean."""
+    shape, order = FUSED_CASES[case]
+    x = make_array(shape, dtype, channel_axis=1 if order is None else -1)
+    dy = make_array(shape, dtype)
+    if order is not None:
+        x, dy = x.transpose(order), dy.transpose(order)
+    return x, dy
+
+
+def _spy_fused(monkeypatch):
+    """Count the calls of cy.infer_small3 / cy.backward_small3 (which still run)."""
+    calls = {"infer_small3": 0, "backward_small3": 0}
+    for name in calls:
+        def spy(*args, _real=getattr(cy, name), _name=name):
+            calls[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(cy, name, spy)
+    return calls
+
+
+def _general(monkeypatch, func, *args, **kw):
+    """``func`` on the Cython backend without its fused inference and backward
+    kernels: the primitives (affine3, dy_sums3) with fastbn.core's coefficients."""
+    with monkeypatch.context() as mp:
+        mp.delattr(cy, "infer_small3")
+        mp.delattr(cy, "backward_small3")
+        return func(*args, backend="cython", **kw)
+
+
+#: dtypes of (mean, var and invstd, scale, offset); None: the per-channel dtype.
+#: "mixed" takes the kernels' conversion of vectors that differ within a pair.
+FUSED_VECTORS = {"float32": (np.float32, np.float32, None, None),
+                 "float64": (np.float64, np.float64, None, None),
+                 "mixed": (np.float64, np.float16, np.float64, np.float16)}
+
+
+@pytest.mark.parametrize("vectors", sorted(FUSED_VECTORS))
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fused_infer_and_backward_through_the_lane(monkeypatch, make_array, rng, dtype, case,
+                                                   vectors):
+    """With Cython the default backend, batch_norm_infer / batch_norm_backward on
+    small NumPy arrays run cy.infer_small3 / cy.backward_small3 (the fast lane):
+    the oracle's numbers and the general path's (its own kernels) to an ulp, with
+    and without scale/offset, into a new array, x or dy; statistics in float32 or
+    float64 whatever x's dtype, and vectors of mixed dtypes."""
+    calls = _spy_fused(monkeypatch)
+    x, dy = _fused_inputs(make_array, case, dtype)
+    C, pdt = x.shape[1], oracle.param_dtype(dtype)
+    mdt, vdt, sdt, odt = (d or pdt for d in FUSED_VECTORS[vectors])
+    bmean, bvar = oracle.moments(x, oracle.reduced_axes(x.ndim, 1))
+    mean = (bmean + 0.3 * rng.standard_normal(C)).astype(mdt)
+    var = (bvar * rng.uniform(0.5, 2, C)).astype(vdt)
+    invstd = (1 / np.sqrt(bvar + 1e-3)).astype(vdt)
+    bmean = bmean.astype(mdt)
+    for affine in (True, False):
+        scale = rng.uniform(0.5, 2, C).astype(sdt) if affine else None
+        offset = rng.uniform(-1, 1, C).astype(odt) if affine else None
+        want_y = oracle.batch_norm_infer(x, scale, offset, mean, var, eps=1e-3)
+        want_b = oracle.batch_norm_backward(dy, x, scale, bmean, invstd)
+        general_y = _general(monkeypatch, fastbn.batch_norm_infer, x, scale, offset, mean, var,
+                             eps=1e-3)
+        general_b = _general(monkeypatch, fastbn.batch_norm_backward, dy, x, scale, bmean, invstd)
+        for out in (None, "x", "dy"):
+            xy, xb, dyb = x.copy(order="K"), x.copy(order="K"), dy.copy(order="K")
+            target = {"x": xb, "dy": dyb}.get(out)
+            before = dict(calls)
+            with fastbn.use_backend("cython"):
+                y = fastbn.batch_norm_infer(xy, scale, offset, mean, var, eps=1e-3,
+                                            out=xy if out == "x" else None)
+                got_b = fastbn.batch_norm_backward(dyb, xb, scale, bmean, invstd, out=target)
+            assert calls == {"infer_small3": before["infer_small3"] + 1,
+                             "backward_small3": before["backward_small3"] + 1}, calls
+            assert y.dtype == dtype and y.shape == x.shape
+            assert (y is xy) == (out == "x") and (got_b[0] is target) == (out is not None)
+            oracle.assert_close(y, want_y, "y")
+            assert_kernel_close(y, general_y, dtype, "y against the general path")
+            for got, want, general, what in zip(got_b, want_b, general_b,
+                                                ("dx", "dscale", "doffset")):
+                assert got.dtype == (dtype if what == "dx" else pdt), what
+                oracle.assert_close(got, want, what)
+                assert_kernel_close(got, general, got.dtype.type, what + " against the general path")
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fused_nan_stays_in_its_channel(monkeypatch, make_array, rng, dtype, case):
+    """Through the lane: a NaN mean makes its channel of y NaN, a NaN value of x
+    only its own y; in the backward a NaN in dy makes its channel's dx, dscale and
+    doffset NaN, one in x its channel's dx and dscale.  Every other value as the
+    general path gives it (finite)."""
+    calls = _spy_fused(monkeypatch)
+    x, dy = _fused_inputs(make_array, case, dtype)
+    C = x.shape[1]
+    mean, var = oracle.moments(x, oracle.reduced_axes(x.ndim, 1))
+    invstd = 1 / np.sqrt(var + 1e-3)
+    at = (x.shape[0] - 1, 2) + tuple(s // 2 for s in x.shape[2:])   # in channel 2
+    x[at] = np.nan
+    dy[(0, 1) + (0,) * (x.ndim - 2)] = np.nan                        # in channel 1
+    mean_nan = mean.copy()
+    mean_nan[0] = np.nan
+    with fastbn.use_backend("cython"):
+        y = fastbn.batch_norm_infer(x, None, None, mean_nan, var, eps=1e-3)
+        dx, dscale, doffset = fastbn.batch_norm_backward(dy, x, None, mean, invstd)
+    assert calls == {"infer_small3": 1, "backward_small3": 1}
+    nan_y = np.zeros(x.shape, bool)
+    nan_y[:, 0] = True
+    nan_y[at] = True
+    np.testing.assert_array_equal(np.isnan(y), nan_y)
+    nan_dx = np.zeros(x.shape, bool)
+    nan_dx[:, 1:3] = True
+    np.testing.assert_array_equal(np.isnan(dx), nan_dx)
+    np.testing.assert_array_equal(np.isnan(dscale), np.isin(np.arange(C), (1, 2)))
+    np.testing.assert_array_equal(np.isnan(doffset), np.arange(C) == 1)
+    general_y = _general(monkeypatch, fastbn.batch_norm_infer, x, None, None, mean_nan, var,
+                         eps=1e-3)
+    assert_kernel_close(y, general_y, dtype, "y")
+    general_b = _general(monkeypatch, fastbn.batch_norm_backward, dy, x, None, mean, invstd)
+    for got, general, what in zip((dx, dscale, doffset), general_b, ("dx", "dscale", "doffset")):
+        assert_kernel_close(got, general, got.dtype.type, what)
 
 
 # -- the accuracy bar, through the public API -----------------------------------------

@@ -277,9 +277,9 @@ def test_lane_declines_and_changes_nothing(rng, case):
         np.testing.assert_array_equal(np.asarray(kw[k]), v, err_msg=k)
 
 
-def test_lane_follows_the_chosen_backend(rng):
+def test_lane_follows_the_chosen_backend(rng, monkeypatch):
     """use_backend / FASTBN_BACKEND pick the kernels of the lane too; a backend
-    without the fused kernel (the NumPy reference) declines it."""
+    without the fused kernels (the NumPy reference) declines it."""
     kw = _plain_train(rng)
     args = [kw[k] for k in ("x", "scale", "offset", "channel_axis", "eps", "running_mean",
                             "running_var", "momentum", "out")]
@@ -287,11 +287,24 @@ def test_lane_follows_the_chosen_backend(rng):
         assert fastlane.train(*args) is None
         assert fastlane.infer(kw["x"], None, None, kw["scale"], kw["offset"], 1, 1e-5,
                               None) is None
-    if fbn.backends()["cython"] == "available":
-        with fbn.use_backend("cython"):   # the Cython backend has a fused training kernel only
-            assert fastlane.train(*args) is not None
-            assert fastlane.infer(kw["x"], None, None, kw["scale"], kw["offset"], 1, 1e-5,
-                                  None) is None
+    if fbn.backends()["cython"] != "available":
+        return
+    from fastbn.kernels import cpu_cython, cpu_numba
+    ran = []
+    for mod in (cpu_cython, cpu_numba):
+        for name in ("train_small3", "infer_small3", "backward_small3"):
+            kern = getattr(mod, name)
+            monkeypatch.setattr(mod, name, lambda *a, _k=kern, _n=(mod.NAME, name):
+                                ran.append(_n) or _k(*a))
+    with fbn.use_backend("cython"):   # all three fused kernels, Cython's
+        assert fastlane.train(*args) is not None
+        assert fastlane.infer(kw["x"], None, None, kw["scale"], kw["offset"], 1, 1e-5,
+                              None) is not None
+        x = kw["x"]
+        dy = rng.standard_normal(x.shape).astype(x.dtype)
+        assert fastlane.backward(dy, x, kw["scale"], kw["scale"], kw["offset"], 1, None) is not None
+    assert ran == [("cython", "train_small3"), ("cython", "infer_small3"),
+                   ("cython", "backward_small3")]
 
 
 def test_public_functions_still_raise_for_declined_calls(rng):

@@ -97,6 +97,13 @@ CHANNEL_SLAB = 512 << 10
 #: this many values per (outer, channel) row (shorter rows vectorise poorly).
 CHANNEL_MIN_C = 8
 CHANNEL_MIN_I = 16
+#: Channel-blocked inputs (see _channel_blocked) of at least this many values
+#: run the fused channel-by-channel training and backward kernels in parallel
+#: (below SMALL too).  Serial vs parallel, float32, us (train, backward): 2^14
+#: (16,16,64) 10.1 vs 10.4, 16.1 vs 13.9; 2^15 (16,32,64) 18.7 vs 14.6, 29.9 vs
+#: 20.5; 2^16 (16,64,64) 29 vs 19, 47 vs 28, (4,64,256) 22 vs 17, 42 vs 28; 2^17
+#: (32,64,64) 57 vs 40, 99 vs 67.
+FUSED_PARALLEL_FROM = 1 << 15
 #: Up to SMALL, channels-first inputs with fewer values than this per (outer,
 #: channel) run as rows of C*I values (the row form, as channels-last; see
 #: _train_rows) if they have at least 2*I rows (O): the row form costs a few
@@ -885,10 +892,12 @@ def _channel_blocked(x3, arrays):
 
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
-    """Fused training forward: for inputs of at most SMALL values one serial kernel
-    (statistics in one pass shifted by a value of each channel, see _shift);
-    beyond, channels-first inputs whose channel slabs fit CHANNEL_SLAB run that
-    kernel channel by channel in parallel, the rest the parallel primitives
+    """Fused training forward (statistics in one pass shifted by a value of each
+    channel, see _shift): one kernel, serial in the row form (_train_rows; see
+    _row_form) or channel by channel (_train_small, in parallel from
+    FUSED_PARALLEL_FROM values where _channel_blocked) for inputs of at most
+    SMALL values; beyond, channels-first inputs whose channel slabs fit
+    CHANNEL_SLAB run _train_small in parallel, the rest the parallel primitives
     with the per-channel math in one compiled call (_train_large).
 
     x3/out3 (outer, C, inner) float16/32/64 (out3 may be x3); scale/offset/rm/rv
@@ -901,14 +910,12 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
         return
     x3, out3 = _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
-    if x3.size > SMALL:
-        run(_train_small, True, x3, scale, offset, eps, momentum, rm, rv, out3, mean_out,
-            invstd_out)
-    elif k:
+    if k:
         _train_rows.serial(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
                            invstd_out)
     else:
-        _train_small.serial(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
+        run(_train_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 2), x3, scale,
+            offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
 
 
 # -- small inputs: inference and backward in one serial call -------------------
@@ -1056,20 +1063,17 @@ _NOT_GIVEN = np.empty((0, 0))
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):
-    """Fused training backward: one serial kernel (two reads) for inputs of at most
-    SMALL values; beyond, channels-first inputs whose channel slabs fit
-    CHANNEL_SLAB run it channel by channel in parallel, the rest dy_sums3 and
-    affine3 with the coefficients from one compiled call.
+    """Fused training backward: one kernel (two reads; in the row form or channel
+    by channel, as train_small3) for inputs of at most SMALL values; beyond,
+    channels-first inputs whose channel slabs fit CHANNEL_SLAB run it channel by
+    channel in parallel, the rest dy_sums3 and affine3 with the coefficients
+    from one compiled call.
 
     dy3/x3/out3 (outer, C, inner) float16/32/64 (out3 may be dy3 or x3); scale None
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
-    if x3.size > SMALL and _channel_blocked(x3, 3):
-        run(_backward_small, True, _bits(dy3), _bits(x3), 0, scale, mean, invstd, _bits(out3),
-            dscale_out, doffset_out)
-        return
-    if x3.size > SMALL:
+    if x3.size > SMALL and not _channel_blocked(x3, 3):
         C = x3.shape[1]
         m = np.ascontiguousarray(mean, np.float64)
         s1, s2 = dy_sums3(dy3, x3, m)
@@ -1078,5 +1082,6 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
                                dscale_out, doffset_out)
         affine3(x3, m, b, c, out3, dy3, a)
         return
-    _backward_small.serial(_bits(dy3), _bits(x3), _row_form(x3), scale, mean, invstd,
-                           _bits(out3), dscale_out, doffset_out)
+    k = 0 if x3.size > SMALL else _row_form(x3)
+    run(_backward_small, not k and x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 3),
+        _bits(dy3), _bits(x3), k, scale, mean, invstd, _bits(out3), dscale_out, doffset_out)

@@ -96,8 +96,24 @@ def _check_name(name, what):
         raise ValueError(f"{what}: unknown backend {name!r}; expected one of {sorted(_MODULES)}")
 
 
+try:   # FASTBN_BACKEND as CPython's os.environ stores it (its setters update this dict)
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey("FASTBN_BACKEND")
+    _env_decode = os.environ.decodevalue
+except AttributeError:  # another os.environ: read it the ordinary way
+    _ENV_DATA = None
+
+
+def _env_backend():
+    """``os.environ.get("FASTBN_BACKEND")``, read on every call (the fast lane's
+    included) in ~0.1 us instead of ~1.1 us."""
+    if _ENV_DATA is None:
+        return os.environ.get("FASTBN_BACKEND")
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return None if raw is None else _env_decode(raw)
+
+
 def _env_default():
-    name = os.environ.get("FASTBN_BACKEND") or None
+    name = _env_backend() or None
     if name is not None:
         _check_name(name, "FASTBN_BACKEND")
     return name
@@ -132,6 +148,23 @@ def choose(family: str, backend: str | None = None) -> str:
             return name
     raise TypeError(f"no fastbn backend is available for {family} arrays: "
                     + "; ".join(f"{n}: {_reasons.get(n)}" for n in _DEFAULTS[family]))
+
+
+_numpy_defaults: dict[tuple, tuple[str, ModuleType]] = {}
+
+
+def numpy_default() -> ModuleType:
+    """``module(choose("numpy"))``, the default NumPy backend's module, remembered
+    per ``use_backend`` override, ``FASTBN_BACKEND`` value and set of loaded
+    backends (the fast lane asks on every call: ~0.3 us instead of ~2.5)."""
+    key = (_override.get(), _env_backend(), id(_loaded), len(_loaded), len(_reasons))
+    hit = _numpy_defaults.get(key)
+    if hit is not None and _loaded.get(hit[0]) is hit[1]:
+        return hit[1]
+    name = choose("numpy")
+    mod = module(name)
+    _numpy_defaults[key] = (name, mod)
+    return mod
 
 
 def module(name: str) -> ModuleType:

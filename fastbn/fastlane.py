@@ -37,9 +37,7 @@ _F32 = np.dtype(np.float32)
 _FLOATS = (_F16, _F32, np.dtype(np.float64))
 
 
-def _module():
-    """The default NumPy backend's kernel module."""
-    return dispatch.module(dispatch.choose("numpy"))
+_module = dispatch.numpy_default   # the default NumPy backend's kernel module
 
 
 def _kernel(name, x, limit="SMALL", bk=None):

@@ -2,9 +2,10 @@
 
 ``batch_norm_train``, ``batch_norm_infer`` and ``batch_norm_backward`` take
 them for NumPy float16/32/64 C-contiguous input of at most ``cpu_numba.SMALL``
-values on the Numba backend.  Its channels-last
-kernel walks k rows at a time as one wide row; shapes here cover wide rows
-only, leftover rows only, and both.
+values on the Numba backend.  Channels-last input, and channels-first input
+with short rows, run as rows of C*I values, k rows at a time as one wide row
+(the row form); shapes here cover wide rows only, leftover rows only, and
+both, and channel-by-channel input run serially and in parallel.
 """
 
 import numpy as np
@@ -17,7 +18,11 @@ numba_backend = pytest.importorskip("fastbn.kernels.cpu_numba")
 pytestmark = pytest.mark.skipif(fbn.backends()["numba"] != "available", reason="needs numba")
 
 SHAPES = [((16, 4), -1), ((50, 3), -1), ((64, 1), -1), ((2500, 30), -1), ((1000, 33), -1),
-          ((2, 7), -1), ((7, 3, 5, 5), 1), ((3, 5, 4, 2), -1), ((6, 65, 3), 1), ((2, 1), 1)]
+          ((2, 7), -1), ((7, 3, 5, 5), 1), ((3, 5, 4, 2), -1), ((6, 65, 3), 1), ((2, 1), 1),
+          # channels-first in the row form: one row per wide row; wide rows and leftovers
+          ((40, 6, 4, 4), 1), ((33, 5, 3), 1), ((9, 4, 2, 2), 1),
+          # channel by channel, in parallel (FUSED_PARALLEL_FROM)
+          ((40, 16, 8, 8), 1)]
 
 
 @pytest.mark.parametrize("dtype", ref.DTYPES)
@@ -52,6 +57,22 @@ def test_small_path_matches_reference(rng, monkeypatch, shape, axis, dtype, affi
     y2, _, _ = fbn.batch_norm_train(x, scale, offset, channel_axis=axis, out=x, backend="numba")
     assert y2 is x
     ref.assert_close(x, want[0])
+
+
+def test_shapes_cover_every_loop_nest():
+    forms = set()
+    for shape, axis in SHAPES:
+        ax = axis % len(shape)
+        s3 = (int(np.prod(shape[:ax])), shape[ax], int(np.prod(shape[ax + 1:])))
+        x3 = np.empty(s3, np.float32)
+        k = numba_backend._row_form(x3)
+        parallel = (numba_backend._channel_blocked(x3, 3)
+                    and x3.size >= numba_backend.FUSED_PARALLEL_FROM)
+        # rows: (channels-last, several rows per wide row, leftover rows); else parallel
+        forms.add(("rows", s3[2] == 1, k > 1, s3[0] % max(k, 1) > 0) if k
+                  else ("channels", parallel))
+    assert {("rows", False, False, False), ("rows", False, True, True), ("rows", True, True, True),
+            ("channels", False), ("channels", True)} <= forms
 
 
 def _param_dtype(dtype):

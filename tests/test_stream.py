@@ -159,6 +159,7 @@ def cython_streamed(monkeypatch):
         return verdicts[-1]
     monkeypatch.setattr(cy, "STREAM_FROM", 0)
     monkeypatch.setattr(cy, "STREAM_FROM_CL", 0)
+    monkeypatch.setattr(cy, "SMALL", 0)   # not the fused small kernels: affine3
     monkeypatch.setattr(cy, "_streamable", spy)
     return cy, verdicts
 
@@ -200,6 +201,7 @@ def test_streaming_from_threads(streamed, monkeypatch, rng, backend):
             pytest.skip(cy.unavailable_reason())
         monkeypatch.setattr(cy, "STREAM_FROM", 0)
         monkeypatch.setattr(cy, "STREAM_FROM_CL", 0)
+        monkeypatch.setattr(cy, "SMALL", 0)   # affine3, not the fused small kernels
     xs = [rng.standard_normal((6, 5, 301)).astype(np.float32) for _ in range(8)]
     xs += [rng.standard_normal((700, 24)).astype(np.float32) for _ in range(8)]
 

@@ -702,20 +702,33 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
 
 
 @helper
-def _widened_sums(xw, xr, shift, I):
-    """Per-channel sum of (x - shift[c]) and of its square over an (R, C*I) matrix (the
-    row form, see _train_rows) given as ``xw`` (R // k, k*C*I): k rows per wide row,
-    so the inner loop is long and a multiple of the vector width even for C*I = 4
-    (see _widen), and ``xr`` (R % k, C*I), the rows left over, summed into the
-    first C*I columns (the same channels).  shift: (C,)."""
-    W = xw.shape[1]
-    CI = xr.shape[1]
+def _widened_sums(x2, k, shift, I):
+    """Per-channel sum of (x - shift[c]) and of its square over an (R, C*I) matrix x2
+    (the row form, see _train_rows), k rows per wide row, so the inner loop is long
+    and a multiple of the vector width even for C*I = 4 (see _widen), and the
+    rows left over (see _segment).  shift: (C,)."""
+    R, CI = x2.shape
+    W = k * CI
     sw = np.zeros(W)
     qw = np.zeros(W)
     sh = _tiled(shift, W, I)
-    _shifted_row_sums(xw, 0, xw.shape[0], sh, sw, qw)
-    _shifted_row_sums(xr, 0, xr.shape[0], sh[:CI], sw[:CI], qw[:CI])
+    for seg in range(2):
+        r0, r1, nr, w = _segment(seg, R, k, CI)
+        _shifted_row_sums(x2[r0:r1].reshape(nr, w), 0, nr, sh, sw, qw)
     return _folded(sw, shift.size, I), _folded(qw, shift.size, I)
+
+
+@helper
+def _segment(seg, O, k, CI):
+    """(r0, r1, nr, w): rows r0 <= r < r1 of an (O, C*I) matrix in the row form seen as
+    nr rows of w values -- seg 0 the wide rows (k rows each), seg 1 the rows left
+    over.  A row left over reads the first C*I entries of a wide row's tables (the
+    same channels).  Kernels loop over both segments so that each row loop is
+    inlined once (two call sites doubled the compile time)."""
+    main = (O // k) * k
+    if seg == 0:
+        return 0, main, main // k, k * CI
+    return main, O, O - main, CI
 
 
 @helper
@@ -792,14 +805,12 @@ def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, inv
     CI = C * I
     W = k * CI
     n = R * I
-    main = (R // k) * k
     x2 = x3.reshape(R, CI)
     y2 = out3.reshape(R, CI)
-    xw = x2[:main].reshape(R // k, W)
     shift = np.empty(C)
     for c in range(C):
         shift[c] = _shift(x2[0, c * I])
-    s, q = _widened_sums(xw, x2[main:], shift, I)
+    s, q = _widened_sums(x2, k, shift, I)
     a = np.empty(C)
     b = np.empty(C)
     mu = np.empty(C)
@@ -817,8 +828,9 @@ def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, inv
         a[c], b[c] = _train_channel(c, mu[c], m2, n, eps, scale, offset, mean_out, invstd_out)
         _running_channel(c, mu[c], m2, n, momentum, rm, rv)
     mw, aw, bw = _tiled(mu, W, I), _tiled(a, W, I), _tiled(b, W, I)
-    _affine_rows(xw, mw, aw, bw, y2[:main].reshape(R // k, W))
-    _affine_rows(x2[main:], mw[:CI], aw[:CI], bw[:CI], y2[main:])
+    for seg in range(2):
+        r0, r1, nr, w = _segment(seg, R, k, CI)
+        _affine_rows(x2[r0:r1].reshape(nr, w), mw, aw, bw, y2[r0:r1].reshape(nr, w))
 
 
 def _row_form(x3):
@@ -983,54 +995,60 @@ def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work, given):
 
 
 @kernel
-def _backward_small(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out):
-    """Training backward: k = 0 channel by channel (channels-first: both passes on one
-    channel's slab of x and dy, in L2 after the first: see CHANNEL_SLAB), else in
-    the row form, k rows per wide row (see _train_rows, _row_form)."""
+def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
+    """Training backward, channels-first, channel by channel: both passes on one
+    channel's slab of x and dy, in L2 after the first (see CHANNEL_SLAB)."""
     O, C, I = x.shape
     n = O * I
-    if k == 0:
-        for c in prange(C):
-            mc = np.float64(mean[c])
-            t1 = 0.0
-            t2 = 0.0
-            for o in range(O):
-                xs = x[o, c]
-                ds = dy[o, c]
-                for i in range(xs.size):
-                    d = ld(ds[i])
-                    t1 += d
-                    t2 += d * (ld(xs[i]) - mc)
-            ac, bc, ccc = _backward_channel(c, t1, t2, n, scale, invstd, dscale_out, doffset_out)
-            for o in range(O):
-                xs = x[o, c]
-                ds = dy[o, c]
-                ys = out[o, c]
-                for i in range(xs.size):
-                    ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
-        return
-    # the row form (see _train_rows): (4096, 16, 1) 52 -> 40 us, (2500, 30, 1) 71 -> 44,
-    # (64, 16, 1) 2.0 -> 2.6; (64, 32, 16) 34 -> 20, (64, 16, 4) 13.5 -> 4.3
+    for c in prange(C):
+        mc = np.float64(mean[c])
+        t1 = 0.0
+        t2 = 0.0
+        for o in range(O):
+            xs = x[o, c]
+            ds = dy[o, c]
+            for i in range(xs.size):
+                d = ld(ds[i])
+                t1 += d
+                t2 += d * (ld(xs[i]) - mc)
+        ac, bc, ccc = _backward_channel(c, t1, t2, n, scale, invstd, dscale_out, doffset_out)
+        for o in range(O):
+            xs = x[o, c]
+            ds = dy[o, c]
+            ys = out[o, c]
+            for i in range(xs.size):
+                ys[i] = cast(bc * (ld(xs[i]) - mc) + ccc + ac * ld(ds[i]), ys)
+
+
+@kernel
+def _backward_rows(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out):
+    """Training backward in the row form, k rows per wide row (see _train_rows,
+    _row_form): (4096, 16, 1) 52 -> 40 us, (2500, 30, 1) 71 -> 44, (64, 16, 1)
+    2.0 -> 2.6; (64, 32, 16) 34 -> 20, (64, 16, 4) 13.5 -> 4.3 against the
+    channel-by-channel kernels.  A kernel of its own: one holding both forms took
+    twice as long to compile (8.6 vs 4.5 s a signature)."""
+    O, C, I = x.shape
+    n = O * I
     CI = C * I
-    W = k * CI
-    main = (O // k) * k
     x2 = x.reshape(O, CI)
     d2 = dy.reshape(O, CI)
     y2 = out.reshape(O, CI)
-    xw = x2[:main].reshape(O // k, W)
-    dw = d2[:main].reshape(O // k, W)
-    t = np.zeros((6, W))   # mean, a, b, cc along a wide row; the two sums (one allocation)
+    t = np.zeros((6, k * CI))   # mean, a, b, cc along a wide row; the sums (one allocation)
     _tile_into(mean, I, t[0])
     s = t[4:]
-    _dy_row_sums(dw, xw, t[0], 0, dw.shape[0], s[0], s[1])
-    _dy_row_sums(d2[main:], x2[main:], t[0, :CI], 0, O - main, s[0, :CI], s[1, :CI])
+    for seg in range(2):
+        r0, r1, nr, w = _segment(seg, O, k, CI)
+        _dy_row_sums(d2[r0:r1].reshape(nr, w), x2[r0:r1].reshape(nr, w), t[0], 0, nr, s[0],
+                     s[1])
     abc = np.empty((3, C))
     _backward_coefficients(_folded(s[0], C, I), _folded(s[1], C, I), n, scale, invstd,
                            abc[0], abc[1], abc[2], dscale_out, doffset_out)
     for e in range(3):
         _tile_into(abc[e], I, t[e + 1])
-    _dx_rows(dw, xw, t[0], t[1], t[2], t[3], y2[:main].reshape(O // k, W))
-    _dx_rows(d2[main:], x2[main:], t[0, :CI], t[1, :CI], t[2, :CI], t[3, :CI], y2[main:])
+    for seg in range(2):
+        r0, r1, nr, w = _segment(seg, O, k, CI)
+        _dx_rows(d2[r0:r1].reshape(nr, w), x2[r0:r1].reshape(nr, w), t[0], t[1], t[2], t[3],
+                 y2[r0:r1].reshape(nr, w))
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
@@ -1082,6 +1100,10 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
                                dscale_out, doffset_out)
         affine3(x3, m, b, c, out3, dy3, a)
         return
+    dy3, x3, out3 = _bits(dy3), _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
-    run(_backward_small, not k and x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 3),
-        _bits(dy3), _bits(x3), k, scale, mean, invstd, _bits(out3), dscale_out, doffset_out)
+    if k:
+        _backward_rows.serial(dy3, x3, k, scale, mean, invstd, out3, dscale_out, doffset_out)
+    else:
+        run(_backward_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 3), dy3, x3,
+            scale, mean, invstd, out3, dscale_out, doffset_out)

@@ -157,13 +157,24 @@ def batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=1):
 RTOL = {np.dtype(np.float16): 1e-3, np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
-def assert_close(actual, expected, what="", rtol=None):
+def abs_reduction(terms, axes, keepdims=False, mean=False):
+    """Sum (or mean) of ``|terms|`` over ``axes``, in float64: the ``magnitude``
+    that ``assert_close`` judges that reduction of ``terms`` by."""
+    a = np.abs(f64(terms))
+    return a.mean(axis=axes, keepdims=keepdims) if mean else a.sum(axis=axes, keepdims=keepdims)
+
+
+def assert_close(actual, expected, what="", rtol=None, magnitude=0.0):
     """fastbn's ``actual`` against the float64 oracle's ``expected``.
 
-    ``|actual - expected| <= rtol * (|expected| + max|expected|)``: relative to
-    each value and to the magnitude of the whole output (so values near zero
-    are judged on the output's scale, as rounding to float16 requires).
-    NaN must match NaN.  ``rtol`` defaults to ``RTOL[actual.dtype]``.
+    ``|actual - expected| <= rtol * (|expected| + max|expected| + magnitude)``:
+    relative to each value and to the magnitude of the whole output (so values
+    near zero are judged on the output's scale, as rounding to float16
+    requires).  For a sum or mean, pass ``magnitude`` = the same reduction of
+    the terms' absolute values (see ``abs_reduction``): a sum's rounding error
+    scales with that, and a sum that cancels to nearly zero is otherwise judged
+    on its own tiny size (CI once failed a C=1 float64 mean of 1.9e-4, right to
+    7e-16).  NaN must match NaN.  ``rtol`` defaults to ``RTOL[actual.dtype]``.
     """
     actual = np.asarray(actual)
     expected = np.broadcast_to(f64(expected), actual.shape)
@@ -173,7 +184,8 @@ def assert_close(actual, expected, what="", rtol=None):
     finite = np.isfinite(expected)
     scale = np.max(np.abs(expected[finite]), initial=0.0)
     err = np.abs(a - expected)
-    ok = np.where(finite, err <= rtol * (np.abs(expected) + scale),
+    bound = rtol * (np.abs(expected) + scale + np.broadcast_to(f64(magnitude), a.shape))
+    ok = np.where(finite, err <= bound,
                   (a == expected) | (np.isnan(a) & np.isnan(expected)))
     if not ok.all():
         bad = np.argwhere(~ok)

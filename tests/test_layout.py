@@ -56,16 +56,18 @@ def _check_vector(v, C, x):
     assert isinstance(v, np.ndarray) and v.shape == (C,) and v.dtype == ref.param_dtype(x.dtype)
 
 
-def _check_results(got, expected, names, x, C):
+def _check_results(got, expected, names, x, C, magnitudes=None):
     """``got[0]`` is an array like ``x``, the others length-C vectors (see _check_vector);
-    each is close to the oracle's value in ``expected``, named by a word of ``names``."""
+    each is close to the oracle's value in ``expected``, named by a word of ``names``.
+    ``magnitudes`` maps a name to the ``magnitude`` of a reduction (ref.assert_close)."""
     names = names.split()
+    magnitudes = magnitudes or {}
     assert len(got) == len(expected) == len(names)
     _check_output(got[0], x)
     for v in got[1:]:
         _check_vector(v, C, x)
     for g, e, name in zip(got, expected, names):
-        ref.assert_close(g, e, name)
+        ref.assert_close(g, e, name, magnitude=magnitudes.get(name, 0.0))
 
 
 @every_case
@@ -75,7 +77,7 @@ def test_moments(backend, make_array, shape, axis, memory, dtype):
     mean, var = fbn.moments(x, axes, keepdims=True, backend=backend)
     emean, evar = ref.moments(x, axes, keepdims=True)
     assert mean.shape == emean.shape and mean.dtype == ref.param_dtype(dtype)
-    ref.assert_close(mean, emean, "mean")
+    ref.assert_close(mean, emean, "mean", magnitude=ref.abs_reduction(x, axes, True, mean=True))
     ref.assert_close(var, evar, "var")
 
 
@@ -102,8 +104,10 @@ def test_batch_norm_train(backend, make_array, rng, shape, axis, memory, dtype):
                                            backend=backend)
     ey, emean, einvstd, ermean, ervar = ref.batch_norm_train(
         x, scale, offset, axis, 1e-3, rmean0, rvar0, 0.3)
+    abs_mean = ref.abs_reduction(x, ref.reduced_axes(x.ndim, axis), mean=True)
     _check_results((y, mean, invstd, rmean, rvar), (ey, emean, einvstd, ermean, ervar),
-                   "y mean invstd running_mean running_var", x, C)
+                   "y mean invstd running_mean running_var", x, C,
+                   {"mean": abs_mean, "running_mean": abs_mean})
 
 
 @every_case
@@ -128,7 +132,11 @@ def test_batch_norm_backward(backend, make_array, rng, shape, axis, memory, dtyp
     dx, dscale, doffset = fbn.batch_norm_backward(dy, x, scale, mean, invstd, channel_axis=axis,
                                                   backend=backend)
     edx, edscale, edoffset = ref.batch_norm_backward(dy, x, scale, mean, invstd, axis)
-    _check_results((dx, dscale, doffset), (edx, edscale, edoffset), "dx dscale doffset", x, C)
+    axes = ref.reduced_axes(x.ndim, axis)
+    xhat = (ref.f64(x) - ref.along(mean, x.ndim, axis)) * ref.along(invstd, x.ndim, axis)
+    _check_results((dx, dscale, doffset), (edx, edscale, edoffset), "dx dscale doffset", x, C,
+                   {"dscale": ref.abs_reduction(ref.f64(dy) * xhat, axes),
+                    "doffset": ref.abs_reduction(dy, axes)})
 
 
 @pytest.mark.parametrize("memory", ["C", "F"])

@@ -35,6 +35,10 @@ from setuptools.command.build_py import build_py
 
 PYX = os.path.join("kernels", "_cython_kernels.pyx")
 MODULE = "fastbn.kernels._cython_kernels"
+#: The fast lane's compiled argument checks (no OpenMP, one build for every CPU);
+#: fastbn/fastlane.py runs its Python twins when this is missing.
+LANE_PYX = os.path.join("kernels", "_lane_checks.pyx")
+LANE_MODULE = "fastbn.kernels._lane_checks"
 #: Written next to the extension when it could not be built; read by kernels/_isa.py.
 FAILED_NOTE = "_cython_build_failed.txt"
 
@@ -96,8 +100,15 @@ class OptionalBuildExt(build_ext):
                   "Python headers and reinstall to get it.")
             if _flag("FASTBN_REQUIRE_EXT"):
                 raise SystemExit(f"FASTBN_REQUIRE_EXT=1 and the Cython backend failed to build: {why}")
+        lane_failed = [exc for name, exc in self._failed if name == LANE_MODULE]
+        if lane_failed:
+            _warn(f"fastbn: the fast lane's compiled checks were not built ({lane_failed[0]}); "
+                  "its Python checks are used (same results, ~5 us more per small call)")
+            if _flag("FASTBN_REQUIRE_EXT"):
+                raise SystemExit(f"FASTBN_REQUIRE_EXT=1 and {LANE_MODULE} failed to build: "
+                                 f"{lane_failed[0]}")
         for name, exc in [] if base_failed else self._failed:
-            if name != MODULE:
+            if name not in (MODULE, LANE_MODULE):
                 _warn(f"fastbn: the {name} variant was not built ({exc}); the portable "
                       "build is used on CPUs it would have served (slower, same results)")
 
@@ -179,14 +190,25 @@ def extensions(dist_note):
         dist_note(f"Cython/NumPy not importable at build time ({exc})")
         return []
     cflags, lflags = _compile_args()
-    ext = Extension(MODULE, [PYX], include_dirs=[numpy.get_include()], extra_compile_args=cflags,
-                    extra_link_args=lflags,
-                    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+    npy = dict(include_dirs=[numpy.get_include()],
+               define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+    ext = Extension(MODULE, [PYX], extra_compile_args=cflags, extra_link_args=lflags, **npy)
     try:
-        return cythonize([ext], language_level=3, quiet=True)
+        exts = cythonize([ext], language_level=3, quiet=True)
     except Exception as exc:  # noqa: BLE001 - a Cython compile error
         dist_note(f"cythonize failed ({type(exc).__name__}: {exc})")
         return []
+    lane = Extension(LANE_MODULE, [LANE_PYX], **npy,
+                     extra_compile_args=[f for f in cflags if "openmp" not in f],
+                     extra_link_args=[f for f in lflags if "openmp" not in f])
+    try:   # apart: without it the backend still builds, and the lane checks in Python
+        exts += cythonize([lane], language_level=3, quiet=True)
+    except Exception as exc:  # noqa: BLE001
+        _warn(f"fastbn: the fast lane's compiled checks will not be built ({exc}); its "
+              "Python checks are used (same results, ~5 us more per small call)")
+        if _flag("FASTBN_REQUIRE_EXT"):
+            raise SystemExit(f"FASTBN_REQUIRE_EXT=1 and {LANE_PYX} failed to cythonize: {exc}")
+    return exts
 
 
 class BuildPy(build_py):

@@ -24,9 +24,21 @@ argument is already what the backend's fused entry points take unchanged:
 Anything else returns None, and the caller runs the general path, which gives
 the same numbers for these calls and every error message for the rest: this
 module never raises for bad input.
+
+The checks themselves cost more than a few-KB kernel when written in Python
+(~40 NumPy attribute reads and comparisons at 0.1-0.2 us each), so they are
+compiled (``fastbn.kernels._lane_checks``, built by ``setup.py`` with the
+Cython backend, but without OpenMP and for every CPU alike) and this module
+holds their Python twins (``train_args``, ``infer_args``, ``backward_args``),
+used where the extension is not built.  ``checks`` is the one in use.  The two
+decide alike except on overlaps: the compiled checks compare byte ranges
+(every array here is one dense block), the Python ones accept only distinct
+arrays that own their memory or that ``np.may_share_memory`` clears, and
+decline a few more calls (disjoint views of one buffer) to the general path.
 """
 
 import math
+import sys
 
 import numpy as np
 
@@ -34,57 +46,120 @@ from . import dispatch
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
-_FLOATS = (_F16, _F32, np.dtype(np.float64))
-
+_F64 = np.dtype(np.float64)
+#: data dtype -> per-channel dtype (float32 for float16 data)
+_PDT = {_F16: _F32, _F32: _F32, _F64: _F64}
 
 _module = dispatch.numpy_default   # the default NumPy backend's kernel module
 
 
-def _kernel(name, x, limit="SMALL", bk=None):
-    """The default NumPy backend's (or ``bk``'s) fused kernel ``name`` when the
-    backend has it and it takes ``x``'s dtype and size (0 < size <= the
-    backend's ``limit``); else None."""
-    bk = bk or _module()
+# -- the lane ------------------------------------------------------------------------
+# The backend's attributes are read afresh on every call (tests and users swap
+# them), but only these few.  Backends with fused kernels take float16/32/64.
+
+def _kernel(name, f64_stats=False):
+    """``(kern, limit)``: the default NumPy backend's fused kernel ``name`` and the
+    largest input it takes (FUSED_MAX, else SMALL); None when it has none (or,
+    with ``f64_stats``, writes no float64 statistics: F64_STATS)."""
+    bk = _module()
     kern = getattr(bk, name, None)
-    if (kern is None or type(x) is not np.ndarray or x.dtype not in bk.SMALL_DTYPES
-            or not 0 < x.size <= getattr(bk, limit, bk.SMALL)):
+    if kern is None or (f64_stats and not getattr(bk, "F64_STATS", False)):
         return None
-    return kern
+    return kern, getattr(bk, "FUSED_MAX", bk.SMALL)
 
 
-def _layout(x, channel_axis):
-    """``(shape3, order)`` when ``x``'s memory is one of the two layouts the fused
-    kernels take as it is: C-contiguous (``order`` None; ``shape3`` = (outer,
-    C, inner)), or C-contiguous with the channel axis moved last (``order``:
-    that transpose; ``shape3`` = (rows, C, 1)) -- a channels_last tensor's
-    NumPy view, an NHWC array seen as NCHW.  None otherwise, or for a bad
-    ``channel_axis``."""
+def train(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
+          f64_stats=False):
+    """``batch_norm_train`` for the common small call: ``(y, mean, invstd)``, or None.
+
+    ``f64_stats``: ``mean``/``invstd`` as the kernel computed them, in float64
+    (``layer.train_forward_f64``); None where the backend's kernel writes only
+    the per-channel dtype (its ``F64_STATS`` false)."""
+    k = _kernel("train_small3", f64_stats)
+    a = None if k is None else checks.train_args(x, scale, offset, channel_axis, eps, running_mean,
+                                                 running_var, momentum, out, k[1], f64_stats)
+    if a is None:
+        return None
+    x3, y, y3, mean, invstd = a
+    k[0](x3, scale, offset, eps, momentum, running_mean, running_var, y3, mean, invstd)
+    return y, mean, invstd
+
+
+def infer(x, scale, offset, mean, var, channel_axis, eps, out):
+    """``batch_norm_infer`` for the common small call: ``y``, or None."""
+    k = _kernel("infer_small3")
+    a = None if k is None else checks.infer_args(x, scale, offset, mean, var, channel_axis, eps,
+                                                 out, k[1])
+    if a is None:
+        return None
+    x3, y, y3 = a
+    k[0](x3, scale, offset, mean, var, eps, y3)
+    return y
+
+
+def backward(dy, x, scale, mean, invstd, channel_axis, out):
+    """``batch_norm_backward`` for the common small call: ``(dx, dscale, doffset)``, or None."""
+    k = _kernel("backward_small3")
+    a = None if k is None else checks.backward_args(dy, x, scale, mean, invstd, channel_axis, out,
+                                                    k[1])
+    if a is None:
+        return None
+    dy3, x3, dx, dx3, dscale, doffset = a
+    k[0](dy3, x3, scale, mean, invstd, dx3, dscale, doffset)
+    return dx, dscale, doffset
+
+
+# -- the checks in Python (kernels/_lane_checks.pyx has the compiled ones) -----------
+# Each ``*_args`` takes the public function's arguments and the size ``limit``,
+# and returns None or the kernel's arguments: (outer, C, inner) views, new outputs.
+
+def _plan(x, channel_axis, limit):
+    """``(pdt, shape3, order)`` for a call on ``x``, or None.
+
+    ``x`` must be exactly an ndarray of float16/32/64 with 0 < size <= ``limit``,
+    and its memory one of the two layouts the kernels take as they are:
+    C-contiguous (``order`` None; ``shape3`` = (outer, C, inner)), or
+    C-contiguous with the channel axis moved last (``order``: that transpose;
+    ``shape3`` = (rows, C, 1)) -- a channels_last tensor's NumPy view, an NHWC
+    array seen as NCHW.  ``pdt`` is the per-channel dtype."""
+    if type(x) is not np.ndarray or type(channel_axis) is not int:
+        return None
+    pdt = _PDT.get(x.dtype)
+    if pdt is None or not 0 < x.size <= limit:
+        return None
     shape = x.shape
     nd = len(shape)
-    if type(channel_axis) is not int or not -nd <= channel_axis < nd:
+    if not -nd <= channel_axis < nd:
         return None
     ax = channel_axis % nd
     if x.flags.c_contiguous:
-        return (math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])), None
+        return pdt, (math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])), None
     order = tuple(i for i in range(nd) if i != ax) + (ax,)
     if x.transpose(order).flags.c_contiguous:
-        return (x.size // shape[ax], shape[ax], 1), order
+        return pdt, (x.size // shape[ax], shape[ax], 1), order
     return None
 
 
 def _as3(a, s3, order):
-    """``a``'s (outer, C, inner) view in ``x``'s layout (see _layout), or None if
+    """``a``'s (outer, C, inner) view in ``x``'s layout (see _plan), or None if
     ``a``'s memory is laid out otherwise."""
     t = a if order is None else a.transpose(order)
     return t.reshape(s3) if t.flags.c_contiguous else None
 
 
-def _vec(v, C, dtype=None):
-    """None, or a C-contiguous (C,) float16/32/64 ndarray (of ``dtype`` if given)."""
-    if v is None:
-        return True
-    return (type(v) is np.ndarray and v.shape == (C,) and v.flags.c_contiguous
-            and (v.dtype == dtype if dtype is not None else v.dtype in _FLOATS))
+def _vectors(C, dtype, *vs):
+    """True if every one of ``vs`` is None or a C-contiguous (C,) ndarray of
+    ``dtype`` (of any of float16/32/64 when ``dtype`` is None)."""
+    c1 = (C,)
+    for v in vs:
+        if v is None:
+            continue
+        if type(v) is not np.ndarray or v.shape != c1 or not v.flags.c_contiguous:
+            return False
+        dt = v.dtype
+        if dt is not dtype and (dt != dtype if dtype is not None else dt not in _PDT):
+            return False
+    return True
 
 
 def _apart(written, others):
@@ -96,9 +171,14 @@ def _apart(written, others):
     asked of ``np.may_share_memory`` (bounds only: a "maybe" sends the call to
     the general path, which asks exactly; ~0.7 us a pair, less than reading an
     array's address through ``__array_interface__``)."""
+    written = [w for w in written if w is not None]
     arrays = written + [o for o in others if o is not None]
-    if len({id(a) for a in arrays}) == len(arrays) and all(a.flags.owndata for a in arrays):
-        return True
+    if len({id(a) for a in arrays}) == len(arrays):
+        for a in arrays:
+            if not a.flags.owndata:
+                break
+        else:
+            return True
     for i, w in enumerate(written):
         for o in arrays[i + 1:]:
             if o is w or (not (w.flags.owndata and o.flags.owndata)
@@ -107,109 +187,101 @@ def _apart(written, others):
     return True
 
 
-def _out(out, x, data):
-    """The array the fused kernel writes: new (``out`` None: like ``x``, in its
-    memory order), ``out`` if it is one of ``data`` (x, dy) or a writeable
-    ndarray like ``x`` (whose layout and overlaps the caller checks), else None."""
+def _out(out, x, dy, s3, order):
+    """``(y, y3)``: the array the fused kernel writes and its (outer, C, inner)
+    view: new (``out`` None: like ``x``, in its memory order), else ``out`` if it
+    is ``x``, ``dy`` or an ndarray like ``x`` in ``x``'s layout, and writeable;
+    else None."""
     if out is None:
-        return np.empty_like(x)
-    if not (out is x or any(out is d for d in data) or (
-            type(out) is np.ndarray and out.dtype == x.dtype and out.shape == x.shape)):
+        y = np.empty_like(x)
+    elif out is not x and out is not dy and (
+            type(out) is not np.ndarray or out.shape != x.shape
+            or (out.dtype is not x.dtype and out.dtype != x.dtype)):
         return None
-    return out if out.flags.writeable else None
-
-
-def _written(out, y, data):
-    """[y] if the kernel writes into the caller's ``out`` (it must then not overlap
-    anything), [] for a new array; and the data it must be apart from."""
-    if out is None:
-        return [], list(data)
-    return [y], [d for d in data if d is not y]
-
-
-def train(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
-          f64_stats=False):
-    """``batch_norm_train`` for the common small call: ``(y, mean, invstd)``, or None.
-
-    ``f64_stats``: ``mean``/``invstd`` as the kernel computed them, in float64
-    (``layer.train_forward_f64``); None where the backend's kernel writes only
-    the per-channel dtype (its ``F64_STATS`` false)."""
-    bk = _module()
-    kern = _kernel("train_small3", x, "FUSED_MAX", bk)
-    if f64_stats and not getattr(bk, "F64_STATS", False):
+    elif not out.flags.writeable:
         return None
-    lay = None if kern is None else _layout(x, channel_axis)
-    if lay is None:
-        return None
-    s3, order = lay
-    if (s3[0] * s3[2] < 2 or type(eps) is not float or not eps >= 0.0
+    else:
+        y = out
+    y3 = _as3(y, s3, order)
+    return None if y3 is None else (y, y3)
+
+
+def train_args(x, scale, offset, channel_axis, eps, running_mean, running_var, momentum, out,
+               limit, f64_stats):
+    """``(x3, y, y3, mean, invstd)`` for ``train_small3``, or None; ``mean``/``invstd``
+    new, float64 with ``f64_stats``, else of the per-channel dtype."""
+    p = _plan(x, channel_axis, limit)
+    if (p is None or p[1][0] * p[1][2] < 2 or type(eps) is not float or not eps >= 0.0
             or type(momentum) is not float or not 0.0 <= momentum <= 1.0):
         return None
+    pdt, s3, order = p
     C = s3[1]
-    pdt = _F32 if x.dtype == _F16 else x.dtype
-    if not (_vec(scale, C, pdt) and _vec(offset, C, pdt) and _vec(running_mean, C, pdt)
-            and _vec(running_var, C, pdt)):
+    if not _vectors(C, pdt, scale, offset, running_mean, running_var):
         return None
-    running = [r for r in (running_mean, running_var) if r is not None]
-    y = _out(out, x, ())
-    if y is None or not all(r.flags.writeable for r in running):
+    for r in (running_mean, running_var):
+        if r is not None and not r.flags.writeable:
+            return None
+    yy = _out(out, x, None, s3, order)
+    if yy is None:
         return None
-    y3 = _as3(y, s3, order)
-    written, data = _written(out, y, (x,))
-    if y3 is None or ((written or running)
-                      and not _apart(running + written, data + [scale, offset])):
+    y, y3 = yy
+    if out is not None:
+        ok = _apart([running_mean, running_var, y], [scale, offset] + ([] if y is x else [x]))
+    else:
+        ok = _apart([running_mean, running_var], [x, scale, offset])
+    if not ok:
         return None
-    sdt = np.float64 if f64_stats else pdt
-    mean, invstd = np.empty(C, sdt), np.empty(C, sdt)
-    kern(_as3(x, s3, order), scale, offset, eps, momentum, running_mean, running_var, y3, mean,
-         invstd)
-    return y, mean, invstd
+    sdt = _F64 if f64_stats else pdt
+    return _as3(x, s3, order), y, y3, np.empty(C, sdt), np.empty(C, sdt)
 
 
-def infer(x, scale, offset, mean, var, channel_axis, eps, out):
-    """``batch_norm_infer`` for the common small call: ``y``, or None."""
-    kern = _kernel("infer_small3", x, "FUSED_MAX")
-    lay = None if kern is None else _layout(x, channel_axis)
-    if lay is None or type(eps) is not float or not eps >= 0.0:
+def infer_args(x, scale, offset, mean, var, channel_axis, eps, out, limit):
+    """``(x3, y, y3)`` for ``infer_small3``, or None."""
+    if mean is None or var is None or type(eps) is not float or not eps >= 0.0:
         return None
-    s3, order = lay
+    p = _plan(x, channel_axis, limit)
+    if p is None or not _vectors(p[1][1], None, scale, offset, mean, var):
+        return None
+    _, s3, order = p
+    yy = _out(out, x, None, s3, order)
+    if yy is None:
+        return None
+    y, y3 = yy
+    if out is not None and not _apart(
+            [y], [scale, offset, mean, var] + ([] if y is x else [x])):
+        return None
+    return _as3(x, s3, order), y, y3
+
+
+def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
+    """``(dy3, x3, dx, dx3, dscale, doffset)`` for ``backward_small3``, or None;
+    ``dscale``/``doffset`` new, of the per-channel dtype."""
+    if (mean is None or invstd is None or type(dy) is not np.ndarray
+            or type(x) is not np.ndarray or dy.shape != x.shape
+            or (dy.dtype is not x.dtype and dy.dtype != x.dtype)):
+        return None
+    p = _plan(x, channel_axis, limit)
+    if p is None:
+        return None
+    pdt, s3, order = p
     C = s3[1]
-    if not (_vec(scale, C) and _vec(offset, C) and mean is not None and _vec(mean, C)
-            and var is not None and _vec(var, C)):
-        return None
-    y = _out(out, x, ())
-    y3 = None if y is None else _as3(y, s3, order)
-    if y3 is None:
-        return None
-    written, data = _written(out, y, (x,))
-    if written and not _apart(written, data + [scale, offset, mean, var]):
-        return None
-    kern(_as3(x, s3, order), scale, offset, mean, var, eps, y3)
-    return y
-
-
-def backward(dy, x, scale, mean, invstd, channel_axis, out):
-    """``batch_norm_backward`` for the common small call: ``(dx, dscale, doffset)``, or None."""
-    kern = _kernel("backward_small3", x, "FUSED_MAX")
-    lay = None if kern is None else _layout(x, channel_axis)
-    if lay is None or type(dy) is not np.ndarray or dy.dtype != x.dtype or dy.shape != x.shape:
-        return None
-    s3, order = lay
     dy3 = _as3(dy, s3, order)
-    if dy3 is None:
+    if dy3 is None or not _vectors(C, None, scale, mean, invstd):
         return None
-    C = s3[1]
-    if not (_vec(scale, C) and mean is not None and _vec(mean, C) and invstd is not None
-            and _vec(invstd, C)):
+    dd = _out(out, x, dy, s3, order)
+    if dd is None:
         return None
-    dx = _out(out, x, (dy,))
-    dx3 = None if dx is None else _as3(dx, s3, order)
-    if dx3 is None:
+    dx, dx3 = dd
+    if out is not None and not _apart(
+            [dx], [a for a in (x, dy) if a is not dx] + [scale, mean, invstd]):
         return None
-    written, data = _written(out, dx, (x, dy))
-    if written and not _apart(written, data + [scale, mean, invstd]):
-        return None
-    pdt = _F32 if x.dtype == _F16 else x.dtype
-    dscale, doffset = np.empty(C, pdt), np.empty(C, pdt)
-    kern(dy3, _as3(x, s3, order), scale, mean, invstd, dx3, dscale, doffset)
-    return dx, dscale, doffset
+    return dy3, _as3(x, s3, order), dx, dx3, np.empty(C, pdt), np.empty(C, pdt)
+
+
+try:
+    from .kernels import _lane_checks as compiled
+except ImportError:   # not built (no compiler at install): the Python twins above
+    compiled = None
+
+#: The checks in use: the compiled ones, else this module's.
+checks = compiled if compiled is not None else sys.modules[__name__]

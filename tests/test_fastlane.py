@@ -16,6 +16,17 @@ import reference as ref
 
 pytestmark = pytest.mark.skipif(fbn.backends()["numba"] != "available", reason="needs numba")
 
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def checks(request, monkeypatch):
+    """Every test here runs with the compiled argument checks and with their
+    Python twins (fastlane.checks)."""
+    if request.param == "python":
+        monkeypatch.setattr(fastlane, "checks", fastlane)
+    elif fastlane.compiled is None:
+        pytest.skip("fastbn.kernels._lane_checks is not built")
+    return request.param
+
 CASES = [((4, 16, 4, 4), 1), ((7, 5, 3), 1), ((50, 3), -1), ((2500, 30), 1), ((3, 5, 4, 6), -1),
          ((2, 3), 0), ((5, 7, 2), 2)]
 
@@ -216,6 +227,10 @@ def _plain_train(rng):
                 running_var=v(), momentum=0.1, out=None)
 
 
+class _Sub(np.ndarray):
+    pass
+
+
 def _readonly(a):
     a = a.copy()
     a.flags.writeable = False
@@ -262,6 +277,16 @@ DECLINED = {
     "out_float64": _declines(out=lambda kw: np.empty((8, 4, 5))),
     "out_is_readonly_x": _declines(x=lambda kw: _readonly(kw["x"]), out=lambda kw: kw["x"]),
     "out_fortran": _declines(out=lambda kw: np.asfortranarray(np.empty((8, 4, 5), np.float32))),
+    "out_subclass": _declines(out=lambda kw: np.empty_like(kw["x"]).view(_Sub)),
+    "x_byteswapped": _declines(x=lambda kw: kw["x"].astype(">f4")),
+    "x_0d": _declines(x=lambda kw: np.array(1.0, np.float32), channel_axis=lambda kw: 0),
+    "axis_huge": _declines(channel_axis=lambda kw: 2 ** 70),
+    "axis_huge_negative": _declines(channel_axis=lambda kw: -2 ** 70),
+    "scale_byteswapped": _declines(scale=lambda kw: kw["scale"].astype(">f4")),
+    "scale_2d": _declines(scale=lambda kw: kw["scale"].reshape(1, 4)),
+    "running_reversed": _declines(running_var=lambda kw: np.arange(4, dtype=np.float32)[::-1]),
+    "running_in_x": _declines(x=lambda kw: big, running_mean=lambda kw: big.reshape(-1)[-4:]),
+    "momentum_numpy": _declines(momentum=lambda kw: np.float64(0.1)),
 }
 
 
@@ -275,6 +300,59 @@ def test_lane_declines_and_changes_nothing(rng, case):
     assert got is None, case
     for k, v in before.items():
         np.testing.assert_array_equal(np.asarray(kw[k]), v, err_msg=k)
+
+
+def test_infer_and_backward_decline(rng):
+    """Inference and backward calls the fused kernels do not take as they are:
+    None, nothing written."""
+    x = rng.standard_normal((6, 4, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    v = np.ones(4, np.float32)
+    infer = [dict(mean=None), dict(var=np.ones(4, np.int64)), dict(eps=1), dict(eps=float("nan")),
+             dict(x=x.astype(">f4")), dict(out=x.astype(np.float64)), dict(out=np.asfortranarray(x)),
+             dict(scale=v[::-1]), dict(offset=np.ones(5, np.float32)), dict(out=x[::-1]),
+             dict(channel_axis=3), dict(channel_axis=np.int32(1))]
+    for change in infer:
+        kw = dict(x=x, scale=v, offset=v, mean=v, var=v, channel_axis=1, eps=1e-5, out=None)
+        kw.update(change)
+        assert fastlane.infer(**kw) is None, change
+    backward = [dict(dy=dy.astype(np.float64)), dict(dy=np.asfortranarray(dy)),
+                dict(dy=dy[:, :, :4]), dict(dy=dy.tolist()), dict(invstd=None),
+                dict(mean=np.ones(4, np.int32)), dict(out=dy.astype(">f4")),
+                dict(out=np.empty((6, 4, 5), np.float32)[::-1]), dict(x=x.tolist())]
+    for change in backward:
+        kw = dict(dy=dy, x=x, scale=v, mean=v, invstd=v, channel_axis=1, out=None)
+        kw.update(change)
+        before = [a.copy() for a in (x, dy, v)]
+        assert fastlane.backward(**kw) is None, change
+        for a, b in zip((x, dy, v), before):
+            np.testing.assert_array_equal(a, b)
+    # the output written in place over the data the vectors are views of
+    buf = rng.standard_normal(6 * 4 * 5 + 4).astype(np.float32)
+    xs, vs = buf[:-4].reshape(6, 4, 5), buf[-4:]
+    assert fastlane.infer(xs, vs, None, v, v, 1, 1e-5, xs) is not None   # apart: fine
+    xs, vs = buf[4:].reshape(6, 4, 5), buf[4:8]
+    assert fastlane.infer(xs, vs, None, v, v, 1, 1e-5, xs) is None
+    assert fastlane.backward(xs.copy(), xs, vs, v, v, 1, xs) is None
+
+
+def test_disjoint_views_of_one_buffer(rng, checks):
+    """Running statistics that are disjoint parts of one buffer: the compiled
+    checks compare byte ranges and take the call (the Python ones may decline
+    it); either way the numbers are the general path's."""
+    x = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    buf = np.zeros(8, np.float32)
+    buf[4:] = 1.0
+    buf2 = buf.copy()
+    got = fastlane.train(x, None, None, 1, 1e-5, buf[:4], buf[4:], 0.5, None)
+    if checks == "compiled":
+        assert got is not None
+    want = fbn.batch_norm_train(x, channel_axis=1, running_mean=buf2[:4], running_var=buf2[4:],
+                                momentum=0.5, backend="numba")
+    if got is not None:
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(buf, buf2)
 
 
 def test_lane_follows_the_chosen_backend(rng, monkeypatch):

@@ -37,8 +37,8 @@ PYX = os.path.join("kernels", "_cython_kernels.pyx")
 MODULE = "fastbn.kernels._cython_kernels"
 #: The fast lane's compiled argument checks (no OpenMP, one build for every CPU);
 #: fastbn/fastlane.py runs its Python twins when this is missing.
-LANE_PYX = os.path.join("kernels", "_lane_checks.pyx")
-LANE_MODULE = "fastbn.kernels._lane_checks"
+LANE_PYX = os.path.join("kernels", "lane_checks.pyx")
+LANE_MODULE = "fastbn.kernels.lane_checks"
 #: Written next to the extension when it could not be built; read by kernels/_isa.py.
 FAILED_NOTE = "_cython_build_failed.txt"
 

@@ -27,7 +27,7 @@ module never raises for bad input.
 
 The checks themselves cost more than a few-KB kernel when written in Python
 (~40 NumPy attribute reads and comparisons at 0.1-0.2 us each), so they are
-compiled (``fastbn.kernels._lane_checks``, built by ``setup.py`` with the
+compiled (``fastbn.kernels.lane_checks``, built by ``setup.py`` with the
 Cython backend, but without OpenMP and for every CPU alike) and this module
 holds their Python twins (``train_args``, ``infer_args``, ``backward_args``),
 used where the extension is not built.  ``checks`` is the one in use.  The two
@@ -109,7 +109,7 @@ def backward(dy, x, scale, mean, invstd, channel_axis, out):
     return dx, dscale, doffset
 
 
-# -- the checks in Python (kernels/_lane_checks.pyx has the compiled ones) -----------
+# -- the checks in Python (kernels/lane_checks.pyx has the compiled ones) -----------
 # Each ``*_args`` takes the public function's arguments and the size ``limit``,
 # and returns None or the kernel's arguments: (outer, C, inner) views, new outputs.
 
@@ -279,7 +279,7 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
 
 
 try:
-    from .kernels import _lane_checks as compiled
+    from .kernels import lane_checks as compiled
 except ImportError:   # not built (no compiler at install): the Python twins above
     compiled = None
 

@@ -24,7 +24,7 @@ def checks(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(fastlane, "checks", fastlane)
     elif fastlane.compiled is None:
-        pytest.skip("fastbn.kernels._lane_checks is not built")
+        pytest.skip("fastbn.kernels.lane_checks is not built")
     return request.param
 
 CASES = [((4, 16, 4, 4), 1), ((7, 5, 3), 1), ((50, 3), -1), ((2500, 30), 1), ((3, 5, 4, 6), -1),

@@ -205,6 +205,10 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
     >>> y is x
     True
     """
+    if (type(x) is np.ndarray and backend is None and type(variance_epsilon) is float
+            and (r := fastlane.normalization(x, mean, variance, offset, scale, variance_epsilon,
+                                             out)) is not None):
+        return r
     if (whole := _whole(x, backend, batch_normalization)) is not None:
         return whole(x, mean, variance, offset, scale, variance_epsilon, out=out,
                      backend=backend)

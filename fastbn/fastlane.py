@@ -109,6 +109,17 @@ def backward(dy, x, scale, mean, invstd, channel_axis, out):
     return dx, dscale, doffset
 
 
+def normalization(x, mean, variance, offset, scale, eps, out):
+    """``batch_normalization`` for per-channel parameters (arrays shaped like
+    ``moments(..., keepdims=True)`` gives them, or 1-D along the last axis): the
+    inference lane on their 1-D views; None otherwise."""
+    p = checks.channel_params(x, mean, variance, offset, scale)
+    if p is None:
+        return None
+    ax, m, v, o, s = p
+    return infer(x, s, o, m, v, ax, eps, out)
+
+
 # -- the checks in Python (kernels/lane_checks.pyx has the compiled ones) -----------
 # Each ``*_args`` takes the public function's arguments and the size ``limit``,
 # and returns None or the kernel's arguments: (outer, C, inner) views, new outputs.
@@ -276,6 +287,36 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
             [dx], [a for a in (x, dy) if a is not dx] + [scale, mean, invstd]):
         return None
     return dy3, _as3(x, s3, order), dx, dx3, np.empty(C, pdt), np.empty(C, pdt)
+
+
+def _param_axis(p, x):
+    """The one axis of ``x`` along which ``p`` holds a value per channel (see
+    lane_checks.pyx), or -1."""
+    if type(p) is not np.ndarray or p.dtype not in _PDT or not p.flags.c_contiguous:
+        return -1
+    nd = x.ndim
+    if p.ndim == 1 and nd >= 1:
+        return nd - 1 if p.shape[0] == x.shape[-1] else -1
+    if p.ndim != nd:
+        return -1
+    axes = [i for i in range(nd) if p.shape[i] != 1]
+    return axes[0] if len(axes) == 1 and p.shape[axes[0]] == x.shape[axes[0]] else -1
+
+
+def channel_params(x, mean, variance, offset, scale):
+    """``(channel_axis, mean, variance, offset, scale)`` with 1-D views, or None
+    (see lane_checks.channel_params)."""
+    if type(x) is not np.ndarray or mean is None or variance is None:
+        return None
+    ax = -1
+    for p in (mean, variance, offset, scale):
+        if p is not None:
+            a = _param_axis(p, x)
+            if a < 0 or (ax >= 0 and a != ax):
+                return None
+            ax = a
+    return (ax,) + tuple(None if p is None else p.reshape(-1)
+                         for p in (mean, variance, offset, scale))
 
 
 try:

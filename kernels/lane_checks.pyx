@@ -277,3 +277,61 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, cnp.npy_intp li
     cdef int pt = _param_type(t)
     return (p.view3(dya), p.view3(xa), dx, p.view3(<cnp.ndarray>dx),
             cnp.PyArray_EMPTY(1, &C, pt, 0), cnp.PyArray_EMPTY(1, &C, pt, 0))
+
+
+cdef int _param_axis(object p, cnp.ndarray x):
+    """The one axis of ``x`` along which ``p`` (a C-contiguous native float
+    ndarray) holds a value per channel: ``p`` has ``x``'s ndim and is 1 on every
+    axis but that one, where it is ``x``'s length (> 1); or ``p`` is 1-D, as
+    long as ``x``'s last axis (NumPy's broadcasting).  -1 for anything else."""
+    if _data_type(p) < 0:
+        return -1
+    cdef cnp.ndarray a = <cnp.ndarray>p
+    if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        return -1
+    cdef int nd = cnp.PyArray_NDIM(x), pnd = cnp.PyArray_NDIM(a), i, ax = -1
+    cdef cnp.npy_intp* xd = cnp.PyArray_DIMS(x)
+    cdef cnp.npy_intp* pd = cnp.PyArray_DIMS(a)
+    if pnd == 1 and nd >= 1:
+        return nd - 1 if pd[0] == xd[nd - 1] else -1
+    if pnd != nd:
+        return -1
+    for i in range(nd):
+        if pd[i] != 1:
+            if ax >= 0 or pd[i] != xd[i]:
+                return -1
+            ax = i
+    return ax
+
+
+cdef object _flat(cnp.ndarray a):
+    """A C-contiguous ``a``'s 1-D view."""
+    cdef cnp.npy_intp n = cnp.PyArray_SIZE(a)
+    cdef cnp.npy_intp stride = cnp.PyArray_ITEMSIZE(a)
+    cdef cnp.PyArray_Descr* descr = cnp.PyArray_DESCR(a)
+    Py_INCREF(<object>descr)
+    cdef cnp.ndarray v = PyArray_NewFromDescr(
+        &PyArray_Type, descr, 1, &n, &stride, cnp.PyArray_DATA(a),
+        cnp.NPY_ARRAY_WRITEABLE if cnp.PyArray_ISWRITEABLE(a) else 0, NULL)
+    cnp.set_array_base(v, a)
+    return v
+
+
+def channel_params(x, mean, variance, offset, scale):
+    """``batch_normalization``'s parameters as per-channel vectors: ``(channel_axis,
+    mean, variance, offset, scale)`` with 1-D views, when ``x`` is an ndarray, mean
+    and variance are given, and every parameter given is per-channel along the same
+    axis (see _param_axis); else None."""
+    if not cnp.PyArray_CheckExact(x) or mean is None or variance is None:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef int ax = -1, a
+    for p in (mean, variance, offset, scale):
+        if p is None:
+            continue
+        a = _param_axis(p, xa)
+        if a < 0 or (ax >= 0 and a != ax):
+            return None
+        ax = a
+    return (ax,) + tuple([None if p is None else _flat(<cnp.ndarray>p)
+                          for p in (mean, variance, offset, scale)])

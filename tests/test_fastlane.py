@@ -402,3 +402,49 @@ def test_public_functions_still_raise_for_declined_calls(rng):
     with pytest.raises(TypeError, match="channel_axis"):
         fbn.batch_norm_backward(kw["x"], kw["x"], None, kw["scale"], kw["offset"],
                                 channel_axis=1.0)
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis,form", [
+    ((4, 16, 4, 4), 1, "keepdims"), ((4, 5, 6, 3), 3, "1-D"), ((4, 5, 6, 3), 3, "keepdims"),
+    ((50, 3), 1, "1-D"), ((7, 5, 3), 0, "keepdims"), ((4, 16, 4, 4), 1, "channels_last")])
+def test_batch_normalization_lane(rng, dtype, shape, axis, form):
+    """batch_normalization with per-channel parameters takes the inference lane:
+    batch_norm_infer's numbers, bit for bit, and the general path's within
+    rounding (its kernel is another: float64 may differ in the last bit where
+    LLVM contracted to an FMA)."""
+    x, C, vec = _args(rng, shape, axis, dtype)
+    if form == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, axis, -1)), -1, axis)
+    pshape = (C,) if form == "1-D" else tuple(C if a == axis else 1 for a in range(x.ndim))
+    mean, var, offset, scale = (v.reshape(pshape) for v in (vec(25, 35), vec(0.5, 4), vec(-1, 1),
+                                                            vec(0.5, 2)))
+    assert fastlane.normalization(x, mean, var, offset, scale, 1e-3, None) is not None
+    flat = lambda v: None if v is None else v.reshape(-1)  # noqa: E731
+    # (channels-last memory takes the primitives on batch_norm_infer's general path)
+    same = ref.assert_close if form == "channels_last" else np.testing.assert_array_equal
+    for params in [(mean, var, offset, scale), (mean, var, None, scale), (mean, var, None, None)]:
+        got = fbn.batch_normalization(x, *params, 1e-3)
+        m, v, o, s = map(flat, params)
+        same(got, fbn.batch_norm_infer(x, s, o, m, v, channel_axis=axis, eps=1e-3, backend="numba"))
+        ref.assert_close(got, fbn.batch_normalization(x, *params, 1e-3, backend="numba"), "y")
+        ref.assert_close(got, ref.batch_normalization(x, *params, 1e-3), "y")
+    out = np.empty_like(x)
+    assert fbn.batch_normalization(x, mean, var, offset, scale, 1e-3, out=out) is out
+    np.testing.assert_array_equal(out, fbn.batch_normalization(x, mean, var, offset, scale, 1e-3))
+
+
+def test_batch_normalization_lane_declines(rng):
+    """Parameters that are not per-channel along one axis (numbers, full-size
+    arrays, two varying axes, disagreeing axes, lists): the general path."""
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    v = np.ones((1, 3, 1), np.float32)
+    declined = [dict(mean=0.5), dict(mean=np.ones(x.shape, np.float32)),
+                dict(mean=np.ones((4, 3, 1), np.float32)), dict(scale=np.ones(5, np.float32)),
+                dict(variance=[[[1.0]], [[1.0]], [[1.0]]]), dict(offset=np.ones((1, 3), np.float32)),
+                dict(mean=np.ones((1, 1, 1), np.float32)), dict(mean=np.ones((1, 6, 1))[:, ::2]),
+                dict(variance=None), dict(mean=np.ones((1, 3, 1), np.int32))]
+    for change in declined:
+        kw = dict(x=x, mean=v, variance=v, offset=None, scale=v, eps=1e-3, out=None)
+        kw.update(change)
+        assert fastlane.normalization(**kw) is None, change

@@ -125,6 +125,9 @@ def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: fl
     >>> fbn.moments(x, axis=0, keepdims=True)[0].shape
     (1, 2)
     """
+    if (type(x) is np.ndarray and backend is None
+            and (r := fastlane.moments(x, axis, keepdims, ddof)) is not None):
+        return r
     if (whole := _whole(x, backend, moments)) is not None:
         return whole(x, axis, keepdims=keepdims, ddof=ddof, backend=backend)
     x, fam = checks.data_array(x, "x")

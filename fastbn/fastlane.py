@@ -109,6 +109,37 @@ def backward(dy, x, scale, mean, invstd, channel_axis, out):
     return dx, dscale, doffset
 
 
+def moments(x, axis, keepdims, ddof):
+    """``moments`` over every axis but one (``axis`` an int or a tuple of ints,
+    ``keepdims`` a bool, ``ddof`` an int or float below the count): ``(mean,
+    var)`` from the default backend's ``moments3``, as the general path computes
+    them without its checks and plan; None otherwise."""
+    if type(keepdims) is not bool or (type(ddof) is not int and type(ddof) is not float):
+        return None
+    axes = (axis,) if type(axis) is int else axis
+    if type(x) is not np.ndarray or type(axes) is not tuple or len(axes) != x.ndim - 1:
+        return None
+    nd = x.ndim
+    seen = 0
+    for a in axes:
+        if type(a) is not int or not -nd <= a < nd or seen >> (a % nd) & 1:
+            return None
+        seen |= 1 << (a % nd)
+    ax = (~seen & ((1 << nd) - 1)).bit_length() - 1   # the one axis kept
+    x3 = checks.view3_args(x, ax, 1 << 62)
+    if x3 is None:
+        return None
+    C = x3.shape[1]
+    n = x.size // C
+    if not n - ddof > 0:
+        return None
+    mean, m2 = _module().moments3(x3)
+    pdt = _PDT[x.dtype]
+    shape = tuple(C if a == ax else 1 for a in range(nd)) if keepdims else (C,)
+    return (np.asarray(mean, dtype=pdt).reshape(shape),
+            np.asarray(m2 / (n - ddof), dtype=pdt).reshape(shape))
+
+
 def normalization(x, mean, variance, offset, scale, eps, out):
     """``batch_normalization`` for per-channel parameters (arrays shaped like
     ``moments(..., keepdims=True)`` gives them, or 1-D along the last axis): the
@@ -287,6 +318,12 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
             [dx], [a for a in (x, dy) if a is not dx] + [scale, mean, invstd]):
         return None
     return dy3, _as3(x, s3, order), dx, dx3, np.empty(C, pdt), np.empty(C, pdt)
+
+
+def view3_args(x, channel_axis, limit):
+    """``x``'s (outer, C, inner) view, or None (see _plan)."""
+    p = _plan(x, channel_axis, limit)
+    return None if p is None else _as3(x, p[1], p[2])
 
 
 def _param_axis(p, x):

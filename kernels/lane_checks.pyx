@@ -335,3 +335,13 @@ def channel_params(x, mean, variance, offset, scale):
         ax = a
     return (ax,) + tuple([None if p is None else _flat(<cnp.ndarray>p)
                           for p in (mean, variance, offset, scale)])
+
+
+def view3_args(x, channel_axis, cnp.npy_intp limit):
+    """``x``'s (outer, C, inner) view, or None (``x`` not exactly an ndarray of
+    native float16/32/64 with 0 < size <= ``limit`` in one of the two layouts,
+    or a bad ``channel_axis``)."""
+    if _data_type(x) < 0:
+        return None
+    cdef _Plan p = _plan(x, channel_axis, limit)
+    return None if p is None else p.view3(<cnp.ndarray>x)

@@ -448,3 +448,46 @@ def test_batch_normalization_lane_declines(rng):
         kw = dict(x=x, mean=v, variance=v, offset=None, scale=v, eps=1e-3, out=None)
         kw.update(change)
         assert fastlane.normalization(**kw) is None, change
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis,memory", [
+    ((4, 16, 4, 4), (0, 2, 3), "C"), ((4, 5, 6, 3), (0, 1, 2), "C"), ((4, 5, 6, 3), (2, 0, -3), "C"),
+    ((50, 3), 0, "C"), ((50, 3), (-2,), "C"), ((7, 5, 3), (1, 2), "C"), ((5,), (), "C"),
+    ((4, 16, 4, 4), (0, 2, 3), "channels_last")])
+@pytest.mark.parametrize("keepdims,ddof", [(False, 0), (True, 1), (True, 2.5)])
+def test_moments_lane(rng, dtype, shape, axis, memory, keepdims, ddof):
+    """moments over every axis but one skips the general path's checks and plan:
+    its numbers, bit for bit, shapes and dtypes."""
+    x = (rng.standard_normal(shape) * 3 + 100).astype(dtype)
+    axes = (axis,) if isinstance(axis, int) else axis
+    kept = [a for a in range(x.ndim) if a not in [b % x.ndim for b in axes]][0]
+    if memory == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, kept, -1)), -1, kept)
+    got = fastlane.moments(x, axis, keepdims, ddof)
+    if x.size // x.shape[kept] <= ddof:   # var inf/NaN: the general path's to say
+        assert got is None
+        return
+    assert got is not None
+    want = fbn.moments(x, axis, keepdims=keepdims, ddof=ddof, backend="numba")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+        assert g.shape == w.shape and g.dtype == w.dtype
+    for g, w in zip(fbn.moments(x, axis, keepdims=keepdims, ddof=ddof), want):
+        np.testing.assert_array_equal(g, w)
+    emean, evar = ref.moments(x, axes, keepdims=keepdims, ddof=ddof)
+    ref.assert_close(got[0], emean, "mean")
+    ref.assert_close(got[1], evar, "var")
+
+
+def test_moments_lane_declines(rng):
+    x = rng.standard_normal((6, 4, 5)).astype(np.float32)
+    declined = [dict(axis=None), dict(axis=[0, 2]), dict(axis=(0,)), dict(axis=(0, 1, 2)),
+                dict(axis=(0, 0)), dict(axis=(0, -3)), dict(axis=(0, 3)), dict(axis=(True, 2)),
+                dict(axis=(np.int64(0), 2)), dict(keepdims=1), dict(ddof=30), dict(ddof=np.float64(0)),
+                dict(ddof=float("nan")), dict(x=np.asfortranarray(x)), dict(x=x.astype(np.int32)),
+                dict(x=x[:0]), dict(x=x.tolist())]
+    for change in declined:
+        kw = dict(x=x, axis=(0, 2), keepdims=False, ddof=0)
+        kw.update(change)
+        assert fastlane.moments(**kw) is None, change

@@ -655,6 +655,10 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
     (array([1. , 0.1], dtype=float32), array([0., 0.], dtype=float32),
      array([4., 4.], dtype=float32))
     """
+    if (type(x) is np.ndarray and backend is None
+            and (r := fastlane.infer_backward(dy, x, scale, mean, var, channel_axis, eps,
+                                              out)) is not None):
+        return r
     if (whole := _whole(x, backend, batch_norm_infer_backward)) is not None:
         return whole(dy, x, scale, mean, var, channel_axis=channel_axis,
                      eps=eps, out=out, backend=backend)
@@ -665,6 +669,13 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
     eps = checks.scalar(eps, "eps", low=0.0)
     if F.FUSED and (r := F.fused_infer_backward(bk, dy, x, plan, scale, mean, var, eps, out)):
         return r
+    if (fused := _small(bk, "infer_backward_small3", x, out, (dy,))) is not None:
+        small, dx = fused
+        pdt = checks.param_dtype(x.dtype)
+        dscale, doffset = np.empty(C, pdt), np.empty(C, pdt)
+        small(dy.reshape(plan.shape3), x.reshape(plan.shape3), w_scale, w_mean, w_var, eps,
+              dx.reshape(plan.shape3), dscale, doffset)
+        return dx, dscale, doffset
     x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
     dscale, doffset, a = core.infer_backward_coefficients(w_var, eps, w_scale,
                                                           *_dy_sums(F, bk, dy3, x3, w_mean, C))

@@ -109,6 +109,19 @@ def backward(dy, x, scale, mean, invstd, channel_axis, out):
     return dx, dscale, doffset
 
 
+def infer_backward(dy, x, scale, mean, var, channel_axis, eps, out):
+    """``batch_norm_infer_backward`` for the common small call: ``(dx, dscale,
+    doffset)``, or None.  The backward's checks, ``var`` in place of ``invstd``."""
+    k = None if type(eps) is not float or not eps >= 0.0 else _kernel("infer_backward_small3")
+    a = None if k is None else checks.backward_args(dy, x, scale, mean, var, channel_axis, out,
+                                                    k[1])
+    if a is None:
+        return None
+    dy3, x3, dx, dx3, dscale, doffset = a
+    k[0](dy3, x3, scale, mean, var, eps, dx3, dscale, doffset)
+    return dx, dscale, doffset
+
+
 def moments(x, axis, keepdims, ddof):
     """``moments`` over every axis but one (``axis`` an int or a tuple of ints,
     ``keepdims`` a bool, ``ddof`` an int or float below the count): ``(mean,

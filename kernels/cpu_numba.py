@@ -641,24 +641,30 @@ def _infer_coefficients(scale, offset, mean, var, eps, m, q, r):
 
 
 @helper
-def _backward_channel(c, s1, s2, n, scale, invstd, dscale_out, doffset_out):
+def _backward_channel(c, s1, s2, n, scale, invstd, frozen, eps, dscale_out, doffset_out):
     """core.gradient_sums + core.backward_coefficients for channel c (sums s1 of dy,
     s2 of dy*(x - mean), n > 0): writes dscale/doffset, gives (a, b, cc) of
-    dx = b*(x - m) + cc + a*dy."""
-    inv = np.float64(invstd[c])
+    dx = b*(x - m) + cc + a*dy.  ``frozen``: the eval-mode backward instead
+    (core.infer_backward_coefficients): ``invstd`` holds the running variance,
+    inv = 1/sqrt(var + eps), and dx = a*dy (b = cc = 0).  A runtime flag, not a
+    kernel of its own: both share one compiled kernel per signature."""
+    inv = 1.0 / np.sqrt(np.float64(invstd[c]) + eps) if frozen else np.float64(invstd[c])
     dscale = s2 * inv
     a = inv if scale is None else np.float64(scale[c]) * inv
     dscale_out[c] = dscale
     doffset_out[c] = s1
+    if frozen:
+        return a, 0.0, 0.0
     return a, -a * inv * dscale / n, -a * s1 / n
 
 
 @helper
-def _backward_coefficients(s1, s2, n, scale, invstd, a, b, cc, dscale_out, doffset_out):
+def _backward_coefficients(s1, s2, n, scale, invstd, frozen, eps, a, b, cc, dscale_out,
+                           doffset_out):
     """_backward_channel for every channel, into a, b, cc."""
     for c in range(s1.size):
-        a[c], b[c], cc[c] = _backward_channel(c, s1[c], s2[c], n, scale, invstd, dscale_out,
-                                              doffset_out)
+        a[c], b[c], cc[c] = _backward_channel(c, s1[c], s2[c], n, scale, invstd, frozen, eps,
+                                              dscale_out, doffset_out)
 
 
 # -- small inputs: the whole training forward in one serial call --------------
@@ -995,7 +1001,7 @@ def _infer_small(x, scale, offset, mean, var, eps, out, chunk, work, given):
 
 
 @kernel
-def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
+def _backward_small(dy, x, scale, mean, invstd, frozen, eps, out, dscale_out, doffset_out):
     """Training backward, channels-first, channel by channel: both passes on one
     channel's slab of x and dy, in L2 after the first (see CHANNEL_SLAB)."""
     O, C, I = x.shape
@@ -1011,7 +1017,8 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
                 d = ld(ds[i])
                 t1 += d
                 t2 += d * (ld(xs[i]) - mc)
-        ac, bc, ccc = _backward_channel(c, t1, t2, n, scale, invstd, dscale_out, doffset_out)
+        ac, bc, ccc = _backward_channel(c, t1, t2, n, scale, invstd, frozen, eps, dscale_out,
+                                        doffset_out)
         for o in range(O):
             xs = x[o, c]
             ds = dy[o, c]
@@ -1021,7 +1028,7 @@ def _backward_small(dy, x, scale, mean, invstd, out, dscale_out, doffset_out):
 
 
 @kernel
-def _backward_rows(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out):
+def _backward_rows(dy, x, k, scale, mean, invstd, frozen, eps, out, dscale_out, doffset_out):
     """Training backward in the row form, k rows per wide row (see _train_rows,
     _row_form): (4096, 16, 1) 52 -> 40 us, (2500, 30, 1) 71 -> 44, (64, 16, 1)
     2.0 -> 2.6; (64, 32, 16) 34 -> 20, (64, 16, 4) 13.5 -> 4.3 against the
@@ -1041,8 +1048,8 @@ def _backward_rows(dy, x, k, scale, mean, invstd, out, dscale_out, doffset_out):
         _dy_row_sums(d2[r0:r1].reshape(nr, w), x2[r0:r1].reshape(nr, w), t[0], 0, nr, s[0],
                      s[1])
     abc = np.empty((3, C))
-    _backward_coefficients(_folded(s[0], C, I), _folded(s[1], C, I), n, scale, invstd,
-                           abc[0], abc[1], abc[2], dscale_out, doffset_out)
+    _backward_coefficients(_folded(s[0], C, I), _folded(s[1], C, I), n, scale, invstd, frozen,
+                           eps, abc[0], abc[1], abc[2], dscale_out, doffset_out)
     for e in range(3):
         _tile_into(abc[e], I, t[e + 1])
     for seg in range(2):
@@ -1091,19 +1098,34 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
     or (C,); mean/invstd (C,), any float dtype.  Writes ``dx`` to out3 and the
     per-channel ``dscale``, ``doffset`` to the (C,) outputs.
     """
+    _backward(dy3, x3, scale, mean, invstd, False, 0.0, out3, dscale_out, doffset_out)
+
+
+def infer_backward_small3(dy3, x3, scale, mean, var, eps, out3, dscale_out, doffset_out):
+    """Fused eval-mode backward (fixed statistics; batch_norm_infer_backward): the
+    training backward's kernels with core.infer_backward_coefficients, so
+    ``dx = scale/sqrt(var + eps) * dy`` (plus 0*(x - mean), as the general path's
+    affine pass: NaN where x is), ``dscale = sum(dy*(x - mean))/sqrt(var + eps)``,
+    ``doffset = sum(dy)``.  Arguments as backward_small3's, ``var`` for ``invstd``."""
+    _backward(dy3, x3, scale, mean, var, True, eps, out3, dscale_out, doffset_out)
+
+
+def _backward(dy3, x3, scale, mean, invstd, frozen, eps, out3, dscale_out, doffset_out):
+    """backward_small3 / infer_backward_small3 (see _backward_channel's ``frozen``)."""
     if x3.size > SMALL and not _channel_blocked(x3, 3):
         C = x3.shape[1]
         m = np.ascontiguousarray(mean, np.float64)
         s1, s2 = dy_sums3(dy3, x3, m)
         a, b, c = np.empty(C), np.empty(C), np.empty(C)
-        _backward_coefficients(s1, s2, float(x3.shape[0] * x3.shape[2]), scale, invstd, a, b, c,
-                               dscale_out, doffset_out)
+        _backward_coefficients(s1, s2, float(x3.shape[0] * x3.shape[2]), scale, invstd, frozen,
+                               eps, a, b, c, dscale_out, doffset_out)
         affine3(x3, m, b, c, out3, dy3, a)
         return
     dy3, x3, out3 = _bits(dy3), _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
     if k:
-        _backward_rows.serial(dy3, x3, k, scale, mean, invstd, out3, dscale_out, doffset_out)
+        _backward_rows.serial(dy3, x3, k, scale, mean, invstd, frozen, eps, out3, dscale_out,
+                              doffset_out)
     else:
         run(_backward_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 3), dy3, x3,
-            scale, mean, invstd, out3, dscale_out, doffset_out)
+            scale, mean, invstd, frozen, eps, out3, dscale_out, doffset_out)

@@ -491,3 +491,54 @@ def test_moments_lane_declines(rng):
         kw = dict(x=x, axis=(0, 2), keepdims=False, ddof=0)
         kw.update(change)
         assert fastlane.moments(**kw) is None, change
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("variant", ["plain", "out", "in_place", "channels_last"])
+def test_infer_backward_lane(rng, dtype, shape, axis, variant):
+    """batch_norm_infer_backward through the lane (the backward's kernels with the
+    frozen statistics' coefficients): the general path's numbers (bit for bit
+    where both run the fused kernel) and the oracle's."""
+    x, C, vec = _args(rng, shape, axis, dtype)
+    if variant == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, axis, -1)), -1, axis)
+    dy = np.empty_like(x)
+    dy[...] = rng.standard_normal(shape)
+    scale, mean, var = vec(0.5, 2), vec(25, 35), vec(0.5, 4)
+    out = {"out": np.empty_like(x), "in_place": dy}.get(variant)
+    dy2 = dy.copy(order="K")
+    got = fastlane.infer_backward(dy, x, scale, mean, var, axis, 1e-3, out)
+    assert got is not None
+    if out is not None:
+        assert got[0] is out
+    want = fbn.batch_norm_infer_backward(dy2, x, scale, mean, var, channel_axis=axis, eps=1e-3,
+                                         backend="numba")
+    same = ref.assert_close if variant == "channels_last" else np.testing.assert_array_equal
+    for g, w in zip(got, want):
+        same(g, w)
+        assert g.dtype == w.dtype and g.shape == w.shape
+    inv = 1 / np.sqrt(var.astype(np.float64) + 1e-3)
+    axes = ref.reduced_axes(x.ndim, axis)
+    xc = ref.f64(x) - ref.along(mean, x.ndim, axis)
+    edx = ref.f64(dy2) * ref.along(scale * inv, x.ndim, axis)
+    ref.assert_close(got[0], edx, "dx")
+    ref.assert_close(got[1], (ref.f64(dy2) * xc).sum(axis=axes) * inv, "dscale",
+                     magnitude=ref.abs_reduction(ref.f64(dy2) * xc, axes) * inv)
+    ref.assert_close(got[2], ref.f64(dy2).sum(axis=axes), "doffset",
+                     magnitude=ref.abs_reduction(dy2, axes))
+
+
+def test_infer_backward_lane_declines(rng):
+    x = rng.standard_normal((6, 4, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    v = np.ones(4, np.float32)
+    for change in [dict(eps=1), dict(eps=-1.0), dict(eps=float("nan")), dict(var=None),
+                   dict(var=v[::-1]), dict(dy=np.asfortranarray(dy)), dict(out=x.astype(np.float64)),
+                   dict(mean=np.ones(4, np.int64)), dict(channel_axis=1.0)]:
+        kw = dict(dy=dy, x=x, scale=v, mean=v, var=v, channel_axis=1, eps=1e-5, out=None)
+        kw.update(change)
+        before = [a.copy() for a in (x, dy, v)]
+        assert fastlane.infer_backward(**kw) is None, change
+        for a, b in zip((x, dy, v), before):
+            np.testing.assert_array_equal(a, b)

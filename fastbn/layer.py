@@ -352,7 +352,8 @@ class BatchNorm:
             raise RuntimeError("BatchNorm.backward called before a forward pass (or on a "
                                "copy or unpickled layer, which does not carry the last input)")
         kind, x, scale, a, b = self._saved
-        dy, _ = checks.data_array(dy, "dy", family_of(x))
+        if not (type(dy) is np.ndarray and type(x) is np.ndarray):   # (ndarrays: checked below)
+            dy, _ = checks.data_array(dy, "dy", family_of(x))
         if tuple(dy.shape) != tuple(x.shape):
             raise ValueError(f"dy must have the last input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
         if dy.dtype != x.dtype:
@@ -468,6 +469,12 @@ class BatchNorm:
     # -- input checks and device placement ----------------------------------------
 
     def _check_input(self, x):
+        if type(x) is np.ndarray and self._family == "numpy":   # the common call, cheaply
+            nd = x.ndim
+            ax = self.channel_axis
+            if (-nd <= ax < nd and x.shape[ax] == self.num_features
+                    and x.dtype in self._input_dtypes()):
+                return x, "numpy"
         fam = family_of(x)
         if fam == "dask":
             raise TypeError("BatchNorm takes NumPy or CUDA (CuPy) arrays, got a dask array; "
@@ -491,6 +498,10 @@ class BatchNorm:
                              f"num_features={self.num_features}")
         return x, fam
 
+    def _input_dtypes(self):
+        """The dtypes of input this layer takes (those whose per-channel dtype is its own)."""
+        return _INPUT_DTYPES[self.param_dtype]
+
     def _follow(self, family):
         """Move the per-channel arrays to ``family`` ("cuda") on first use there."""
         if family == self._family:
@@ -509,6 +520,11 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, channel_axis={self.channel_axis}, eps={self.eps:g}, "
                 f"momentum={momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
+
+
+#: per-channel dtype -> the input dtypes a layer of it takes
+_INPUT_DTYPES = {p: tuple(d for d in checks.FLOAT_DTYPES if checks.param_dtype(d) == p)
+                 for p in {checks.param_dtype(d) for d in checks.FLOAT_DTYPES}}
 
 
 def _cupy():

@@ -125,8 +125,8 @@ def infer_backward(dy, x, scale, mean, var, channel_axis, eps, out):
 def moments(x, axis, keepdims, ddof):
     """``moments`` over every axis but one (``axis`` an int or a tuple of ints,
     ``keepdims`` a bool, ``ddof`` an int or float below the count): ``(mean,
-    var)`` from the default backend's ``moments3``, as the general path computes
-    them without its checks and plan; None otherwise."""
+    var)`` from the default backend's kernel (see moments3_for), as the general path
+    computes them, without its checks and plan; None otherwise."""
     if type(keepdims) is not bool or (type(ddof) is not int and type(ddof) is not float):
         return None
     axes = (axis,) if type(axis) is int else axis
@@ -146,11 +146,17 @@ def moments(x, axis, keepdims, ddof):
     n = x.size // C
     if not n - ddof > 0:
         return None
-    mean, m2 = _module().moments3(x3)
+    mean, m2 = moments3_for(_module())(x3)
     pdt = _PDT[x.dtype]
     shape = tuple(C if a == ax else 1 for a in range(nd)) if keepdims else (C,)
     return (np.asarray(mean, dtype=pdt).reshape(shape),
             np.asarray(m2 / (n - ddof), dtype=pdt).reshape(shape))
+
+
+def moments3_for(bk):
+    """The backend's moments kernel for C-contiguous (outer, C, inner) input: its
+    fused ``moments_small3`` if it has one, else ``moments3``."""
+    return getattr(bk, "moments_small3", None) or bk.moments3
 
 
 def normalization(x, mean, variance, offset, scale, eps, out):
@@ -176,7 +182,9 @@ def _plan(x, channel_axis, limit):
     C-contiguous (``order`` None; ``shape3`` = (outer, C, inner)), or
     C-contiguous with the channel axis moved last (``order``: that transpose;
     ``shape3`` = (rows, C, 1)) -- a channels_last tensor's NumPy view, an NHWC
-    array seen as NCHW.  ``pdt`` is the per-channel dtype."""
+    array seen as NCHW.  One channel: ``shape3`` = (1, 1, size), as
+    ``fastbn.layout`` plans it (so the general path runs the same loop nest).
+    ``pdt`` is the per-channel dtype."""
     if type(x) is not np.ndarray or type(channel_axis) is not int:
         return None
     pdt = _PDT.get(x.dtype)
@@ -187,6 +195,8 @@ def _plan(x, channel_axis, limit):
     if not -nd <= channel_axis < nd:
         return None
     ax = channel_axis % nd
+    if shape[ax] == 1 and x.flags.c_contiguous:   # one channel: as fastbn.layout plans it
+        return pdt, (1, 1, x.size), None
     if x.flags.c_contiguous:
         return pdt, (math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:])), None
     order = tuple(i for i in range(nd) if i != ax) + (ax,)

@@ -669,6 +669,42 @@ def _backward_coefficients(s1, s2, n, scale, invstd, frozen, eps, a, b, cc, dsca
 
 # -- small inputs: the whole training forward in one serial call --------------
 
+@helper
+def _channel_moments(x, c):
+    """(mean, m2) of channel c of x (O, C, I): one pass shifted by one of the
+    channel's values (see _shift: a constant channel gets its mean exactly), and a
+    second about the mean where the shifted sum overflowed (see _m2_about_mean)."""
+    O, C, I = x.shape
+    n = O * I
+    x0 = _shift(x[0, c, 0])
+    s = 0.0
+    q = 0.0
+    for o in range(O):
+        xs = x[o, c]
+        for i in range(I):
+            d = ld(xs[i]) - x0
+            s += d
+            q += d * d
+    mu, m2 = _shifted_moments(x0, s, q, n)
+    if not np.isfinite(m2) and np.isfinite(mu):
+        # deviations from the shift (mu is rounded at |x0|)
+        md = s / n
+        m2 = 0.0
+        for o in range(O):
+            xs = x[o, c]
+            for i in range(I):
+                d = (ld(xs[i]) - x0) - md
+                m2 += d * d
+    return mu, m2
+
+
+@kernel
+def _moments_small(x, mean_out, m2_out):
+    """Per-channel mean and m2 (float64), channel by channel (see _channel_moments)."""
+    for c in prange(x.shape[1]):
+        mean_out[c], m2_out[c] = _channel_moments(x, c)
+
+
 @kernel
 def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_out):
     """Channels-first training forward, channel by channel: statistics in one pass
@@ -678,26 +714,7 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
     O, C, I = x.shape
     n = O * I
     for c in prange(C):
-        x0 = _shift(x[0, c, 0])
-        s = 0.0
-        q = 0.0
-        for o in range(O):
-            xs = x[o, c]
-            for i in range(I):
-                d = ld(xs[i]) - x0
-                s += d
-                q += d * d
-        mu, m2 = _shifted_moments(x0, s, q, n)
-        if not np.isfinite(m2) and np.isfinite(mu):
-            # the shifted sum overflowed (see _m2_about_mean): a second pass about
-            # the mean, as deviations from the shift (mu is rounded at |x0|)
-            md = s / n
-            m2 = 0.0
-            for o in range(O):
-                xs = x[o, c]
-                for i in range(I):
-                    d = (ld(xs[i]) - x0) - md
-                    m2 += d * d
+        mu, m2 = _channel_moments(x, c)
         a, b = _train_channel(c, mu, m2, n, eps, scale, offset, mean_out, invstd_out)
         for o in range(O):
             xs = x[o, c]
@@ -797,6 +814,40 @@ def _dx_rows(dy, x, m, a, b, cc, out):
             yr[j] = cast(b[j] * (ld(xr[j]) - m[j]) + cc[j] + a[j] * ld(dr[j]), yr)
 
 
+@helper
+def _rows_moments(x2, k, I, mu, m2):
+    """Per-channel mean and m2 (into the (C,) mu, m2) of x2 (R, C*I) in the row form,
+    k rows per wide row (see _widened_sums), in one pass shifted by a value of each
+    channel in the first row (see _shift), and a second about the mean for a
+    channel whose shifted sum overflowed (see _m2_about_mean)."""
+    R = x2.shape[0]
+    C = mu.size
+    n = R * I
+    shift = np.empty(C)
+    for c in range(C):
+        shift[c] = _shift(x2[0, c * I])
+    s, q = _widened_sums(x2, k, shift, I)
+    for c in range(C):
+        mu[c], m2[c] = _shifted_moments(shift[c], s[c], q[c], n)
+        if not np.isfinite(m2[c]) and np.isfinite(mu[c]):
+            # deviations from the shift (the mean itself is rounded at |x0|)
+            md = s[c] / n
+            t = 0.0
+            for r in range(R):
+                for i in range(c * I, (c + 1) * I):
+                    d = (ld(x2[r, i]) - shift[c]) - md
+                    t += d * d
+            m2[c] = t
+
+
+@kernel
+def _moments_rows(x3, k, mean_out, m2_out):
+    """Per-channel mean and m2 (float64) of a C-contiguous x3 (R, C, I) in the row
+    form (see _rows_moments, _row_form)."""
+    R, C, I = x3.shape
+    _rows_moments(x3.reshape(R, C * I), k, I, mean_out, m2_out)
+
+
 @kernel
 def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """The training forward in the row form: x3/out3 (R, C, I), C-contiguous, as R rows
@@ -813,26 +864,14 @@ def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, inv
     n = R * I
     x2 = x3.reshape(R, CI)
     y2 = out3.reshape(R, CI)
-    shift = np.empty(C)
-    for c in range(C):
-        shift[c] = _shift(x2[0, c * I])
-    s, q = _widened_sums(x2, k, shift, I)
     a = np.empty(C)
     b = np.empty(C)
     mu = np.empty(C)
+    m2 = np.empty(C)
+    _rows_moments(x2, k, I, mu, m2)
     for c in range(C):
-        mu[c], m2 = _shifted_moments(shift[c], s[c], q[c], n)
-        if not np.isfinite(m2) and np.isfinite(mu[c]):
-            # the shifted sum overflowed (see _m2_about_mean): a second pass about the
-            # mean, as deviations from the shift (the mean itself is rounded at |x0|)
-            md = s[c] / n
-            m2 = 0.0
-            for r in range(R):
-                for i in range(c * I, (c + 1) * I):
-                    d = (ld(x2[r, i]) - shift[c]) - md
-                    m2 += d * d
-        a[c], b[c] = _train_channel(c, mu[c], m2, n, eps, scale, offset, mean_out, invstd_out)
-        _running_channel(c, mu[c], m2, n, momentum, rm, rv)
+        a[c], b[c] = _train_channel(c, mu[c], m2[c], n, eps, scale, offset, mean_out, invstd_out)
+        _running_channel(c, mu[c], m2[c], n, momentum, rm, rv)
     mw, aw, bw = _tiled(mu, W, I), _tiled(a, W, I), _tiled(b, W, I)
     for seg in range(2):
         r0, r1, nr, w = _segment(seg, R, k, CI)
@@ -907,6 +946,25 @@ def _channel_blocked(x3, arrays):
     O, C, I = x3.shape
     return (I >= CHANNEL_MIN_I and C >= CHANNEL_MIN_C
             and O * I * x3.itemsize * arrays <= CHANNEL_SLAB)
+
+
+def moments_small3(x3):
+    """(outer, C, inner) -> per-channel (mean, m2), float64, as moments3, for a
+    C-contiguous x3 in one fused pass: the training forward's statistics (the row
+    form or channel by channel, see train_small3) up to SMALL values; moments3
+    beyond."""
+    if not 0 < x3.size <= SMALL or not x3.flags.c_contiguous:
+        return moments3(x3)
+    C = x3.shape[1]
+    mean, m2 = np.empty(C), np.empty(C)
+    x3 = _bits(x3)
+    k = _row_form(x3)
+    if k:
+        _moments_rows.serial(x3, k, mean, m2)
+    else:
+        run(_moments_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 1), x3,
+            mean, m2)
+    return mean, m2
 
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):

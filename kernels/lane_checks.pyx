@@ -120,7 +120,11 @@ cdef _Plan _plan(object x, object channel_axis, cnp.npy_intp limit):
     cdef _Plan p = _Plan.__new__(_Plan)
     p.ax = ax
     cdef int i
-    if cnp.PyArray_IS_C_CONTIGUOUS(arr):
+    if dims[ax] == 1 and cnp.PyArray_IS_C_CONTIGUOUS(arr):   # one channel: as fastbn.layout plans it
+        p.cl = False
+        p.s3[0] = 1
+        p.s3[2] = size
+    elif cnp.PyArray_IS_C_CONTIGUOUS(arr):
         p.cl = False
         p.s3[0] = 1
         p.s3[2] = 1

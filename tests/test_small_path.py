@@ -133,3 +133,42 @@ def test_small_infer_and_backward_match_reference(rng, monkeypatch, shape, axis,
                                         backend="numba")
     assert dx2 is dy
     np.testing.assert_array_equal(dy, dx)   # the same serial kernel, in place
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_small_moments_and_infer_backward_match_reference(rng, monkeypatch, shape, axis, dtype):
+    """moments (fused: moments_small3, the training forward's statistics) and
+    batch_norm_infer_backward (fused: the backward's kernels, frozen) on every
+    loop nest, against the oracle; as the general path gives them."""
+    C = shape[axis]
+    pdt = _param_dtype(dtype)
+    ax = axis % len(shape)
+    axes = tuple(a for a in range(len(shape)) if a != ax)
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 3, C).reshape(
+        [C if a == ax else 1 for a in range(len(shape))]) + 1e3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mom_calls = _spy(monkeypatch, "moments_small3")
+    ib_calls = _spy(monkeypatch, "infer_backward_small3")
+    ddof = 1 if x.size > C else 0
+    mean, var = fbn.moments(x, axes, ddof=ddof)
+    emean, evar = ref.moments(x, axes, ddof=ddof)
+    ref.assert_close(mean, emean, "mean", magnitude=ref.abs_reduction(x, axes, mean=True))
+    ref.assert_close(var, evar, "var")
+    for g, w in zip((mean, var), fbn.moments(x, axes, ddof=ddof, backend="numba")):
+        np.testing.assert_array_equal(g, w)
+    scale = rng.uniform(0.5, 2, C).astype(pdt)
+    m, v = emean.astype(pdt), rng.uniform(0.5, 2, C).astype(pdt)
+    dx, dscale, doffset = fbn.batch_norm_infer_backward(dy, x, scale, m, v, channel_axis=axis,
+                                                        eps=1e-3)
+    inv = 1 / np.sqrt(v.astype(np.float64) + 1e-3)
+    xc = ref.f64(x) - ref.along(m, x.ndim, axis)
+    ref.assert_close(dx, ref.f64(dy) * ref.along(scale * inv, x.ndim, axis), "dx")
+    ref.assert_close(dscale, (ref.f64(dy) * xc).sum(axis=axes) * inv, "dscale",
+                     magnitude=ref.abs_reduction(ref.f64(dy) * xc, axes) * inv)
+    ref.assert_close(doffset, ref.f64(dy).sum(axis=axes), "doffset",
+                     magnitude=ref.abs_reduction(dy, axes))
+    for g, w in zip((dx, dscale, doffset), fbn.batch_norm_infer_backward(
+            dy, x, scale, m, v, channel_axis=axis, eps=1e-3, backend="numba")):
+        np.testing.assert_array_equal(g, w)
+    assert mom_calls and ib_calls, "the fused kernels did not run"

@@ -137,16 +137,18 @@ def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: fl
     bk = dispatch.module(dispatch.choose(fam, backend))
     plan = layout.make_plan(x.shape, x.strides, tuple(a for a in range(x.ndim) if a not in axes))
     C, n = plan.shape3[1], plan.count
+    shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keepdims else plan.kept_shape
+    pdt = checks.param_dtype(x.dtype)
     if n == 0 or C == 0:
         mean = m2 = F.full(C, _NAN)
     else:
         x3 = F.as3(x, plan)
-        # (the lane's kernel for C-contiguous views, so that both give the same numbers)
-        kern = fastlane.moments3_for(bk) if type(x3) is np.ndarray else bk.moments3
-        mean, m2 = kern(x3)
+        if type(x3) is np.ndarray and n - ddof > 0:   # the lane's kernels: the same numbers
+            mean, var = np.empty(C, pdt), np.empty(C, pdt)
+            fastlane.moments_into(bk, x3, ddof, mean, var)
+            return mean.reshape(shape), var.reshape(shape)
+        mean, m2 = bk.moments3(x3)
     var = core.variance(m2, n, ddof)
-    shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keepdims else plan.kept_shape
-    pdt = checks.param_dtype(x.dtype)
     return F.result(mean, x, pdt, shape), F.result(var, x, pdt, shape)
 
 

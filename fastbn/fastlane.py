@@ -125,8 +125,8 @@ def infer_backward(dy, x, scale, mean, var, channel_axis, eps, out):
 def moments(x, axis, keepdims, ddof):
     """``moments`` over every axis but one (``axis`` an int or a tuple of ints,
     ``keepdims`` a bool, ``ddof`` an int or float below the count): ``(mean,
-    var)`` from the default backend's kernel (see moments3_for), as the general path
-    computes them, without its checks and plan; None otherwise."""
+    var)`` from the default backend's kernels (see moments_into), as the general
+    path computes them, without its checks and plan; None otherwise."""
     if type(keepdims) is not bool or (type(ddof) is not int and type(ddof) is not float):
         return None
     axes = (axis,) if type(axis) is int else axis
@@ -143,20 +143,31 @@ def moments(x, axis, keepdims, ddof):
     if x3 is None:
         return None
     C = x3.shape[1]
-    n = x.size // C
-    if not n - ddof > 0:
+    if not x.size // C - ddof > 0:
         return None
-    mean, m2 = moments3_for(_module())(x3)
     pdt = _PDT[x.dtype]
-    shape = tuple(C if a == ax else 1 for a in range(nd)) if keepdims else (C,)
-    return (np.asarray(mean, dtype=pdt).reshape(shape),
-            np.asarray(m2 / (n - ddof), dtype=pdt).reshape(shape))
+    if keepdims:
+        shape = tuple(C if a == ax else 1 for a in range(nd))
+        mean, var = np.empty(shape, pdt), np.empty(shape, pdt)
+        moments_into(_module(), x3, ddof, mean.reshape(C), var.reshape(C))
+    else:
+        mean, var = np.empty(C, pdt), np.empty(C, pdt)
+        moments_into(_module(), x3, ddof, mean, var)
+    return mean, var
 
 
-def moments3_for(bk):
-    """The backend's moments kernel for C-contiguous (outer, C, inner) input: its
-    fused ``moments_small3`` if it has one, else ``moments3``."""
-    return getattr(bk, "moments_small3", None) or bk.moments3
+def moments_into(bk, x3, ddof, mean_out, var_out):
+    """Per-channel mean and variance ``m2 / (n - ddof)`` (n > ddof) of the NumPy
+    (outer, C, inner) ``x3`` into the (C,) ``mean_out``/``var_out``: the backend's
+    fused ``moments_small3`` if it has one, else its ``moments3`` and the division
+    here (the same numbers as the general path's, which calls this too)."""
+    kern = getattr(bk, "moments_small3", None)
+    if kern is not None:
+        kern(x3, ddof, mean_out, var_out)
+        return
+    mean, m2 = bk.moments3(x3)
+    mean_out[...] = mean
+    var_out[...] = m2 / (x3.shape[0] * x3.shape[2] - ddof)
 
 
 def normalization(x, mean, variance, offset, scale, eps, out):

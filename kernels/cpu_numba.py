@@ -699,10 +699,14 @@ def _channel_moments(x, c):
 
 
 @kernel
-def _moments_small(x, mean_out, m2_out):
-    """Per-channel mean and m2 (float64), channel by channel (see _channel_moments)."""
+def _moments_small(x, ddof, mean_out, var_out):
+    """Per-channel mean and variance m2 / (n - ddof) (into arrays of any float
+    dtype, rounded once), channel by channel (see _channel_moments)."""
+    n = x.shape[0] * x.shape[2]
     for c in prange(x.shape[1]):
-        mean_out[c], m2_out[c] = _channel_moments(x, c)
+        mu, m2 = _channel_moments(x, c)
+        mean_out[c] = mu
+        var_out[c] = m2 / (n - ddof)
 
 
 @kernel
@@ -841,11 +845,16 @@ def _rows_moments(x2, k, I, mu, m2):
 
 
 @kernel
-def _moments_rows(x3, k, mean_out, m2_out):
-    """Per-channel mean and m2 (float64) of a C-contiguous x3 (R, C, I) in the row
-    form (see _rows_moments, _row_form)."""
+def _moments_rows(x3, k, ddof, mean_out, var_out):
+    """_moments_small for a C-contiguous x3 (R, C, I) in the row form (see
+    _rows_moments, _row_form)."""
     R, C, I = x3.shape
-    _rows_moments(x3.reshape(R, C * I), k, I, mean_out, m2_out)
+    mu = np.empty(C)
+    m2 = np.empty(C)
+    _rows_moments(x3.reshape(R, C * I), k, I, mu, m2)
+    for c in range(C):
+        mean_out[c] = mu[c]
+        var_out[c] = m2[c] / (R * I - ddof)
 
 
 @kernel
@@ -948,23 +957,24 @@ def _channel_blocked(x3, arrays):
             and O * I * x3.itemsize * arrays <= CHANNEL_SLAB)
 
 
-def moments_small3(x3):
-    """(outer, C, inner) -> per-channel (mean, m2), float64, as moments3, for a
-    C-contiguous x3 in one fused pass: the training forward's statistics (the row
-    form or channel by channel, see train_small3) up to SMALL values; moments3
-    beyond."""
+def moments_small3(x3, ddof, mean_out, var_out):
+    """Per-channel mean and variance ``m2 / (n - ddof)`` (computed in float64,
+    rounded once into ``mean_out``/``var_out``, (C,) arrays of any float dtype;
+    n > ddof) of a C-contiguous (outer, C, inner) x3 in one fused pass: the
+    training forward's statistics (the row form or channel by channel, see
+    train_small3) up to SMALL values; moments3 beyond (or for other strides)."""
     if not 0 < x3.size <= SMALL or not x3.flags.c_contiguous:
-        return moments3(x3)
-    C = x3.shape[1]
-    mean, m2 = np.empty(C), np.empty(C)
+        mean, m2 = moments3(x3)
+        mean_out[:] = mean
+        var_out[:] = m2 / (x3.shape[0] * x3.shape[2] - ddof)
+        return
     x3 = _bits(x3)
     k = _row_form(x3)
     if k:
-        _moments_rows.serial(x3, k, mean, m2)
+        _moments_rows.serial(x3, k, float(ddof), mean_out, var_out)
     else:
         run(_moments_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 1), x3,
-            mean, m2)
-    return mean, m2
+            float(ddof), mean_out, var_out)
 
 
 def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):

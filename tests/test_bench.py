@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+import fastbn as fbn
 from fastbn.tools import bench
 
 
@@ -163,3 +164,22 @@ def test_numba_copy_kernel_copies_every_block():
             dst = np.zeros_like(src)
             pcopy(src, dst, blocks)
             np.testing.assert_array_equal(dst, src)
+
+
+@pytest.mark.skipif(fbn.backends()["numba"] != "available", reason="needs numba")
+def test_calls_table_has_every_function(capsys):
+    """``bench --calls``: a row per public function (and layer call) per input,
+    numbers in every cell (no timing is judged here)."""
+    from fastbn.tools import calls
+    args = argparse.Namespace(repeat=1, quick=True)
+    assert calls.run(args) == 0
+    rows = [r.strip("|").split("|") for r in capsys.readouterr().out.splitlines()
+            if r.startswith("| ") and "---" not in r and "function" not in r]
+    names = {r[1].strip() for r in rows}
+    assert {"batch_norm_train", "batch_norm_infer", "batch_norm_backward",
+            "batch_norm_infer_backward", "moments", "batch_normalization",
+            "BatchNorm backward (eval)"} <= names
+    assert len(rows) == len(names) * len(calls.SHAPES)
+    for r in rows:
+        whole, kern = (float(c.split("/")[0]) for c in r[2:4])
+        assert whole > 0 and kern > 0

@@ -16,7 +16,7 @@ def used(monkeypatch):
     """Records the ``groups`` verdict of every channels-last moments call.  The
     fused small kernel (``moments_small3``, which small C-contiguous input takes
     instead of ``moments3``) is bypassed, so that these sizes reach moments3."""
-    monkeypatch.setattr(cpu_numba, "moments_small3", cpu_numba.moments3)
+    monkeypatch.delattr(cpu_numba, "moments_small3")
     seen = []
     real = _rowsums.groups
 

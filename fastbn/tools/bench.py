@@ -148,6 +148,9 @@ def add_arguments(parser):
                         help="also run the CUDA benchmark (needs CuPy and a GPU)")
     parser.add_argument("--dask", action="store_true",
                         help="also run the Dask benchmark (needs dask[distributed])")
+    parser.add_argument("--calls", action="store_true",
+                        help="instead of the cases: what a small call of each public function "
+                             "costs outside its kernel (whole call against the fused kernel alone)")
     sweep = parser.add_argument_group(
         "sweep", "--sweep: train forward, inference and backward x NCHW, NHWC (channels_last) and "
                  "(N, C) x sizes from 4 KB to 103 MB, fastbn against PyTorch, out= on both sides")
@@ -536,6 +539,9 @@ def run(args):
     if args.sweep:
         from . import sweep
         return sweep.run(args)
+    if args.calls:
+        from . import calls
+        return calls.run(args)
     cases = select(CASES, args.cases)
     if args.list:
         for c in CASES:

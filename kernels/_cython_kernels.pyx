@@ -1613,15 +1613,25 @@ def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1
 
 
 cdef inline void backward_channel(double s1, double s2, double n, double scale, double inv,
-                                  double* a, double* b, double* cc,
+                                  bint frozen, double* a, double* b, double* cc,
                                   double* dscale) noexcept nogil:
     """core.gradient_sums + core.backward_coefficients for one channel: sums s1 of
     dy and s2 of dy*(x - mean) over n > 0 values, scale (1.0 for None) -> dscale and
-    (a, b, cc) of dx = b*(x - mean) + cc + a*dy, in core's order of operations."""
+    (a, b, cc) of dx = b*(x - mean) + cc + a*dy, in core's order of operations.
+    ``frozen``: core.infer_backward_coefficients instead (eval mode: dx = a*dy)."""
     dscale[0] = s2 * inv
     a[0] = scale * inv
-    b[0] = -a[0] * inv * dscale[0] / n
-    cc[0] = -a[0] * s1 / n
+    if frozen:
+        b[0] = 0.0
+        cc[0] = 0.0
+    else:
+        b[0] = -a[0] * inv * dscale[0] / n
+        cc[0] = -a[0] * s1 / n
+
+
+cdef inline double _inv(double v, bint frozen, double eps) noexcept nogil:
+    """invstd as given, or (frozen) 1/sqrt(var + eps) from the variance v."""
+    return 1.0 / sqrt(v + eps) if frozen else v
 
 
 cdef void channel_dy_sums(const real_t* pg, Py_ssize_t g0, Py_ssize_t g2, const real_t* px,
@@ -1648,8 +1658,11 @@ cdef void channel_dy_sums(const real_t* pg, Py_ssize_t g0, Py_ssize_t g2, const 
 
 def backward_small(const real_t[:, :, :] dy, const real_t[:, :, :] x, const prm_t[::1] scale,
                    const stat_t[::1] mean, const stat_t[::1] invstd, real_t[:, :, :] out,
-                   grad_t[::1] dscale_out, grad_t[::1] doffset_out, Py_ssize_t fold):
+                   grad_t[::1] dscale_out, grad_t[::1] doffset_out, Py_ssize_t fold,
+                   bint frozen=False, double eps=0.0):
     """Fused training backward for a small x (O, C, I), serial, one call.
+    ``frozen``: the eval-mode backward (batch_norm_infer_backward) instead, with
+    ``invstd`` holding the running variance: inv = 1/sqrt(var + eps), dx = a*dy.
 
     Per channel ``s1 = sum(dy)``, ``s2 = sum(dy*(x - mean))``, then ``dscale =
     s2*invstd``, ``doffset = s1`` and ``dx = b*(x - mean) + cc + a*dy``
@@ -1763,7 +1776,8 @@ def backward_small(const real_t[:, :, :] dy, const real_t[:, :, :] x, const prm_
                         s2[(j % B) // I] += s2w[j]
                 for c in range(C):
                     sc = scale[c] if has_scale else 1.0
-                    backward_channel(s1[c], s2[c], n, sc, invstd[c], &a[c], &b[c], &cc[c], &ds)
+                    backward_channel(s1[c], s2[c], n, sc, _inv(invstd[c], frozen, eps), frozen,
+                                     &a[c], &b[c], &cc[c], &ds)
                     dscale_out[c] = <grad_t>ds
                     doffset_out[c] = <grad_t>s1[c]
                 if spreads:
@@ -1780,7 +1794,8 @@ def backward_small(const real_t[:, :, :] dy, const real_t[:, :, :] x, const prm_
                     channel_dy_sums(bg + c * s[1], s[0], s[2], bx + c * s[4], s[3], s[5], O, I,
                                     m[c], &s1[c], &s2[c])
                     sc = scale[c] if has_scale else 1.0
-                    backward_channel(s1[c], s2[c], n, sc, invstd[c], &a[c], &b[c], &cc[c], &ds)
+                    backward_channel(s1[c], s2[c], n, sc, _inv(invstd[c], frozen, eps), frozen,
+                                     &a[c], &b[c], &cc[c], &ds)
                     dscale_out[c] = <grad_t>ds
                     doffset_out[c] = <grad_t>s1[c]
                     for o in range(O):

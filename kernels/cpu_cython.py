@@ -348,10 +348,22 @@ def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out)
     Writes ``dx`` to out3 and the per-channel ``dscale``, ``doffset`` to the (C,)
     outputs of the per-channel dtype (float32 for float16 x3, else x3's).
     """
+    _backward_small(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out, False, 0.0)
+
+
+def infer_backward_small3(dy3, x3, scale, mean, var, eps, out3, dscale_out, doffset_out):
+    """Fused eval-mode backward (batch_norm_infer_backward) for inputs of at most
+    SMALL values (serial): ``backward_small3`` with core.infer_backward_coefficients
+    (``var`` for ``invstd``; dx = scale/sqrt(var + eps)*dy), as
+    ``cpu_numba.infer_backward_small3``."""
+    _backward_small(dy3, x3, scale, mean, var, out3, dscale_out, doffset_out, True, float(eps))
+
+
+def _backward_small(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out, frozen, eps):
     if x3.dtype == np.float16:
         dy3, x3, out3 = dy3.view(np.uint16), x3.view(np.uint16), out3.view(np.uint16)
     scale, _, pt = _vectors(scale)
     mean, invstd, st = _vectors(mean, invstd)
     _ck.backward_small.__signatures__[
         f"{_C_TYPE[x3.dtype.char]}|{pt}|{st}|{_VEC_TYPE[dscale_out.dtype.char]}"](
-        dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out, FUSED_FOLD)
+        dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out, FUSED_FOLD, frozen, eps)

@@ -433,6 +433,7 @@ def _general(monkeypatch, func, *args, **kw):
     with monkeypatch.context() as mp:
         mp.delattr(cy, "infer_small3")
         mp.delattr(cy, "backward_small3")
+        mp.delattr(cy, "infer_backward_small3")
         return func(*args, backend="cython", **kw)
 
 
@@ -489,6 +490,41 @@ def test_fused_infer_and_backward_through_the_lane(monkeypatch, make_array, rng,
                 assert got.dtype == (dtype if what == "dx" else pdt), what
                 oracle.assert_close(got, want, what)
                 assert_kernel_close(got, general, got.dtype.type, what + " against the general path")
+
+
+@pytest.mark.parametrize("case", sorted(FUSED_CASES))
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: np.dtype(d).name)
+def test_fused_infer_backward_through_the_lane(monkeypatch, make_array, rng, dtype, case):
+    """With Cython the default backend, batch_norm_infer_backward on small NumPy
+    arrays runs cy.infer_backward_small3 (backward_small's frozen mode): the
+    oracle's numbers (dx = scale/sqrt(var + eps)*dy, dscale = sum(dy*(x - mean))
+    /sqrt(var + eps), doffset = sum(dy)) and the general path's to an ulp."""
+    calls = []
+    real = cy.infer_backward_small3
+    monkeypatch.setattr(cy, "infer_backward_small3", lambda *a: calls.append(1) or real(*a))
+    x, dy = _fused_inputs(make_array, case, dtype)
+    C, pdt = x.shape[1], oracle.param_dtype(dtype)
+    axes = oracle.reduced_axes(x.ndim, 1)
+    mean = (oracle.moments(x, axes)[0] + 0.3 * rng.standard_normal(C)).astype(pdt)
+    var = rng.uniform(0.5, 2, C).astype(pdt)
+    for scale in (rng.uniform(0.5, 2, C).astype(pdt), None):
+        inv = 1 / np.sqrt(var.astype(np.float64) + 1e-3)
+        a = inv if scale is None else scale * inv
+        xc = oracle.f64(x) - oracle.along(mean, x.ndim, 1)
+        want = (oracle.f64(dy) * oracle.along(a, x.ndim, 1), (oracle.f64(dy) * xc).sum(axis=axes) * inv,
+                oracle.f64(dy).sum(axis=axes))
+        magnitude = (0.0, oracle.abs_reduction(oracle.f64(dy) * xc, axes) * inv,
+                     oracle.abs_reduction(dy, axes))
+        general = _general(monkeypatch, fastbn.batch_norm_infer_backward, dy, x, scale, mean, var,
+                           eps=1e-3)
+        n = len(calls)
+        with fastbn.use_backend("cython"):
+            got = fastbn.batch_norm_infer_backward(dy, x, scale, mean, var, eps=1e-3)
+        assert len(calls) == n + 1
+        for g, w, gen, mag, what in zip(got, want, general, magnitude, ("dx", "dscale", "doffset")):
+            assert g.dtype == (dtype if what == "dx" else pdt), what
+            oracle.assert_close(g, w, what, magnitude=mag)
+            assert_kernel_close(g, gen, g.dtype.type, what + " against the general path")
 
 
 @pytest.mark.parametrize("case", sorted(FUSED_CASES))

@@ -111,10 +111,13 @@ def backward(dy, x, scale, mean, invstd, channel_axis, out):
 
 def infer_backward(dy, x, scale, mean, var, channel_axis, eps, out):
     """``batch_norm_infer_backward`` for the common small call: ``(dx, dscale,
-    doffset)``, or None.  The backward's checks, ``var`` in place of ``invstd``."""
+    doffset)``, or None.  The backward's checks, ``var`` in place of ``invstd``, all
+    three vectors of the per-channel dtype (what the layers pass; any other mix
+    takes the general path, which converts them once, rather than compiling the
+    backward's kernels for it)."""
     k = None if type(eps) is not float or not eps >= 0.0 else _kernel("infer_backward_small3")
     a = None if k is None else checks.backward_args(dy, x, scale, mean, var, channel_axis, out,
-                                                    k[1])
+                                                    k[1], True)
     if a is None:
         return None
     dy3, x3, dx, dx3, dscale, doffset = a
@@ -171,9 +174,9 @@ def moments_into(bk, x3, ddof, mean_out, var_out):
 
 
 def normalization(x, mean, variance, offset, scale, eps, out):
-    """``batch_normalization`` for per-channel parameters (arrays shaped like
-    ``moments(..., keepdims=True)`` gives them, or 1-D along the last axis): the
-    inference lane on their 1-D views; None otherwise."""
+    """``batch_normalization`` for per-channel parameters of the per-channel dtype
+    (arrays shaped like ``moments(..., keepdims=True)`` gives them, or 1-D along the
+    last axis): the inference lane on their 1-D views; None otherwise."""
     p = checks.channel_params(x, mean, variance, offset, scale)
     if p is None:
         return None
@@ -329,9 +332,10 @@ def infer_args(x, scale, offset, mean, var, channel_axis, eps, out, limit):
     return _as3(x, s3, order), y, y3
 
 
-def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
+def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit, same_dtype=False):
     """``(dy3, x3, dx, dx3, dscale, doffset)`` for ``backward_small3``, or None;
-    ``dscale``/``doffset`` new, of the per-channel dtype."""
+    ``dscale``/``doffset`` new, of the per-channel dtype.  With ``same_dtype`` the
+    vectors must be of the per-channel dtype too."""
     if (mean is None or invstd is None or type(dy) is not np.ndarray
             or type(x) is not np.ndarray or dy.shape != x.shape
             or (dy.dtype is not x.dtype and dy.dtype != x.dtype)):
@@ -342,7 +346,7 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, limit):
     pdt, s3, order = p
     C = s3[1]
     dy3 = _as3(dy, s3, order)
-    if dy3 is None or not _vectors(C, None, scale, mean, invstd):
+    if dy3 is None or not _vectors(C, pdt if same_dtype else None, scale, mean, invstd):
         return None
     dd = _out(out, x, dy, s3, order)
     if dd is None:
@@ -360,10 +364,10 @@ def view3_args(x, channel_axis, limit):
     return None if p is None else _as3(x, p[1], p[2])
 
 
-def _param_axis(p, x):
-    """The one axis of ``x`` along which ``p`` holds a value per channel (see
-    lane_checks.pyx), or -1."""
-    if type(p) is not np.ndarray or p.dtype not in _PDT or not p.flags.c_contiguous:
+def _param_axis(p, x, pdt):
+    """The one axis of ``x`` along which ``p`` (of dtype ``pdt``) holds a value per
+    channel (see lane_checks.pyx), or -1."""
+    if type(p) is not np.ndarray or p.dtype != pdt or not p.flags.c_contiguous:
         return -1
     nd = x.ndim
     if p.ndim == 1 and nd >= 1:
@@ -376,13 +380,14 @@ def _param_axis(p, x):
 
 def channel_params(x, mean, variance, offset, scale):
     """``(channel_axis, mean, variance, offset, scale)`` with 1-D views, or None
-    (see lane_checks.channel_params)."""
-    if type(x) is not np.ndarray or mean is None or variance is None:
+    (see lane_checks.channel_params: the parameters of x's per-channel dtype)."""
+    pdt = _PDT.get(x.dtype) if type(x) is np.ndarray else None
+    if pdt is None or mean is None or variance is None:
         return None
     ax = -1
     for p in (mean, variance, offset, scale):
         if p is not None:
-            a = _param_axis(p, x)
+            a = _param_axis(p, x, pdt)
             if a < 0 or (ax >= 0 and a != ax):
                 return None
             ax = a

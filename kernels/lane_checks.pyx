@@ -256,9 +256,11 @@ def infer_args(x, scale, offset, mean, var, channel_axis, eps, out, cnp.npy_intp
     return p.view3(xa), y, p.view3(<cnp.ndarray>y)
 
 
-def backward_args(dy, x, scale, mean, invstd, channel_axis, out, cnp.npy_intp limit):
+def backward_args(dy, x, scale, mean, invstd, channel_axis, out, cnp.npy_intp limit,
+                  bint same_dtype=False):
     """``(dy3, x3, dx, dx3, dscale, doffset)`` for ``backward_small3``, or None;
-    ``dscale``/``doffset`` are new (C,) vectors of the per-channel dtype."""
+    ``dscale``/``doffset`` are new (C,) vectors of the per-channel dtype.  With
+    ``same_dtype`` the vectors must be of the per-channel dtype too."""
     cdef int t = _data_type(x)
     if t < 0 or mean is None or invstd is None or _data_type(dy) != t:
         return None
@@ -269,7 +271,9 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, cnp.npy_intp li
     if p is None or not p.same_layout(dya):
         return None
     cdef cnp.npy_intp C = p.s3[1]
-    if not (_vector(scale, C, -1) and _vector(mean, C, -1) and _vector(invstd, C, -1)):
+    cdef int pt = _param_type(t)
+    cdef int vt = pt if same_dtype else -1
+    if not (_vector(scale, C, vt) and _vector(mean, C, vt) and _vector(invstd, C, vt)):
         return None
     dx = _output(out, xa, dy, p)
     if dx is None:
@@ -278,17 +282,16 @@ def backward_args(dy, x, scale, mean, invstd, channel_axis, out, cnp.npy_intp li
         others = tuple([a for a in (x, dy) if a is not dx]) + (scale, mean, invstd)
         if not _apart((dx,), others):
             return None
-    cdef int pt = _param_type(t)
     return (p.view3(dya), p.view3(xa), dx, p.view3(<cnp.ndarray>dx),
             cnp.PyArray_EMPTY(1, &C, pt, 0), cnp.PyArray_EMPTY(1, &C, pt, 0))
 
 
-cdef int _param_axis(object p, cnp.ndarray x):
-    """The one axis of ``x`` along which ``p`` (a C-contiguous native float
-    ndarray) holds a value per channel: ``p`` has ``x``'s ndim and is 1 on every
+cdef int _param_axis(object p, cnp.ndarray x, int pt):
+    """The one axis of ``x`` along which ``p`` (a C-contiguous ndarray of type
+    ``pt``) holds a value per channel: ``p`` has ``x``'s ndim and is 1 on every
     axis but that one, where it is ``x``'s length (> 1); or ``p`` is 1-D, as
     long as ``x``'s last axis (NumPy's broadcasting).  -1 for anything else."""
-    if _data_type(p) < 0:
+    if _data_type(p) != pt:
         return -1
     cdef cnp.ndarray a = <cnp.ndarray>p
     if not cnp.PyArray_IS_C_CONTIGUOUS(a):
@@ -323,17 +326,20 @@ cdef object _flat(cnp.ndarray a):
 
 def channel_params(x, mean, variance, offset, scale):
     """``batch_normalization``'s parameters as per-channel vectors: ``(channel_axis,
-    mean, variance, offset, scale)`` with 1-D views, when ``x`` is an ndarray, mean
-    and variance are given, and every parameter given is per-channel along the same
-    axis (see _param_axis); else None."""
-    if not cnp.PyArray_CheckExact(x) or mean is None or variance is None:
+    mean, variance, offset, scale)`` with 1-D views, when ``x`` is an ndarray of
+    native float16/32/64, mean and variance are given, and every parameter given is
+    per-channel along the same axis (see _param_axis) and of ``x``'s per-channel
+    dtype (what ``moments`` returns; other dtypes take the general path, which
+    converts them once, rather than a compiled kernel per mix); else None."""
+    cdef int t = _data_type(x)
+    if t < 0 or mean is None or variance is None:
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef int ax = -1, a
+    cdef int ax = -1, a, pt = _param_type(t)
     for p in (mean, variance, offset, scale):
         if p is None:
             continue
-        a = _param_axis(p, xa)
+        a = _param_axis(p, xa, pt)
         if a < 0 or (ax >= 0 and a != ax):
             return None
         ax = a

@@ -443,7 +443,9 @@ def test_batch_normalization_lane_declines(rng):
                 dict(mean=np.ones((4, 3, 1), np.float32)), dict(scale=np.ones(5, np.float32)),
                 dict(variance=[[[1.0]], [[1.0]], [[1.0]]]), dict(offset=np.ones((1, 3), np.float32)),
                 dict(mean=np.ones((1, 1, 1), np.float32)), dict(mean=np.ones((1, 6, 1))[:, ::2]),
-                dict(variance=None), dict(mean=np.ones((1, 3, 1), np.int32))]
+                dict(variance=None), dict(mean=np.ones((1, 3, 1), np.int32)),
+                dict(mean=np.ones((1, 3, 1))), dict(scale=np.ones((1, 3, 1), np.float16)),
+                dict(x=x.astype(">f4"))]
     for change in declined:
         kw = dict(x=x, mean=v, variance=v, offset=None, scale=v, eps=1e-3, out=None)
         kw.update(change)
@@ -535,7 +537,8 @@ def test_infer_backward_lane_declines(rng):
     v = np.ones(4, np.float32)
     for change in [dict(eps=1), dict(eps=-1.0), dict(eps=float("nan")), dict(var=None),
                    dict(var=v[::-1]), dict(dy=np.asfortranarray(dy)), dict(out=x.astype(np.float64)),
-                   dict(mean=np.ones(4, np.int64)), dict(channel_axis=1.0)]:
+                   dict(mean=np.ones(4, np.int64)), dict(channel_axis=1.0),
+                   dict(var=np.ones(4)), dict(scale=np.ones(4, np.float16))]:
         kw = dict(dy=dy, x=x, scale=v, mean=v, var=v, channel_axis=1, eps=1e-5, out=None)
         kw.update(change)
         before = [a.copy() for a in (x, dy, v)]

@@ -262,6 +262,21 @@ def _small(bk, name, x, out, data=()):
     return small, out
 
 
+def _small_backward(bk, name, dy, x, plan, out, *vectors):
+    """``(dx, dscale, doffset)`` from the backend's fused backward kernel ``name``
+    (``backward_small3`` or ``infer_backward_small3``, whose per-channel arguments
+    are ``vectors``) for small inputs, or None (see _small)."""
+    fused = _small(bk, name, x, out, (dy,))
+    if fused is None:
+        return None
+    small, dx = fused
+    s3 = plan.shape3
+    pdt = checks.param_dtype(x.dtype)
+    dscale, doffset = np.empty(s3[1], pdt), np.empty(s3[1], pdt)
+    small(dy.reshape(s3), x.reshape(s3), *vectors, dx.reshape(s3), dscale, doffset)
+    return dx, dscale, doffset
+
+
 def _small_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running_var, out):
     """The fused training forward (``train_small3``) for small inputs, or None."""
     dt = checks.param_dtype(x.dtype)
@@ -595,13 +610,9 @@ def batch_norm_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | None, me
     _, w_invstd = checks.vector(invstd, "invstd", C, fam, optional=False)
     if F.FUSED and (r := F.fused_backward(bk, dy, x, plan, scale, mean, invstd, out)) is not None:
         return r
-    if (fused := _small(bk, "backward_small3", x, out, (dy,))) is not None:
-        small, dx = fused
-        pdt = checks.param_dtype(x.dtype)
-        dscale, doffset = np.empty(C, pdt), np.empty(C, pdt)
-        small(dy.reshape(plan.shape3), x.reshape(plan.shape3), w_scale, w_mean, w_invstd,
-              dx.reshape(plan.shape3), dscale, doffset)
-        return dx, dscale, doffset
+    if (r := _small_backward(bk, "backward_small3", dy, x, plan, out,
+                             w_scale, w_mean, w_invstd)) is not None:
+        return r
     x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
     dscale, doffset = core.gradient_sums(w_invstd, *_dy_sums(F, bk, dy3, x3, w_mean, C))
     if plan.count == 0:  # an empty batch: no gradient, even with its NaN statistics
@@ -674,13 +685,9 @@ def batch_norm_infer_backward(dy: ArrayLike, x: ArrayLike, scale: ArrayLike | No
     eps = checks.scalar(eps, "eps", low=0.0)
     if F.FUSED and (r := F.fused_infer_backward(bk, dy, x, plan, scale, mean, var, eps, out)):
         return r
-    if (fused := _small(bk, "infer_backward_small3", x, out, (dy,))) is not None:
-        small, dx = fused
-        pdt = checks.param_dtype(x.dtype)
-        dscale, doffset = np.empty(C, pdt), np.empty(C, pdt)
-        small(dy.reshape(plan.shape3), x.reshape(plan.shape3), w_scale, w_mean, w_var, eps,
-              dx.reshape(plan.shape3), dscale, doffset)
-        return dx, dscale, doffset
+    if (r := _small_backward(bk, "infer_backward_small3", dy, x, plan, out,
+                             w_scale, w_mean, w_var, eps)) is not None:
+        return r
     x3, dy3 = F.as3(x, plan), F.as3(dy, plan)
     dscale, doffset, a = core.infer_backward_coefficients(w_var, eps, w_scale,
                                                           *_dy_sums(F, bk, dy3, x3, w_mean, C))

@@ -121,6 +121,18 @@ def make_array(rng):
 
 # -- slow subprocess checks started early (tests/background.py) -------------------
 
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that await ``BACKGROUND`` work run last (their order otherwise kept).
+
+    In file order they came early (test_asv_smoke, test_cuda_sim_process) and
+    blocked the main run ~3 minutes while their child ran on the other core;
+    last, the children have finished under the rest of the suite.
+    """
+    def awaits(item):
+        return bool(getattr(getattr(item, "module", None), "BACKGROUND", None))
+    items[:] = [i for i in items if not awaits(i)] + [i for i in items if awaits(i)]
+
+
 def pytest_collection_finish(session):
     """Start the ``BACKGROUND`` work of every module with a selected test (once)."""
     import background

@@ -17,8 +17,9 @@ Two ways of mapping threads to data, chosen by ``inner``:
   loaded once.  The elementwise kernels use this mapping for every layout.
 * **rows** (``inner >= ROWS_MIN_INNER``: NCHW-like).  One block per
   ``(split, channel)``; its threads walk the channel's ``outer*inner`` values
-  with stride ``blockDim.x`` (``(o, i)`` advanced incrementally, no division
-  per element), so one block yields one partial per channel.
+  with stride ``blockDim.x`` (a byte offset into a flat view of the data and
+  the in-row index advanced by adds, no division or multiplication per
+  element), so one block yields one partial per channel.
 
 Reductions are two-stage and deterministic (no float atomics): each thread
 accumulates shifted sums ``sum(v - K)``, ``sum((v - K)**2)`` about its own
@@ -149,6 +150,39 @@ if cuda is not None:
         return cuda.jit(**_JIT_KW)(func)
 
     _dev = cuda.jit(device=True)
+    # Inlined into the Numba IR of the caller: a device function may only
+    # return arrays it was passed, and _flat returns a new view.
+    _dev_inline = cuda.jit(device=True, inline="always")
+    # A derived array of given shape and byte strides over the same memory,
+    # created inline; the simulator's kernels are Python on NumPy arrays.
+    if rt.simulator():
+        _as_strided = np.lib.stride_tricks.as_strided
+    else:
+        try:
+            from numba.cuda.np.arrayobj import reshape_unchecked as _as_strided
+        except ImportError:  # numba-cuda before its own copy of Numba's array lowering
+            from numba.np.arrayobj import reshape_unchecked as _as_strided
+    # Indices of the flat views are non-negative byte offsets: as unsigned
+    # values Numba emits no negative-index wraparound for them.
+    _U = numba.uint64
+
+    def _cvt(zero, v):
+        """``v`` converted to the type of ``zero`` (the accumulator dtype); the
+        simulator's NumPy scalars promote the same way."""
+        return zero + v
+
+    if not rt.simulator():
+        try:
+            from numba.cuda.extending import overload as _overload
+        except ImportError:  # numba-cuda before its own extending module
+            from numba.core.extending import overload as _overload
+
+        @_overload(_cvt, target="cuda")
+        def _cvt_cuda(zero, v):
+            # A plain conversion: ``zero + v`` is one more float add per element
+            # (x + 0.0 is not x for x = -0.0, so the compiler keeps it).
+            acc = zero
+            return lambda zero, v: acc(v)
 
     # Bits of the ``flags`` argument of the fused kernels: what the last
     # block computes per channel and which optional vectors were given.
@@ -157,15 +191,39 @@ if cuda is not None:
 
     # -- device helpers --------------------------------------------------------
 
+    @_dev_inline
+    def _flat(x):
+        """(f, base): ``f`` a 1-D view of the memory of the 3-D array ``x`` from
+        its lowest address, indexed by byte offset (stride 1 byte), and
+        ``base`` the byte offset of ``x[0, 0, 0]`` in it, so that
+        ``x[o, c, i] == f[base + o*s0 + c*s1 + i*s2]`` (``x.strides``), every
+        offset non-negative.  One 64-bit offset per thread, advanced by adds,
+        replaces three signed indices multiplied out per element."""
+        s0, s1, s2 = x.strides
+        b0 = x.shape[0] - 1 if s0 < 0 else 0
+        b1 = x.shape[1] - 1 if s1 < 0 else 0
+        b2 = x.shape[2] - 1 if s2 < 0 else 0
+        span = (x.itemsize + abs(s0) * (x.shape[0] - 1) + abs(s1) * (x.shape[1] - 1)
+                + abs(s2) * (x.shape[2] - 1))
+        return _as_strided(x[b0:, b1:, b2:], (span,), (1,)), -(b0 * s0 + b1 * s1 + b2 * s2)
+
     @_dev
-    def _step(o, i, dq, dr, inner):
-        """(o, i) advanced by dq*inner + dr flat positions, 0 <= dr < inner."""
-        i += dr
-        o += dq
-        if i >= inner:
-            i -= inner
-            o += 1
-        return o, i
+    def _adv(off, i, dr, back, d, wrap):
+        """Byte offset ``off`` of in-row index ``i`` (0 <= i < inner) advanced by
+        one block stride: ``dr`` (< inner) more in the row and byte step ``d``,
+        or, when that passes the row's end (i >= back = inner - dr), ``i - back``
+        on the next row and byte step ``d + wrap`` (see _moments_rows).  No
+        value leaves [0, inner), so nothing can overflow."""
+        if i >= back:
+            return off + (d + wrap), i - back
+        return off + d, i + dr
+
+    @_dev
+    def _adv2(off, off2, i, dr, back, d, wrap, d2, wrap2):
+        """_adv for two arrays of one shape (own strides) walked together."""
+        if i >= back:
+            return off + (d + wrap), off2 + (d2 + wrap2), i - back
+        return off + d, off2 + d2, i + dr
 
     @_dev
     def _chan(na, ma, qa, nb, mb, qb):
@@ -430,8 +488,13 @@ if cuda is not None:
         s = cuda.blockIdx.x
         nsplit = cuda.gridDim.x
         end = min(outer * inner, s * chunk + chunk)
+        xf, base = _flat(x)
+        st0, st1, st2 = x.strides
         dq = nt // inner
         dr = nt - dq * inner
+        back = inner - dr
+        d = dq * st0 + dr * st2  # bytes from one value of a thread to its next
+        wrap = st0 - inner * st2  # and more when that next value is on a later row
         for c in range(cuda.blockIdx.y, C, cuda.gridDim.y):
             kk = s * chunk + t
             n = 0.0
@@ -441,29 +504,31 @@ if cuda is not None:
                 cnt_ = (end - kk + nt - 1) // nt
                 o = kk // inner
                 i = kk - o * inner
-                k = zero + x[o, c, i]
+                a0 = base + o * st0 + c * st1 + i * st2
+                k = _cvt(zero, xf[_U(a0)])
                 if not math.isfinite(k):  # an inf pivot would turn every value into NaN
                     k = zero
                 s1 = zero
                 s2 = zero
-                while kk + 3 * nt < end:
-                    o1, i1 = _step(o, i, dq, dr, inner)
-                    o2, i2 = _step(o1, i1, dq, dr, inner)
-                    o3, i3 = _step(o2, i2, dq, dr, inner)
-                    d0 = (zero + x[o, c, i]) - k
-                    d1 = (zero + x[o1, c, i1]) - k
-                    d2 = (zero + x[o2, c, i2]) - k
-                    d3 = (zero + x[o3, c, i3]) - k
+                m = cnt_
+                while m >= 4:
+                    a1, i = _adv(a0, i, dr, back, d, wrap)
+                    a2, i = _adv(a1, i, dr, back, d, wrap)
+                    a3, i = _adv(a2, i, dr, back, d, wrap)
+                    d0 = xf[_U(a0)] - k  # in k's (the accumulator's) dtype
+                    d1 = xf[_U(a1)] - k
+                    d2 = xf[_U(a2)] - k
+                    d3 = xf[_U(a3)] - k
                     s1 += (d0 + d1) + (d2 + d3)
                     s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                    o, i = _step(o3, i3, dq, dr, inner)
-                    kk += 4 * nt
-                while kk < end:
-                    d0 = (zero + x[o, c, i]) - k
+                    a0, i = _adv(a3, i, dr, back, d, wrap)
+                    m -= 4
+                while m > 0:
+                    d0 = xf[_U(a0)] - k
                     s1 += d0
                     s2 += d0 * d0
-                    o, i = _step(o, i, dq, dr, inner)
-                    kk += nt
+                    a0, i = _adv(a0, i, dr, back, d, wrap)
+                    m -= 1
                 n, mean, m2 = _partial(cnt_, k, s1, s2)
             sh[t] = n
             sh[nt + t] = mean
@@ -573,40 +638,52 @@ if cuda is not None:
         s = cuda.blockIdx.x
         nsplit = cuda.gridDim.x
         end = min(outer * inner, s * chunk + chunk)
+        xf, xbase = _flat(x)
+        gf, gbase = _flat(dy)
+        st0, st1, st2 = x.strides
+        gt0, gt1, gt2 = dy.strides
         dq = nt // inner
         dr = nt - dq * inner
+        back = inner - dr
+        d = dq * st0 + dr * st2  # byte steps as in _moments_rows, x's and dy's
+        wrap = st0 - inner * st2
+        gd = dq * gt0 + dr * gt2
+        gwrap = gt0 - inner * gt2
         for c in range(cuda.blockIdx.y, C, cuda.gridDim.y):
             kk = s * chunk + t
             a = 0.0
             b = 0.0
             if kk < end:
-                mc = zero + m[c]
+                mc = _cvt(zero, m[c])
                 o = kk // inner
                 i = kk - o * inner
+                a0 = xbase + o * st0 + c * st1 + i * st2
+                b0 = gbase + o * gt0 + c * gt1 + i * gt2
                 sa = zero
                 sb = zero
-                while kk + 3 * nt < end:
-                    o1, i1 = _step(o, i, dq, dr, inner)
-                    o2, i2 = _step(o1, i1, dq, dr, inner)
-                    o3, i3 = _step(o2, i2, dq, dr, inner)
-                    g0 = zero + dy[o, c, i]
-                    g1 = zero + dy[o1, c, i1]
-                    g2 = zero + dy[o2, c, i2]
-                    g3 = zero + dy[o3, c, i3]
-                    e0 = (zero + x[o, c, i]) - mc
-                    e1 = (zero + x[o1, c, i1]) - mc
-                    e2 = (zero + x[o2, c, i2]) - mc
-                    e3 = (zero + x[o3, c, i3]) - mc
+                n = (end - kk + nt - 1) // nt
+                while n >= 4:
+                    a1, b1, i = _adv2(a0, b0, i, dr, back, d, wrap, gd, gwrap)
+                    a2, b2, i = _adv2(a1, b1, i, dr, back, d, wrap, gd, gwrap)
+                    a3, b3, i = _adv2(a2, b2, i, dr, back, d, wrap, gd, gwrap)
+                    g0 = _cvt(zero, gf[_U(b0)])
+                    g1 = _cvt(zero, gf[_U(b1)])
+                    g2 = _cvt(zero, gf[_U(b2)])
+                    g3 = _cvt(zero, gf[_U(b3)])
+                    e0 = xf[_U(a0)] - mc  # in mc's (the accumulator's) dtype
+                    e1 = xf[_U(a1)] - mc
+                    e2 = xf[_U(a2)] - mc
+                    e3 = xf[_U(a3)] - mc
                     sa += (g0 + g1) + (g2 + g3)
                     sb += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-                    o, i = _step(o3, i3, dq, dr, inner)
-                    kk += 4 * nt
-                while kk < end:
-                    g0 = zero + dy[o, c, i]
+                    a0, b0, i = _adv2(a3, b3, i, dr, back, d, wrap, gd, gwrap)
+                    n -= 4
+                while n > 0:
+                    g0 = _cvt(zero, gf[_U(b0)])
                     sa += g0
-                    sb += g0 * ((zero + x[o, c, i]) - mc)
-                    o, i = _step(o, i, dq, dr, inner)
-                    kk += nt
+                    sb += g0 * (xf[_U(a0)] - mc)
+                    a0, b0, i = _adv2(a0, b0, i, dr, back, d, wrap, gd, gwrap)
+                    n -= 1
                 a = float(sa)
                 b = float(sb)
             sh[t] = a
@@ -1038,10 +1115,13 @@ def _signatures(dtype):
     }
 
 
-def compile_report(cc=(9, 0), dtypes=(np.float16, np.float32, np.float64)):
+def compile_report(cc=(9, 0), dtypes=(np.float16, np.float32, np.float64), cubins=None):
     """Compile every kernel of the fused paths for compute capability ``cc``
     without a GPU (NVVM, then nvJitLink to a cubin) and return rows
     ``(kernel, dtype, registers, spill_stores, spill_loads)``.
+
+    ``cubins``: a dict to receive each cubin's bytes under ``(kernel, dtype)``
+    (``fastbn.tools.cuda_registers --loops`` disassembles them).
 
     Needs numba-cuda's compilers (``pip install "fastbn[cuda]"``); under the
     launch bounds of MAX_TPB threads every kernel must stay within 64 registers.
@@ -1057,20 +1137,22 @@ def compile_report(cc=(9, 0), dtypes=(np.float16, np.float32, np.float64)):
     saved = dispatcher.get_current_device
     dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=tuple(cc))
     try:
-        _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode)
+        _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode, cubins)
     finally:
         dispatcher.get_current_device = saved
     return rows
 
 
-def _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode):
+def _compile_rows(rows, cc, arch, dtypes, Linker, LinkerOptions, ObjectCode, cubins=None):
     import re
     for dtype in dtypes:
         for name, sig in _signatures(dtype).items():
             ptx, _ = cuda.compile_ptx(globals()[name].py_func, sig, cc=cc, launch_bounds=(MAX_TPB,))
             linker = Linker(ObjectCode.from_ptx(ptx.encode() if isinstance(ptx, str) else ptx),
                             options=LinkerOptions(arch=arch, verbose=True))
-            linker.link("cubin")
+            cubin = linker.link("cubin")
+            if cubins is not None:
+                cubins[name, np.dtype(dtype).name] = bytes(cubin.code)
             log = linker.get_info_log() or ""
             regs = re.findall(r"Used (\d+) registers", log)
             spill = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)

@@ -190,6 +190,32 @@ def test_reductions_are_deterministic(K, cuda, make_array):
 
 
 @sim
+@pytest.mark.parametrize("inner,nt", [(5, 3), (7, 7), (3, 8), (40, 8), (1, 4), (9, 20)])
+def test_rows_walk_index_math(K, inner, nt):
+    """The row kernels' walk (_adv, _adv2): byte offsets far beyond 2**32, negative
+    strides, and the in-row index stay exact against divmod (Python ints stand
+    for the device's int64; no big allocation)."""
+    adv = getattr(K._adv, "py_func", K._adv)
+    adv2 = getattr(K._adv2, "py_func", K._adv2)
+    st0, st2, gt0, gt2 = 3 * 2**33 + 8, -16, -(2**34), 4
+    base, gbase = 2**41, 2**42
+    dq, dr = divmod(nt, inner)
+    back, d, wrap = inner - dr, dq * st0 + dr * st2, st0 - inner * st2
+    gd, gwrap = dq * gt0 + dr * gt2, gt0 - inner * gt2
+    kk = 2
+    o, i = divmod(kk, inner)
+    a, b, i2 = base + o * st0 + i * st2, gbase + o * gt0 + i * gt2, i
+    for _ in range(60):
+        kk += nt
+        a, i = adv(a, i, dr, back, d, wrap)
+        _, b, i2 = adv2(a, b, i2, dr, back, d, wrap, gd, gwrap)
+        o, want = divmod(kk, inner)
+        assert i == i2 == want
+        assert a == base + o * st0 + want * st2
+        assert b == gbase + o * gt0 + want * gt2
+
+
+@sim
 def test_copy_nd_and_flat_views(K, cuda, make_array):
     """The N-d strided copy behind non-viewable layouts, on flat views of strided arrays."""
     h = make_array((3, 4, 5), np.float64)

@@ -14,7 +14,8 @@ Two ways of mapping threads to data, chosen by ``inner``:
   reads consecutive addresses of one row (coalesced along C), and
   ``threadIdx.y`` / ``blockIdx.y`` split the rows ``o``.  A thread's channel
   is fixed, so its division ``j // inner`` and its per-channel parameters are
-  loaded once.  The elementwise kernels use this mapping for every layout.
+  loaded once; its rows are a 1-D view of each array whose data pointer
+  advances by ``blockDim.y`` rows (one 64-bit add, no index products).  The elementwise kernels use this mapping for every layout.
 * **rows** (``inner >= ROWS_MIN_INNER``: NCHW-like).  One block per
   ``(split, channel)``; its threads walk the channel's ``outer*inner`` values
   with stride ``blockDim.x`` (a byte offset into a flat view of the data and
@@ -206,6 +207,30 @@ if cuda is not None:
         span = (x.itemsize + abs(s0) * (x.shape[0] - 1) + abs(s1) * (x.shape[1] - 1)
                 + abs(s2) * (x.shape[2] - 1))
         return _as_strided(x[b0:, b1:, b2:], (span,), (1,)), -(b0 * s0 + b1 * s1 + b2 * s2)
+
+    @_dev_inline
+    def _col(x, o, c, i, TY, n):
+        """``x[o : o + n*TY : TY, c, i]``, one thread's column of the column
+        mapping (rows o, o + TY, ... of the 3-D array ``x``), as a 1-D view of
+        ``n`` values with byte stride ``TY * x.strides[0]`` (any sign).
+        Read at unsigned constant indices and advanced by _fwd, it compiles to
+        one 64-bit pointer per array and thread stepped by that stride: no
+        per-element index products, no wraparound checks, 64-bit offsets."""
+        # Integer indices (unsigned: no wraparound) move the data pointer
+        # without the clamping of slices.
+        s0, _, s2 = x.strides
+        return _as_strided(x[_U(o), _U(c)], (x.shape[2], n), (s2, TY * s0))[_U(i)]
+
+    @_dev_inline
+    def _fwd(v, k):
+        """``v[k:]`` of a 1-D view ``v``, 0 <= k <= len(v): its data pointer moved
+        by ``k`` strides, one 64-bit add (an integer index into a 2-D view
+        whose rows are ``k`` strides apart: no slice clamping).  Loops advance
+        their views by this rather than index them by a growing row number,
+        which the compiler turned back into a 64-bit product per element."""
+        n = v.shape[0]
+        st = v.strides[0]
+        return _as_strided(v, (2, n - k), (k * st, st))[_U(1)]
 
     @_dev
     def _adv(off, i, dr, back, d, wrap):
@@ -421,24 +446,28 @@ if cuda is not None:
             c = j // inner
             i = j - c * inner
             cnt_ = (o1 - o + TY - 1) // TY
-            k = zero + x[o, c, i]
+            xc = _col(x, o, c, i, TY, cnt_)
+            k = _cvt(zero, xc[_U(0)])
             if not math.isfinite(k):  # an inf pivot would turn every value into NaN
                 k = zero
             s1 = zero
             s2 = zero
-            while o + 3 * TY < o1:
-                d0 = (zero + x[o, c, i]) - k
-                d1 = (zero + x[o + TY, c, i]) - k
-                d2 = (zero + x[o + 2 * TY, c, i]) - k
-                d3 = (zero + x[o + 3 * TY, c, i]) - k
+            m = cnt_
+            while m >= 4:
+                d0 = xc[_U(0)] - k  # in k's (the accumulator's) dtype
+                d1 = xc[_U(1)] - k
+                d2 = xc[_U(2)] - k
+                d3 = xc[_U(3)] - k
                 s1 += (d0 + d1) + (d2 + d3)
                 s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                o += 4 * TY
-            while o < o1:
-                d0 = (zero + x[o, c, i]) - k
+                xc = _fwd(xc, 4)
+                m -= 4
+            while m > 0:
+                d0 = xc[_U(0)] - k
                 s1 += d0
                 s2 += d0 * d0
-                o += TY
+                xc = _fwd(xc, 1)
+                m -= 1
             n, mean, m2 = _partial(cnt_, k, s1, s2)
         sh[t] = n
         sh[nt + t] = mean
@@ -573,26 +602,33 @@ if cuda is not None:
         if j < ncols and o < o1:
             c = j // inner
             i = j - c * inner
-            mc = zero + m[c]
+            mc = _cvt(zero, m[c])
+            n = (o1 - o + TY - 1) // TY
+            xc = _col(x, o, c, i, TY, n)
+            gc = _col(dy, o, c, i, TY, n)
             sa = zero
             sb = zero
-            while o + 3 * TY < o1:
-                g0 = zero + dy[o, c, i]
-                g1 = zero + dy[o + TY, c, i]
-                g2 = zero + dy[o + 2 * TY, c, i]
-                g3 = zero + dy[o + 3 * TY, c, i]
-                e0 = (zero + x[o, c, i]) - mc
-                e1 = (zero + x[o + TY, c, i]) - mc
-                e2 = (zero + x[o + 2 * TY, c, i]) - mc
-                e3 = (zero + x[o + 3 * TY, c, i]) - mc
+            while n >= 4:
+                g0 = _cvt(zero, gc[_U(0)])
+                g1 = _cvt(zero, gc[_U(1)])
+                g2 = _cvt(zero, gc[_U(2)])
+                g3 = _cvt(zero, gc[_U(3)])
+                e0 = xc[_U(0)] - mc  # in mc's (the accumulator's) dtype
+                e1 = xc[_U(1)] - mc
+                e2 = xc[_U(2)] - mc
+                e3 = xc[_U(3)] - mc
                 sa += (g0 + g1) + (g2 + g3)
                 sb += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-                o += 4 * TY
-            while o < o1:
-                g0 = zero + dy[o, c, i]
+                xc = _fwd(xc, 4)
+                gc = _fwd(gc, 4)
+                n -= 4
+            while n > 0:
+                g0 = _cvt(zero, gc[_U(0)])
                 sa += g0
-                sb += g0 * ((zero + x[o, c, i]) - mc)
-                o += TY
+                sb += g0 * (xc[_U(0)] - mc)
+                xc = _fwd(xc, 1)
+                gc = _fwd(gc, 1)
+                n -= 1
             a = float(sa)
             b = float(sb)
         sh[t] = a
@@ -704,24 +740,34 @@ if cuda is not None:
 
     # -- elementwise ---------------------------------------------------------------------
 
-    @_dev
+    @_dev_inline
     def _affine_col(x, out, c, i, o, o1, TY, mc, qc, rc):
-        """out[o', c, i] = qc*(x[o', c, i] - mc) + rc for o' = o, o + TY, ... < o1: one
-        thread's column of the columns-mapped elementwise kernels."""
-        while o + 3 * TY < o1:
+        """out[o', c, i] = qc*(x[o', c, i] - mc) + rc for o' = o, o + TY, ... < o1 (x, out:
+        (outer, C, inner)): one thread's column of the columns-mapped elementwise
+        kernels, walked as 1-D views (_col).  Inlined: _col returns new views."""
+        n = (o1 - o + TY - 1) // TY
+        if n <= 0:
+            return
+        xc = _col(x, o, c, i, TY, n)
+        oc = _col(out, o, c, i, TY, n)
+        while n >= 4:
             # Four loads before the stores: more bytes in flight, and out may be x.
-            v0 = x[o, c, i]
-            v1 = x[o + TY, c, i]
-            v2 = x[o + 2 * TY, c, i]
-            v3 = x[o + 3 * TY, c, i]
-            out[o, c, i] = qc * (v0 - mc) + rc
-            out[o + TY, c, i] = qc * (v1 - mc) + rc
-            out[o + 2 * TY, c, i] = qc * (v2 - mc) + rc
-            out[o + 3 * TY, c, i] = qc * (v3 - mc) + rc
-            o += 4 * TY
-        while o < o1:
-            out[o, c, i] = qc * (x[o, c, i] - mc) + rc
-            o += TY
+            v0 = xc[_U(0)]
+            v1 = xc[_U(1)]
+            v2 = xc[_U(2)]
+            v3 = xc[_U(3)]
+            oc[_U(0)] = qc * (v0 - mc) + rc
+            oc[_U(1)] = qc * (v1 - mc) + rc
+            oc[_U(2)] = qc * (v2 - mc) + rc
+            oc[_U(3)] = qc * (v3 - mc) + rc
+            xc = _fwd(xc, 4)
+            oc = _fwd(oc, 4)
+            n -= 4
+        while n > 0:
+            oc[_U(0)] = qc * (xc[_U(0)] - mc) + rc
+            xc = _fwd(xc, 1)
+            oc = _fwd(oc, 1)
+            n -= 1
 
     @_kernel
     def _affine_cols(x, prm, out, rows_per):
@@ -797,18 +843,26 @@ if cuda is not None:
         rc = prm[2, c]
         pc = prm[3, c]
         o = cuda.blockIdx.y * rows_per + ty
-        o1 = min(outer, cuda.blockIdx.y * rows_per + rows_per)
-        while o + 1 * TY < o1:
-            v0 = x[o, c, i]
-            v1 = x[o + TY, c, i]
-            w0 = u[o, c, i]
-            w1 = u[o + TY, c, i]
-            out[o, c, i] = qc * (v0 - mc) + rc + pc * w0
-            out[o + TY, c, i] = qc * (v1 - mc) + rc + pc * w1
-            o += 2 * TY
-        while o < o1:
-            out[o, c, i] = qc * (x[o, c, i] - mc) + rc + pc * u[o, c, i]
-            o += TY
+        n = (min(outer, cuda.blockIdx.y * rows_per + rows_per) - o + TY - 1) // TY
+        if n <= 0:
+            return
+        xc = _col(x, o, c, i, TY, n)
+        uc = _col(u, o, c, i, TY, n)
+        oc = _col(out, o, c, i, TY, n)
+        while n >= 2:
+            # Loads before the stores: out may be x or u.
+            v0 = xc[_U(0)]
+            v1 = xc[_U(1)]
+            w0 = uc[_U(0)]
+            w1 = uc[_U(1)]
+            oc[_U(0)] = qc * (v0 - mc) + rc + pc * w0
+            oc[_U(1)] = qc * (v1 - mc) + rc + pc * w1
+            xc = _fwd(xc, 2)
+            uc = _fwd(uc, 2)
+            oc = _fwd(oc, 2)
+            n -= 2
+        if n > 0:
+            oc[_U(0)] = qc * (xc[_U(0)] - mc) + rc + pc * uc[_U(0)]
 
     @_kernel
     def _copy3(src, dst, rows_per):

@@ -216,6 +216,29 @@ def test_rows_walk_index_math(K, inner, nt):
 
 
 @sim
+@pytest.mark.parametrize("ty", [1, 3])
+def test_cols_walk_index_math(K, ty):
+    """The column kernels' walk (_col, _fwd): a thread's column x[o::TY, c, i] as a
+    1-D view, advanced in place of indexing by row, on NumPy views with negative
+    and non-contiguous strides; writes through it land in x (out may be x)."""
+    col = getattr(K._col, "py_func", K._col)
+    fwd = getattr(K._fwd, "py_func", K._fwd)
+    base = np.arange(2 * 11 * 4 * 6, dtype=np.float64).reshape(11 * 2, 4, 6)
+    perm = base.reshape(6, 22, 4).transpose(1, 2, 0)  # strides not in decreasing order
+    for x in (base[::2], base[::-2, ::-1, 1::2], perm[1::2, 1:, ::-1]):
+        for o, c, i in [(0, 0, 0), (1, 2, x.shape[2] - 1), (x.shape[0] - 1, x.shape[1] - 1, 1)]:
+            want = x[o::ty, c, i]
+            n = len(want)
+            v = col(x, o, c, i, ty, n)
+            assert v.shape == (n,) and np.array_equal(v, want)
+            for k in range(n + 1):
+                assert np.array_equal(fwd(v, k), want[k:])
+            w = fwd(col(x, o, c, i, ty, n), n - 1)
+            w[0] = -1.0
+            assert x[o + (n - 1) * ty, c, i] == -1.0
+
+
+@sim
 def test_copy_nd_and_flat_views(K, cuda, make_array):
     """The N-d strided copy behind non-viewable layouts, on flat views of strided arrays."""
     h = make_array((3, 4, 5), np.float64)

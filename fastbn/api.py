@@ -139,6 +139,8 @@ def moments(x: ArrayLike, axis: Axes = None, *, keepdims: bool = False, ddof: fl
     C, n = plan.shape3[1], plan.count
     shape = tuple(1 if a in axes else x.shape[a] for a in range(x.ndim)) if keepdims else plan.kept_shape
     pdt = checks.param_dtype(x.dtype)
+    if F.FUSED and (r := F.fused_moments(bk, x, plan, ddof, pdt, shape)) is not None:
+        return r
     if n == 0 or C == 0:
         mean = m2 = F.full(C, _NAN)
     else:
@@ -221,6 +223,10 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
         return whole(x, mean, variance, offset, scale, variance_epsilon, out=out,
                      backend=backend)
     x, fam = checks.data_array(x, "x")
+    if (getattr(families.module(fam), "FUSED", False)
+            and (y := _normalization_fused(x, fam, mean, variance, offset, scale,
+                                           variance_epsilon, out, backend)) is not None):
+        return y
     params, eps = broadcast.arguments(x, fam, mean, variance, offset, scale, variance_epsilon)
     out = checks.out_array(out, x, fam)
     F = families.module(fam)
@@ -232,6 +238,24 @@ def batch_normalization(x: ArrayLike, mean: ArrayLike, variance: ArrayLike,
     plan = broadcast.plan(x, params)
     m, q, r = broadcast.coefficients(params, eps, plan, x, fam)
     return F.affine(bk, F.as3(x, plan), plan, x, out, m, q, r)
+
+
+def _normalization_fused(x, fam, mean, variance, offset, scale, variance_epsilon, out, backend):
+    """``batch_normalization`` in one fused call (families with ``FUSED`` kernels: the
+    GPU) when its parameters are per-channel arrays (``F.channel_params``), with the
+    general path's checks of ``variance_epsilon`` and ``out`` first; else None.  No
+    float64 copies of the parameters: nothing runs off the caller's stream."""
+    F = families.module(fam)
+    params = F.channel_params(x, mean, variance, offset, scale)
+    if params is None:
+        return None
+    eps = checks.scalar(variance_epsilon, "variance_epsilon", low=0.0)
+    out = checks.out_array(out, x, fam)
+    if out is not None:
+        checks.no_overlaps(fam, out=out, vectors=tuple(
+            (k, v) for k, v in (("scale", scale), ("offset", offset)) if v is not None))
+    bk = dispatch.module(dispatch.choose(fam, backend))
+    return F.fused_normalization(bk, x, params, eps, out)
 
 
 # -- fused batch norm ----------------------------------------------------------

@@ -187,8 +187,8 @@ if cuda is not None:
 
     # Bits of the ``flags`` argument of the fused kernels: what the last
     # block computes per channel and which optional vectors were given.
-    F_TRAIN, F_SCALE, F_OFFSET, F_RMEAN, F_RVAR, F_BACKWARD, F_INFER_BACKWARD, F_MEAN = (
-        1, 2, 4, 8, 16, 32, 64, 128)
+    F_TRAIN, F_SCALE, F_OFFSET, F_RMEAN, F_RVAR, F_BACKWARD, F_INFER_BACKWARD, F_MEAN, F_VAR = (
+        1, 2, 4, 8, 16, 32, 64, 128, 256)
 
     # -- device helpers --------------------------------------------------------
 
@@ -340,9 +340,20 @@ if cuda is not None:
     def _fin_moments(c, n, mean, m2, stat, prm, mout, iout, scale, offset, rm, rv, eps, mom, flags):
         """Channel c's merged moments -> stat; for training also fastbn.core's
         train_coefficients and running_update in float64: the affine pass's
-        [m, q, r] (prm), the batch mean and invstd, the running statistics."""
+        [m, q, r] (prm), the batch mean and invstd, the running statistics.
+        F_VAR (``moments``): the mean and core.variance ``m2 / (n - ddof)``
+        (``eps`` carries ddof) into mout and iout."""
         stat[0, c] = mean
         stat[1, c] = m2
+        if flags & F_VAR:
+            mout[c] = mean
+            den = n - eps
+            if den > 0.0:
+                iout[c] = m2 / den
+            elif m2 > 0.0:  # NumPy's x / 0: inf, and NaN for 0 / 0 or NaN
+                iout[c] = math.inf
+            else:
+                iout[c] = math.nan
         if flags & F_TRAIN:
             s = m2 / n + eps
             inv = 0.0  # PyTorch's var + eps == 0 rule; NaN stays NaN
@@ -1015,6 +1026,18 @@ def moments3(x3):
     d = rt.scratch(None, "dummy", (1,), np.float64)
     _reduce("moments", x, (x, _acc(x.dtype).type(0)), (res, res, d, d, d, d, d, d, 0.0, 0.0, 0), None)
     return rt.vector_pair(res_o, res)
+
+
+def moments_var3(x, mean_out, var_out, ddof, stream):
+    """``moments`` on a Numba view in one launch (n > 0, C > 0): the reduction's
+    last blocks write each channel's mean and variance ``m2 / (n - ddof)``
+    (computed in float64, rounded once) into ``mean_out``/``var_out`` ((C,), any
+    float dtype), on ``stream``."""
+    C = int(x.shape[1])
+    stat = rt.scratch(stream, "stat", (2, C), np.float64)
+    d = mean_out  # stands in for the training vectors: F_VAR never touches them
+    _reduce("moments", x, (x, _acc(x.dtype).type(0)),
+            (stat, stat, mean_out, var_out, d, d, d, d, float(ddof), 0.0, F_VAR), stream)
 
 
 def dy_sums3(dy3, x3, m):

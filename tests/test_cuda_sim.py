@@ -570,6 +570,100 @@ def test_fused_stats_dtype_and_empty_batch(K, cuda, make_array, launches):
 
 
 @sim
+@pytest.mark.parametrize("shape,axis", FUSED_LAYOUTS)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+def test_fused_moments_in_one_launch(K, cuda, make_array, launches, monkeypatch, shape, axis,
+                                     dtype):
+    """moments over every axis but one: one launch and no host<->device copies, results
+    of the per-channel dtype (keepdims-shaped, any ddof) against the float64 reference."""
+    h = make_array(shape, dtype, channel_axis=axis)
+    x = cuda.to_device(h)
+    axes = tuple(a for a in range(len(shape)) if a != axis % len(shape))
+    fbn.moments(x, axes)   # scratch for this shape, then count
+    launches.clear()
+    monkeypatch.setattr(cuda, "to_device", lambda *a, **k: pytest.fail("a host->device copy"))
+    for keepdims, ddof in ((False, 0), (True, 1)):
+        mean, var = fbn.moments(x, axes, keepdims=keepdims, ddof=ddof)
+        emean, evar = ref.moments(h, axes, keepdims, ddof)
+        for got, want, name in ((mean, emean, "mean"), (var, evar, "var")):
+            got = host(got)
+            assert got.dtype == ref.param_dtype(dtype) and got.shape == np.shape(want), name
+            ref.assert_close(got, want, name)
+    assert _kinds(K, launches) == ["moments", "moments"]
+
+
+@sim
+@pytest.mark.filterwarnings("ignore:Degrees of freedom")   # NumPy's, for the reference
+@pytest.mark.parametrize("ddof", [2, 3, 2.5])
+def test_fused_moments_ddof_at_or_beyond_the_count(K, cuda, ddof):
+    """n - ddof <= 0: NumPy's var gives inf (and NaN for a constant channel)."""
+    h = np.array([[1.0, 4.0, 2.0], [3.0, 4.0, np.nan]])
+    mean, var = fbn.moments(cuda.to_device(h), 0, ddof=ddof)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ref.assert_close(host(mean), np.mean(h, axis=0), "mean")
+        np.testing.assert_array_equal(host(var), np.var(h, axis=0, ddof=ddof))   # [inf, nan, nan]
+
+
+@sim
+@pytest.mark.parametrize("shape,axis", FUSED_LAYOUTS)
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+def test_fused_batch_normalization_in_one_launch(K, cuda, make_array, launches, monkeypatch, shape,
+                                                 axis, dtype):
+    """batch_normalization with per-channel device parameters (keepdims-shaped, as
+    moments gives them; 1-D along the last axis; offset/scale None or arrays of any
+    float dtype): one launch and no host<->device copies, against the float64
+    reference; out= and in place."""
+    nd, C = len(shape), shape[axis]
+    ax = axis % nd
+    h = make_array(shape, dtype, channel_axis=axis)
+    x = cuda.to_device(h)
+    kd = tuple(C if a == ax else 1 for a in range(nd))
+    mean = make_array(kd, np.float64, loc=0.5)
+    var = np.abs(make_array(kd, np.float32)) + 0.5
+    scale = make_array(kd, np.float16, loc=1.0)
+    offset = make_array(kd, ref.param_dtype(dtype))
+    dev = [cuda.to_device(a) for a in (mean, var, offset, scale)]
+    flat = [cuda.to_device(a.reshape(-1)) for a in (mean, var)]
+    out = cuda.device_array(shape, dtype)
+    fbn.batch_normalization(x, *dev, 1e-3)   # scratch and compilation, then count
+    launches.clear()
+    monkeypatch.setattr(cuda, "to_device", lambda *a, **k: pytest.fail("a host->device copy"))
+    y = fbn.batch_normalization(x, *dev, 1e-3)
+    ref.assert_close(host(y), ref.batch_normalization(h, mean, var, offset, scale, 1e-3), "y")
+    y = fbn.batch_normalization(x, dev[0], dev[1], None, None, 0.0)
+    ref.assert_close(host(y), ref.batch_normalization(h, mean, var, None, None, 0.0), "y")
+    if ax == nd - 1:   # 1-D parameters broadcast along the last axis
+        y = fbn.batch_normalization(x, *flat, None, None, 1e-3)
+        ref.assert_close(host(y), ref.batch_normalization(h, mean, var, None, None, 1e-3), "y")
+    assert fbn.batch_normalization(x, *dev, 1e-3, out=out) is out
+    assert fbn.batch_normalization(x, *dev, 1e-3, out=x) is x
+    ref.assert_close(host(x), ref.batch_normalization(h, mean, var, offset, scale, 1e-3), "in place")
+    assert _kinds(K, launches) == ["affine"] * (5 if ax == nd - 1 else 4)
+
+
+@sim
+def test_batch_normalization_other_parameters_take_the_general_path(K, cuda, make_array, launches):
+    """Numbers, full-size or two-axis parameters and integer arrays: the general path
+    (same results), and its errors for bad ones."""
+    h = make_array((3, 4, 5), np.float32)
+    x = cuda.to_device(h)
+    m = make_array((1, 4, 5), np.float32)
+    v = np.abs(make_array((1, 4, 1), np.float32)) + 0.5
+    y = fbn.batch_normalization(x, cuda.to_device(m), cuda.to_device(v), 0.25, 2.0, 1e-3)
+    ref.assert_close(host(y), ref.batch_normalization(h, m, v, 0.25, 2.0, 1e-3), "y")
+    iv = np.full((1, 4, 1), 2, np.int32)
+    y = fbn.batch_normalization(x, cuda.to_device(v), cuda.to_device(iv), None, None, 1e-3)
+    ref.assert_close(host(y), ref.batch_normalization(h, v, iv, None, None, 1e-3), "y")
+    with pytest.raises(ValueError, match="variance_epsilon"):
+        fbn.batch_normalization(x, cuda.to_device(v), cuda.to_device(v), None, None, -1.0)
+    with pytest.raises(TypeError, match="out"):
+        fbn.batch_normalization(x, cuda.to_device(v), cuda.to_device(v), None, None, 1e-3,
+                                out=cuda.device_array((3, 4, 5), np.float64))
+    with pytest.raises(TypeError):
+        fbn.batch_normalization(x, v, cuda.to_device(v), None, None, 1e-3)   # a host array
+
+
+@sim
 def test_fused_launches_on_the_arrays_stream(K, cuda, make_array, launches, monkeypatch):
     """Every launch of a call goes on the stream fastbn.kernels.cuda_runtime.stream_for
     picks for x, and nothing synchronises the device or the host."""
@@ -583,7 +677,9 @@ def test_fused_launches_on_the_arrays_stream(K, cuda, make_array, launches, monk
     fbn.batch_norm_train(x)
     fbn.batch_norm_backward(x, x, None, cuda.to_device(np.zeros(3, np.float32)),
                             cuda.to_device(np.ones(3, np.float32)))
-    assert len(launches) == 4 and all(s is marker for _, s in launches)
+    m, v = fbn.moments(x, (0, 2), keepdims=True)
+    fbn.batch_normalization(x, m, v, None, m, 1e-3)
+    assert len(launches) == 6 and all(s is marker for _, s in launches)
     assert all(a is x for a in picked)
 
 
@@ -684,6 +780,9 @@ class FakeTensor:
     shape = property(lambda self: self.arr.shape)
     dtype = property(lambda self: self.arr.dtype)
 
+    def reshape(self, shape):
+        return FakeTensor(self.arr.reshape(shape))
+
 
 @pytest.fixture
 def fake_torch(cuda, monkeypatch):
@@ -727,9 +826,12 @@ def test_torch_tensors_in_torch_tensors_out(K, cuda, make_array, launches, fake_
     assert fbn.batch_norm_infer(x, scale, None, mean, invstd, out=out) is out
     dx, ds, do_ = fbn.batch_norm_backward(x, x, scale, mean, invstd, out=out)
     assert dx is out and isinstance(ds, FakeTensor)
-    m, v = fbn.moments(x, (0, 2))       # the general path hands back tensors too
-    assert isinstance(m, FakeTensor)
+    m, v = fbn.moments(x, (0, 2))       # one launch, into tensors from torch's allocator
+    assert isinstance(m, FakeTensor) and isinstance(v, FakeTensor)
     ref.assert_close(host(m.arr), ref.moments(h, (0, 2))[0], "moments")
+    m, v = fbn.moments(x, (0, 2), keepdims=True)
+    assert isinstance(v, FakeTensor) and v.shape == (1, 3, 1)
+    ref.assert_close(host(v.arr), ref.moments(h, (0, 2), True)[1], "moments")
 
 
 # -- layout helpers (plain Python, run in every test process) ------------------------------------

@@ -12,11 +12,11 @@ Three kinds of arrays belong to the family:
   into a zero-copy CuPy view when CuPy is installed, else into a Numba device
   array, and results follow that kind.
 
-``batch_norm_train``, ``batch_norm_infer`` and the two backward functions
-come here whole first (``FUSED``, :func:`fused_train` ...): their kernels do
-the per-channel math themselves (2, 1, 2 and 2 launches, no CuPy
-operations), on the device holding ``x`` and on the caller's stream
-(``fastbn.kernels.cuda_runtime.stream_for``).
+``moments``, ``batch_norm_train``, ``batch_norm_infer`` and the two backward
+functions come here whole first (``FUSED``, :func:`fused_moments`,
+:func:`fused_train` ...): their kernels do the per-channel math themselves
+(1, 2, 1, 2 and 2 launches, no CuPy operations), on the device holding ``x``
+and on the caller's stream (``fastbn.kernels.cuda_runtime.stream_for``).
 
 Kernels take Numba device arrays: :func:`to_numba` makes zero-copy views
 through the CUDA array interface with ``sync=False`` (Numba would otherwise
@@ -33,8 +33,8 @@ when CuPy is present.
 
 Module attribute ``USE_CUPY`` (default True; never in the simulator) lets
 tests exercise the no-CuPy path on a machine that has CuPy, with Numba arrays.
-Outside the fused calls (``moments``, ``batch_normalization``, empty
-batches, layouts that need a copy) kernels queue on CuPy's current stream:
+Outside the fused calls (``batch_normalization``, empty batches, layouts
+that need a copy) kernels queue on CuPy's current stream:
 work on other streams must be synchronised by the caller first.
 
 Testing: the simulator (tests/test_cuda_sim.py) runs every no-CuPy branch; the
@@ -503,13 +503,34 @@ def fused_train(bk, x, plan, scale, offset, eps, momentum, running_mean, running
         call.close()
 
 
-def fused_infer(bk, x, plan, scale, offset, mean, var, eps, out):
-    """``fastbn.api.batch_norm_infer`` for device arrays in one launch: ``y`` or None."""
+def fused_moments(bk, x, plan, ddof, pdt, shape):
+    """``fastbn.api.moments`` for device arrays in one launch: ``(mean, var)`` of
+    ``shape`` in ``pdt``, or None.  The reduction's last blocks write the mean
+    and ``m2 / (n - ddof)`` (NumPy's inf/NaN where ``n - ddof <= 0``) per
+    channel on the caller's stream, into vectors of ``x``'s kind (torch
+    tensors from torch's allocator for a tensor)."""
+    kern = _fused(bk, "moments_var3", plan)
+    if kern is None or (views := _data3(plan, x)) is None:
+        return None
+    call = _Call(x, ())
+    try:
+        C = plan.shape3[1]
+        (mean, mean_d), (var, var_d) = call.vector(C, pdt), call.vector(C, pdt)
+        kern(views[0], mean_d, var_d, float(ddof), call.stream)
+        return mean.reshape(shape), var.reshape(shape)
+    finally:
+        call.close()
+
+
+def fused_infer(bk, x, plan, scale, offset, mean, var, eps, out, named=None):
+    """``fastbn.api.batch_norm_infer`` for device arrays in one launch: ``y`` or None.
+    ``named``: the arguments as the caller passed them, for the device check (when
+    the vectors here are views made of them)."""
     kern = _fused(bk, "infer3", plan)
     if kern is None or (views := _data3(plan, x)) is None:
         return None
-    call = _Call(x, (("scale", scale), ("offset", offset), ("mean", mean), ("var", var),
-                     ("out", out)))
+    call = _Call(x, named or (("scale", scale), ("offset", offset), ("mean", mean), ("var", var),
+                              ("out", out)))
     try:
         target = _output3(x, plan, out, views)
         if target is None:
@@ -518,6 +539,55 @@ def fused_infer(bk, x, plan, scale, offset, mean, var, eps, out):
         return handback(target[0])
     finally:
         call.close()
+
+
+def _channel_axis(p, shape):
+    """The one axis of an array of ``shape`` along which device array ``p`` holds a
+    value per channel (``p`` keepdims-shaped, or 1-D along the last axis), or None."""
+    nd = len(shape)
+    if len(p.shape) == 1 and nd >= 1:
+        return nd - 1 if p.shape[0] == shape[-1] else None
+    if len(p.shape) != nd:
+        return None
+    axes = [a for a in range(nd) if p.shape[a] != 1]
+    return axes[0] if len(axes) == 1 and p.shape[axes[0]] == shape[axes[0]] else None
+
+
+def channel_params(x, mean, variance, offset, scale):
+    """``batch_normalization``'s parameters when each (offset/scale may be None) is a
+    device array of a float dtype holding one value per channel along one axis of
+    ``x``, as ``moments(..., keepdims=True)`` gives them: ``(axis, given, vectors)``
+    (the arrays by name, for the device check, and 1-D views of mean, variance,
+    offset, scale); None otherwise (numbers, other broadcasts, integer dtypes).
+    Raises nothing: the general path checks what this declines."""
+    from . import family_of
+    if mean is None or variance is None:
+        return None
+    ax, given, vecs = None, [], []
+    for name, p in (("mean", mean), ("variance", variance), ("offset", offset), ("scale", scale)):
+        if p is None:
+            vecs.append(None)
+            continue
+        if family_of(p) != NAME or not is_array(p) or np.dtype(p.dtype).kind != "f":
+            return None
+        p = asarray(p, name)
+        a = _channel_axis(p, tuple(x.shape))
+        if a is None or (ax is not None and a != ax):
+            return None
+        ax = a
+        given.append((name, p))
+        vecs.append(_view(p, (int(x.shape[ax]),), (p.strides[a if len(p.shape) > 1 else 0],)))
+    return ax, tuple(given), tuple(vecs)
+
+
+def fused_normalization(bk, x, params, eps, out):
+    """``fastbn.api.batch_normalization`` for the parameters ``channel_params`` found:
+    ``y = (x - mean) * scale / sqrt(variance + eps) + offset`` by the inference
+    kernel in one launch on the caller's stream, or None."""
+    from .. import layout
+    ax, given, (m, v, o, s) = params
+    plan = layout.make_plan(x.shape, x.strides, (ax,))
+    return fused_infer(bk, x, plan, s, o, m, v, eps, out, named=given + (("out", out),))
 
 
 def _fused_backward(name, bk, dy, x, plan, scale, mean, stat, eps, out, stat_name):

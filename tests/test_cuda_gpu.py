@@ -315,6 +315,36 @@ def test_torch_current_stream_is_used(cp, make_array, launches):
     ref.assert_close(y.cpu().numpy(), ref.batch_norm_train(h)[0], "y on torch's stream")
 
 
+def test_moments_and_normalization_on_torchs_stream(cp, make_array, launches):
+    """moments over (N, H, W) and batch_normalization with its keepdims results: one
+    launch each, on torch's current stream, tensors back, no wait for the device."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch without CUDA")
+    h = make_array((16, 8, 32, 32), np.float32, loc=3.0)
+    t = torch.as_tensor(h, device="cuda")
+    m, v = fbn.moments(t, (0, 2, 3), keepdims=True)   # compile
+    fbn.batch_normalization(t, m, v, None, None, 1e-3)
+    launches.clear()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = t * 1.0
+        torch.cuda._sleep(1_000_000_000)
+        t0 = time.perf_counter()
+        m, v = fbn.moments(x, (0, 2, 3), keepdims=True)
+        y = fbn.batch_normalization(x, m, v, None, None, 1e-3)
+        elapsed = time.perf_counter() - t0
+    assert elapsed < 0.5, f"the calls waited {elapsed:.2f} s"
+    assert len(launches) == 2 and all(
+        int(st.handle.value if hasattr(st.handle, "value") else st.handle) == s.cuda_stream
+        for _, st in launches)
+    assert all(isinstance(a, torch.Tensor) for a in (m, v, y)) and tuple(m.shape) == (1, 8, 1, 1)
+    s.synchronize()
+    em, ev = ref.moments(h, (0, 2, 3), True)
+    ref.assert_close(v.cpu().numpy(), ev, "var on torch's stream")
+    ref.assert_close(y.cpu().numpy(), ref.batch_normalization(h, em, ev, None, None, 1e-3), "y")
+
+
 def test_numba_array_stream_is_used(cuda, make_array, launches):
     h = make_array((4, 3, 40), np.float32)
     s = cuda.stream()

@@ -246,6 +246,8 @@ def _normalization_fused(x, fam, mean, variance, offset, scale, variance_epsilon
     general path's checks of ``variance_epsilon`` and ``out`` first; else None.  No
     float64 copies of the parameters: nothing runs off the caller's stream."""
     F = families.module(fam)
+    if any(v is not None and families.family_of(v) != fam for v in (mean, variance, offset, scale)):
+        return None
     params = F.channel_params(x, mean, variance, offset, scale)
     if params is None:
         return None
@@ -255,7 +257,8 @@ def _normalization_fused(x, fam, mean, variance, offset, scale, variance_epsilon
         checks.no_overlaps(fam, out=out, vectors=tuple(
             (k, v) for k, v in (("scale", scale), ("offset", offset)) if v is not None))
     bk = dispatch.module(dispatch.choose(fam, backend))
-    return F.fused_normalization(bk, x, params, eps, out)
+    plan = layout.make_plan(x.shape, x.strides, (params[0],))
+    return F.fused_normalization(bk, x, plan, params, eps, out)
 
 
 # -- fused batch norm ----------------------------------------------------------

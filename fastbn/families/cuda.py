@@ -559,8 +559,8 @@ def channel_params(x, mean, variance, offset, scale):
     ``x``, as ``moments(..., keepdims=True)`` gives them: ``(axis, given, vectors)``
     (the arrays by name, for the device check, and 1-D views of mean, variance,
     offset, scale); None otherwise (numbers, other broadcasts, integer dtypes).
-    Raises nothing: the general path checks what this declines."""
-    from . import family_of
+    The caller has checked that each is None or of this family; raises nothing:
+    the general path checks what this declines."""
     if mean is None or variance is None:
         return None
     ax, given, vecs = None, [], []
@@ -568,7 +568,7 @@ def channel_params(x, mean, variance, offset, scale):
         if p is None:
             vecs.append(None)
             continue
-        if family_of(p) != NAME or not is_array(p) or np.dtype(p.dtype).kind != "f":
+        if not is_array(p) or np.dtype(p.dtype).kind != "f":
             return None
         p = asarray(p, name)
         a = _channel_axis(p, tuple(x.shape))
@@ -580,13 +580,12 @@ def channel_params(x, mean, variance, offset, scale):
     return ax, tuple(given), tuple(vecs)
 
 
-def fused_normalization(bk, x, params, eps, out):
-    """``fastbn.api.batch_normalization`` for the parameters ``channel_params`` found:
-    ``y = (x - mean) * scale / sqrt(variance + eps) + offset`` by the inference
-    kernel in one launch on the caller's stream, or None."""
-    from .. import layout
-    ax, given, (m, v, o, s) = params
-    plan = layout.make_plan(x.shape, x.strides, (ax,))
+def fused_normalization(bk, x, plan, params, eps, out):
+    """``fastbn.api.batch_normalization`` for the parameters ``channel_params`` found
+    (``plan``: x's plan with their axis kept): ``y = (x - mean) * scale /
+    sqrt(variance + eps) + offset`` by the inference kernel in one launch on the
+    caller's stream, or None."""
+    _, given, (m, v, o, s) = params
     return fused_infer(bk, x, plan, s, o, m, v, eps, out, named=given + (("out", out),))
 
 

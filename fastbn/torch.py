@@ -71,8 +71,12 @@ _DOUBLE_BACKWARD = (b"fastbn.torch: the batch-norm backward is not differentiabl
 
 
 def _np(t):
-    """Zero-copy NumPy view of a CPU tensor (None stays None)."""
-    return None if t is None else t.detach().numpy()
+    """Zero-copy NumPy view of a CPU tensor (None stays None).  ``.data`` where the
+    tensor requires grad: the same view as ``.detach()`` at half its cost (~1.5 vs
+    3 us; a BN call takes up to eight)."""
+    if t is None:
+        return None
+    return t.data.numpy() if t.requires_grad else t.numpy()
 
 
 def _suggested_format(x):
@@ -162,26 +166,13 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        xn = _np(x)
-        y = _output_like(x)
-        yn = y.numpy()
+        y, stats = _forward(x, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = bool(training)
         ctx.eps = eps
         ctx.empty = x.numel() == 0
-        if training:
-            if ctx.empty:   # PyTorch: empty y, running statistics untouched
-                ctx.stats = None
-            else:
-                yn, mean, invstd = train_forward_f64(
-                    xn, _np(weight), _np(bias), channel_axis=1, eps=eps,
-                    running_mean=_np(running_mean), running_var=_np(running_var),
-                    momentum=momentum, out=yn)
-                ctx.stats = (mean, invstd)
-        else:
-            fbn.batch_norm_infer(xn, _np(weight), _np(bias), _np(running_mean), _np(running_var),
-                                 channel_axis=1, eps=eps, out=yn)
-            # copies: a later update of the buffers must not change this call's gradient
-            ctx.stats = (_np(running_mean).copy(), _np(running_var).copy())
+        # eval: copies, as a later update of the buffers must not change this call's gradient
+        ctx.stats = (stats if training or stats is None
+                     else (_np(running_mean).copy(), _np(running_var).copy()))
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y
@@ -214,6 +205,24 @@ class BatchNormFunction(torch.autograd.Function):
                 dscale if need_w and weight is not None else None,
                 doffset if need_b and ctx.has_bias else None,
                 None, None, None, None, None)
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """``(y, stats)``: BatchNormFunction's forward without autograd.  ``stats`` is the
+    float64 batch ``(mean, invstd)`` in training (None for an empty batch, whose
+    running statistics stay untouched, as PyTorch's), else ``()``."""
+    y = _output_like(x)
+    if training:
+        if x.numel() == 0:
+            return y, None
+        _, mean, invstd = train_forward_f64(
+            _np(x), _np(weight), _np(bias), channel_axis=1, eps=eps,
+            running_mean=_np(running_mean), running_var=_np(running_var),
+            momentum=momentum, out=y.numpy())
+        return y, (mean, invstd)
+    fbn.batch_norm_infer(_np(x), _np(weight), _np(bias), _np(running_mean), _np(running_var),
+                         channel_axis=1, eps=eps, out=y.numpy())
+    return y, ()
 
 
 def _verify_batch_size(size):
@@ -295,7 +304,14 @@ class _FastBatchNorm:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:   # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return BatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
+        weight, bias = self.weight, self.bias
+        if not torch.is_grad_enabled() or not (input.requires_grad or (
+                weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
+            # nothing to differentiate (torch.no_grad(), inference): no autograd node,
+            # ~25 us of Function.apply saved per call
+            return _forward(input, weight, bias, running_mean, running_var, bn_training,
+                            float(momentum), float(eps))[0]
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
                                        bn_training, float(momentum), float(eps))
 
 

@@ -363,3 +363,35 @@ def test_import_fastbn_does_not_import_torch():
     import sys
     code = "import sys, fastbn; fastbn.BatchNorm(3); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "frozen", "inference_mode"])
+@pytest.mark.parametrize("training", [True, False])
+def test_calls_without_autograd_match_torch(gen, monkeypatch, grad, training):
+    """Nothing to differentiate (torch.no_grad(), inference_mode, frozen parameters and
+    an input without grad): the module skips the autograd node, and y, the running
+    statistics and num_batches_tracked still equal PyTorch's; an empty batch too."""
+    ref = nn.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    bn = fbt.BatchNorm2d(3, momentum=None, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0, generator=gen)
+        ref.bias.normal_(generator=gen)
+    bn.load_state_dict(ref.state_dict())
+    ref.train(training)
+    bn.train(training)
+    if grad == "frozen":
+        for m in (ref, bn):
+            m.requires_grad_(False)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
+        grad, torch.enable_grad)
+    monkeypatch.setattr(fbt.BatchNormFunction, "apply",
+                        lambda *a: pytest.fail("an autograd node with nothing to differentiate"))
+    for shape, memory in (((4, 3, 5, 2), "contiguous"), ((2, 3, 1, 7), "channels_last"),
+                          ((3, 3, 2, 3), "strided"), ((0, 3, 2, 2), "contiguous")):
+        x = layout(gen, shape, memory).detach()
+        with ctx():
+            want, got = ref(x), bn(x)
+        assert got.grad_fn is None and not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[name], t, rtol=1e-11, atol=1e-12, msg=name)

@@ -171,8 +171,7 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.eps = eps
         ctx.empty = x.numel() == 0
         # eval: copies, as a later update of the buffers must not change this call's gradient
-        ctx.stats = (stats if training or stats is None
-                     else (_np(running_mean).copy(), _np(running_var).copy()))
+        ctx.stats = stats if training else (_np(running_mean).copy(), _np(running_var).copy())
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return y

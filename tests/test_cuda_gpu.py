@@ -168,9 +168,7 @@ def test_numba_arrays_without_cupy(cuda, make_array, monkeypatch):
 
 
 def test_torch_cuda_tensor_in(cp, make_array):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch without CUDA")
+    torch = _torch_cuda()
     h = make_array((4, 3, 5, 5), np.float32)
     t = torch.as_tensor(h, device="cuda")
     y, mean, invstd = fbn.batch_norm_train(t)
@@ -291,12 +289,24 @@ def test_every_allowed_block_size_launches(cp, make_array, monkeypatch):
                          f"TPB={tpb}")
 
 
-def test_torch_current_stream_is_used(cp, make_array, launches):
-    """Under ``with torch.cuda.stream(s)`` the kernels queue on s, behind torch's work there,
-    and the call does not wait for the device."""
+def _torch_cuda():
+    """torch, or a skip where it has no CUDA."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("PyTorch without CUDA")
+    return torch
+
+
+def _all_on(launches, s):
+    """True if every launch went on torch stream ``s``."""
+    return all(int(st.handle.value if hasattr(st.handle, "value") else st.handle) == s.cuda_stream
+               for _, st in launches)
+
+
+def test_torch_current_stream_is_used(cp, make_array, launches):
+    """Under ``with torch.cuda.stream(s)`` the kernels queue on s, behind torch's work there,
+    and the call does not wait for the device."""
+    torch = _torch_cuda()
     h = make_array((16, 8, 32, 32), np.float32)
     t = torch.as_tensor(h, device="cuda")
     fbn.batch_norm_train(t)   # compile
@@ -309,8 +319,7 @@ def test_torch_current_stream_is_used(cp, make_array, launches):
         y = fbn.batch_norm_train(x)[0]
         elapsed = time.perf_counter() - t0
     assert elapsed < 0.5, f"the call waited {elapsed:.2f} s"
-    assert all(int(st.handle.value if hasattr(st.handle, "value") else st.handle) == s.cuda_stream
-               for _, st in launches)
+    assert _all_on(launches, s)
     s.synchronize()
     ref.assert_close(y.cpu().numpy(), ref.batch_norm_train(h)[0], "y on torch's stream")
 
@@ -318,9 +327,7 @@ def test_torch_current_stream_is_used(cp, make_array, launches):
 def test_moments_and_normalization_on_torchs_stream(cp, make_array, launches):
     """moments over (N, H, W) and batch_normalization with its keepdims results: one
     launch each, on torch's current stream, tensors back, no wait for the device."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch without CUDA")
+    torch = _torch_cuda()
     h = make_array((16, 8, 32, 32), np.float32, loc=3.0)
     t = torch.as_tensor(h, device="cuda")
     m, v = fbn.moments(t, (0, 2, 3), keepdims=True)   # compile
@@ -335,9 +342,7 @@ def test_moments_and_normalization_on_torchs_stream(cp, make_array, launches):
         y = fbn.batch_normalization(x, m, v, None, None, 1e-3)
         elapsed = time.perf_counter() - t0
     assert elapsed < 0.5, f"the calls waited {elapsed:.2f} s"
-    assert len(launches) == 2 and all(
-        int(st.handle.value if hasattr(st.handle, "value") else st.handle) == s.cuda_stream
-        for _, st in launches)
+    assert len(launches) == 2 and _all_on(launches, s)
     assert all(isinstance(a, torch.Tensor) for a in (m, v, y)) and tuple(m.shape) == (1, 8, 1, 1)
     s.synchronize()
     em, ev = ref.moments(h, (0, 2, 3), True)

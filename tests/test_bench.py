@@ -183,3 +183,36 @@ def test_calls_table_has_every_function(capsys):
     for r in rows:
         whole, kern = (float(c.split("/")[0]) for c in r[2:4])
         assert whole > 0 and kern > 0
+
+
+def test_backend_option_times_the_calls_a_user_of_that_backend_makes(monkeypatch):
+    """``--backend B`` makes B the default (``use_backend``) and calls without
+    ``backend=``: an explicit argument would skip the small-call fast lane and
+    time ~20 us of general-path checks that B's users never pay."""
+    from fastbn import dispatch
+    from fastbn.tools import harness, sweep
+
+    seen = []
+    real = {name: getattr(fbn, name) for name in
+            ("batch_norm_train", "batch_norm_infer", "batch_norm_backward")}
+
+    def spy(name):
+        def call(*args, **kwargs):
+            seen.append((name, "backend" in kwargs, dispatch.numpy_default().NAME))
+            return real[name](*args, **kwargs)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(fbn, name, spy(name))
+    d = sweep.Data((4, 3, 5, 2), "NCHW", "float32")
+    case = next(c for c in bench.CASES if c.mode == "train")
+    bd = bench.Data((4, 3, 5, 2), case.channel_axis, case.dtype, False)
+    runners = [sweep.fastbn_runner(op, d)[0] for op in sweep.OPS] + [bench.fastbn_runner(case, bd)]
+    with harness.default_backend("numpy"):
+        for r in runners:
+            r.fn()
+    for r in runners:
+        r.fn()
+    default = dispatch.numpy_default().NAME
+    assert [s[1:] for s in seen] == [(False, "numpy")] * 4 + [(False, default)] * 4
+    assert {s[0] for s in seen} == set(real)

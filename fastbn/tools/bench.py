@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .harness import Env, Runner, cpu_count, load_average, load_note, measure, min_median
+from .harness import (Env, Runner, cpu_count, default_backend, load_average, load_note, measure,
+                      min_median)
 
 EPS = 1e-5
 # The environment as this module loads (before any benchmark runs): new
@@ -204,23 +205,25 @@ class Data:
         return y
 
 
-def fastbn_runner(case, d, backend):
+def fastbn_runner(case, d):
+    """The fastbn call of ``case`` on ``d``, with the default backend (see
+    harness.default_backend)."""
     import fastbn as fbn
     ax = case.channel_axis
     x, s, o = d.x, d.scale, d.offset
     if case.mode == "train":
         y = d.out()
-        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, out=y, backend=backend)  # noqa: E731
+        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, out=y)  # noqa: E731
     elif case.mode == "fresh":
-        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, backend=backend)  # noqa: E731
+        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS)  # noqa: E731
     elif case.mode == "infer":
         y, m, v = d.out(), d.mean, d.var
-        fn = lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=ax, eps=EPS, out=y,  # noqa: E731
-                                          backend=backend)
+        fn = lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=ax, eps=EPS,  # noqa: E731
+                                          out=y)
     elif case.mode == "backward":
         dx, dy, m, inv = d.out(), d.dy, d.mean, d.invstd
-        fn = lambda: fbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax, out=dx,  # noqa: E731
-                                             backend=backend)
+        fn = lambda: fbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax,  # noqa: E731
+                                             out=dx)
     else:
         raise ValueError(case.mode)
     label = "fastbn" + ("" if case.mode != "fresh" else " (no out=)")
@@ -316,7 +319,7 @@ def run_case(case, args, env, backend, repeat):
     shape = case.quick_shape if args.quick else case.shape
     d = Data(shape, case.channel_axis, case.dtype, case.mode == "backward")
     nbytes = d.x.nbytes
-    runners = [fastbn_runner(case, d, backend)]
+    runners = [fastbn_runner(case, d)]
     if env.backend in ("numba", "cython"):
         runners[0].threads = f"{env.threads}t"
     if env.torch is not None:
@@ -327,8 +330,9 @@ def run_case(case, args, env, backend, repeat):
     if roof:
         runners += env.copy_runners(nbytes)
     small = case.unit == "us"
-    measure(runners, repeat * (3 if small else 1), warmup=(20 if small else 2),
-            min_batch=(0.001 if args.quick else 0.01 if small else 0.005), settle=args.settle)
+    with default_backend(backend):
+        measure(runners, repeat * (3 if small else 1), warmup=(20 if small else 2),
+                min_batch=(0.001 if args.quick else 0.01 if small else 0.005), settle=args.settle)
     rows = []
     for r in runners:
         tmin, tmed = min_median(r.times)

@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-from .harness import Env, Runner, calibrate, load_average, load_note, measure, min_median
+from .harness import (Env, Runner, calibrate, default_backend, load_average, load_note, measure,
+                      min_median)
 
 EPS = 1e-5
 OPS = ("train", "infer", "backward")
@@ -152,22 +153,21 @@ class Data:
         return y
 
 
-def fastbn_runner(op, d, backend=None):
-    """The fastbn call of ``op`` on ``d``, writing into a preallocated output;
-    returns ``(Runner, output array)``."""
+def fastbn_runner(op, d):
+    """The fastbn call of ``op`` on ``d`` (the default backend: see
+    harness.default_backend), writing into a preallocated output; returns
+    ``(Runner, output array)``."""
     import fastbn as fbn
     ax, x, s, o, y = d.axis, d.x, d.scale, d.offset, d.out()
     if op == "train":
-        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, out=y,  # noqa: E731
-                                          backend=backend)
+        fn = lambda: fbn.batch_norm_train(x, s, o, channel_axis=ax, eps=EPS, out=y)  # noqa: E731
     elif op == "infer":
         m, v = d.mean, d.var
-        fn = lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=ax, eps=EPS, out=y,  # noqa: E731
-                                          backend=backend)
+        fn = lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=ax, eps=EPS,  # noqa: E731
+                                          out=y)
     elif op == "backward":
         dy, m, inv = d.dy, d.mean, d.invstd
-        fn = lambda: fbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax, out=y,  # noqa: E731
-                                             backend=backend)
+        fn = lambda: fbn.batch_norm_backward(dy, x, s, m, inv, channel_axis=ax, out=y)  # noqa: E731
     else:
         raise ValueError(f"op: {op!r}")
     return Runner("fastbn", fn, "fastbn"), y
@@ -243,7 +243,7 @@ def run_point(op, d, size, env, backend=None, repeat=None, settle=0.02, min_batc
     """Measure one (op, layout, size, dtype); returns a result dict (times in s).
 
     ``stabilize``: take more rounds until the mins are :func:`settled` (see STABLE_K)."""
-    fb, y_fb = fastbn_runner(op, d, backend)
+    fb, y_fb = fastbn_runner(op, d)
     runners, outs = [fb], [y_fb]
     if env.torch is not None:
         tr, y_t = torch_runner(op, d, env)
@@ -251,15 +251,16 @@ def run_point(op, d, size, env, backend=None, repeat=None, settle=0.02, min_batc
         outs.append(y_t)
     warmup = 2 if d.x.size >= 1 << 20 else 20
     per = 0.0
-    for r in runners:
-        time.sleep(settle)          # as before every timed batch (harness.measure)
-        per = max(per, calibrate(r, warmup, min_batch))
-    reps = repeat or _repeats(per, len(runners), settle)
-    t0 = time.perf_counter()
-    measure(runners, reps, settle=settle, calibrated=True)
-    cap = t0 + STABLE_CAP * (time.perf_counter() - t0)
-    while stabilize and not all(settled(r.times) for r in runners) and time.perf_counter() < cap:
-        measure(runners, MIN_REPEAT, settle=settle, calibrated=True)
+    with default_backend(backend):
+        for r in runners:
+            time.sleep(settle)          # as before every timed batch (harness.measure)
+            per = max(per, calibrate(r, warmup, min_batch))
+        reps = repeat or _repeats(per, len(runners), settle)
+        t0 = time.perf_counter()
+        measure(runners, reps, settle=settle, calibrated=True)
+        cap = t0 + STABLE_CAP * (time.perf_counter() - t0)
+        while stabilize and not all(settled(r.times) for r in runners) and time.perf_counter() < cap:
+            measure(runners, MIN_REPEAT, settle=settle, calibrated=True)
     res = {"op": op, "layout": d.layout, "size": size, "dtype": str(d.dtype), "shape": list(d.shape),
            "channel_axis": d.axis, "bytes": int(d.x.nbytes), "repeat": len(fb.times),
            "settled": all(settled(r.times) for r in runners)}

@@ -9,9 +9,10 @@ argument is already what the backend's fused entry points take unchanged:
 * ``x`` (and ``dy``) a ``numpy.ndarray`` (not a subclass), C-contiguous or
   C-contiguous with the channel axis moved last (channels_last memory), of a
   dtype the backend's fused kernels take, with 0 < size <= the backend's
-  ``FUSED_MAX`` (Numba: any size; its entry points run the parallel
-  primitives beyond ``SMALL``, with the per-channel math compiled) or else
-  ``SMALL``; ``dy`` of ``x``'s shape and dtype;
+  ``FUSED_MAX`` (Numba and Cython: any size; their entry points run the
+  parallel primitives beyond ``SMALL``, with the per-channel math compiled
+  or in a few NumPy operations) or else ``SMALL``; ``dy`` of ``x``'s shape
+  and dtype;
 * ``channel_axis`` a Python int in range, ``eps``/``momentum`` Python floats
   in range, ``backend=None`` (the default backend, as ``dispatch.choose``
   picks it: ``use_backend``, ``FASTBN_BACKEND``);

@@ -95,24 +95,33 @@ def test_lane_equals_general_path(rng, dtype, shape, axis, variant):
         same(g, w)
 
 
+@pytest.fixture(params=["numba", "cython"])
+def lane_backend(request):
+    """The default backend for the lane's calls (skipped where not built)."""
+    if fbn.backends()[request.param] != "available":
+        pytest.skip(f"{request.param} backend not available")
+    with fbn.use_backend(request.param):
+        yield request.param
+
+
 @pytest.mark.parametrize("dtype", ref.DTYPES)
 @pytest.mark.parametrize("shape,axis", [((16, 64, 16, 16), 1), ((4096, 64), 1),
                                         ((8, 9, 9, 400), -1), ((2, 3, 400000), 1)])
-def test_lane_beyond_small(rng, dtype, shape, axis):
-    """Beyond SMALL the lane runs Numba's entry points on the parallel primitives
-    (per-channel math compiled; inference as one parallel kernel up to
-    INFER_MAX, then affine3): the oracle's numbers and the general path's to
-    its tolerance (other kernels: float64 may differ where LLVM contracted to an
+def test_lane_beyond_small(rng, dtype, shape, axis, lane_backend):
+    """Beyond SMALL the lane runs the backend's entry points on the parallel
+    primitives (Numba: per-channel math compiled, inference as one parallel
+    kernel up to INFER_MAX, then affine3; Cython: per-channel math in NumPy,
+    then affine3): the oracle's numbers and the general path's to its
+    tolerance (other kernels: float64 may differ where LLVM contracted to an
     FMA), in place too, running statistics included."""
-    from fastbn.kernels import cpu_numba
     x, C, vec = _args(rng, shape, axis, dtype)
-    assert x.size > cpu_numba.SMALL
+    assert x.size > fbn.dispatch.module(lane_backend).SMALL
     x0 = x.copy()
     scale, offset, mean, var = vec(0.5, 2), vec(-1, 1), vec(25, 35), vec(0.5, 4)
     got = fastlane.infer(x, scale, offset, mean, var, axis, 1e-3, None)
     assert got is not None
     want = fbn.batch_norm_infer(x, scale, offset, mean, var, channel_axis=axis, eps=1e-3,
-                                backend="numba")
+                                backend=lane_backend)
     ref.assert_close(got, want)
     ref.assert_close(got, ref.batch_norm_infer(x0, scale, offset, mean, var, channel_axis=axis,
                                                eps=1e-3))
@@ -136,6 +145,15 @@ def test_lane_beyond_small(rng, dtype, shape, axis):
     rtol = 10 * ref.RTOL[np.dtype(dtype)]
     for g, w, what in zip(gotb, wantb, ("dx", "dscale", "doffset")):
         ref.assert_close(g, w, what, rtol=rtol)
+    # eval mode (frozen statistics): batch_norm_infer_backward's lane
+    gotf = fastlane.infer_backward(dy, x, scale, mean, var, axis, 1e-3, None)
+    assert gotf is not None
+    wantf = fbn.batch_norm_infer_backward(dy0, x0, scale, mean, var, channel_axis=axis, eps=1e-3,
+                                          backend=lane_backend)
+    for g, w, what in zip(gotf, wantf, ("dx", "dscale", "doffset")):
+        ref.assert_close(g, w, what, rtol=rtol)
+    q = ref.f64(scale) / np.sqrt(ref.f64(var) + 1e-3)
+    ref.assert_close(gotf[0], ref.f64(dy0) * ref.along(q, x.ndim, axis), "dx")
     # in place: out = dy, and out = x
     assert fastlane.backward(dy, x, scale, m, inv, axis, dy)[0] is dy
     np.testing.assert_array_equal(dy, gotb[0])

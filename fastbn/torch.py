@@ -40,8 +40,11 @@ Everything fastbn does not serve goes to PyTorch's own ``F.batch_norm``,
 unchanged: CUDA and other non-CPU tensors (fastbn's CUDA backend is not used
 from here yet: it would have to run on PyTorch's CUDA stream), bfloat16 and
 float16 parameters, dtype combinations PyTorch itself rejects, tensor
-subclasses, ``torch.jit`` tracing/scripting, ``torch.compile`` and
-``torch.func`` transforms (so export and compilation see the ordinary op).
+subclasses, ``torch.jit`` tracing, ``torch.compile`` and ``torch.func``
+transforms (so export and compilation see the ordinary op).
+``torch.jit.script`` compiles PyTorch's own BatchNorm forward on the
+module's parameters and buffers (TorchScript cannot compile fastbn's); the
+eager model keeps fastbn's modules.
 
 Importing ``fastbn`` never imports torch; this module does.
 """
@@ -259,7 +262,7 @@ def _real(v):
 def _served(x, vectors, running, momentum, eps):
     """True if fastbn computes this call; False sends it to F.batch_norm unchanged
     (which then also raises PyTorch's own errors for what it rejects)."""
-    if not _plain_cpu(x) or x.dtype not in _PARAM_DTYPE or x.dim() < 2 or _transforms_active():
+    if not _plain_cpu(x) or x.dtype not in _PARAM_DTYPE or x.dim() < 2:
         return False
     pdt, shape = _PARAM_DTYPE[x.dtype], (x.shape[1],)
     for t in vectors:
@@ -275,7 +278,37 @@ def _served(x, vectors, running, momentum, eps):
 class _FastBatchNorm:
     """The forward of fastbn's BatchNorm modules (mixed into torch's classes)."""
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():   # TorchScript compiles this branch only
+            return self._scripted_forward(input)
+        return self._fast_forward(input)
+
+    def _scripted_forward(self, input: torch.Tensor) -> torch.Tensor:
+        """What ``torch.jit.script`` compiles: ``torch.nn.BatchNorm*d``'s forward
+        (``_BatchNorm.forward`` of PyTorch 2.x, TorchScript-compatible) on this
+        module's own parameters and buffers."""
+        self._check_input_dim(input)
+        exponential_average_factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:   # cumulative moving average
+                    exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    exponential_average_factor = self.momentum
+        if self.training:
+            bn_training = True
+        else:
+            bn_training = (self.running_mean is None) and (self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if use_buffers else None,
+                            self.running_var if use_buffers else None, self.weight, self.bias,
+                            bn_training, exponential_average_factor, self.eps)
+
+    @torch.jit.unused
+    def _fast_forward(self, input):
+        if _transforms_active():   # jit tracing, torch.compile, torch.func: PyTorch's own op
+            return super().forward(input)
         self._check_input_dim(input)
         training = self.training
         # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics in training,

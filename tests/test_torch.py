@@ -358,6 +358,37 @@ def test_fallbacks_run_pytorch_unchanged(gen):
     torch.testing.assert_close(traced(x), nn.BatchNorm2d(3).eval()(x))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit.script is deprecated
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_jit_script_compiles_pytorchs_forward(gen, tmp_path, momentum):
+    """``torch.jit.script`` on a converted model (deployment, export) compiles
+    PyTorch's BatchNorm forward on the module's own parameters and buffers: the
+    same outputs and running statistics as PyTorch's modules, train and eval;
+    the eager model keeps fastbn's modules; save/load round-trips."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                             nn.Flatten(2), nn.BatchNorm1d(4, momentum=momentum))
+    ref, ours = model(), fbt.convert(model())
+    scripted = torch.jit.script(ours)
+    assert type(ours[1]) is fbt.BatchNorm2d and type(ours[4]) is fbt.BatchNorm1d
+    for step in range(3):
+        x = torch.randn(5, 3, 7, 7, generator=gen)
+        torch.testing.assert_close(scripted(x), ref(x))
+    for a, b in zip(ref.state_dict().values(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a)   # the scripted model updated ours' buffers
+    assert int(ours[1].num_batches_tracked) == 3
+    scripted.eval()
+    ref.eval()
+    x = torch.randn(5, 3, 7, 7, generator=gen)
+    torch.testing.assert_close(scripted(x), ref(x))
+    path = str(tmp_path / "model.pt")
+    torch.jit.save(scripted, path)
+    torch.testing.assert_close(torch.jit.load(path)(x), ref(x))
+    ours.eval()
+    torch.testing.assert_close(ours(x), ref(x))   # eager: fastbn's forward
+
+
 def test_import_fastbn_does_not_import_torch():
     import subprocess
     import sys

@@ -233,22 +233,24 @@ if cuda is not None:
         return _as_strided(v, (2, n - k), (k * st, st))[_U(1)]
 
     @_dev
-    def _adv(off, i, dr, back, d, wrap):
+    def _adv(off, i, dr, back, d, dw, iz):
         """Byte offset ``off`` of in-row index ``i`` (0 <= i < inner) advanced by
         one block stride: ``dr`` (< inner) more in the row and byte step ``d``,
         or, when that passes the row's end (i >= back = inner - dr), ``i - back``
-        on the next row and byte step ``d + wrap`` (see _moments_rows).  No
-        value leaves [0, inner), so nothing can overflow."""
+        on the next row and byte step ``dw`` (see _moments_rows), in the integer
+        type of ``iz``: int32 where the host found every offset below 2**31
+        (see _index_zero), else int64.  Neither leaves its range (offsets stay
+        in [0, span), ``i`` in [0, inner)), so nothing can overflow."""
         if i >= back:
-            return off + (d + wrap), i - back
-        return off + d, i + dr
+            return _cvt(iz, off + dw), _cvt(iz, i - back)
+        return _cvt(iz, off + d), _cvt(iz, i + dr)
 
     @_dev
-    def _adv2(off, off2, i, dr, back, d, wrap, d2, wrap2):
+    def _adv2(off, off2, i, dr, back, d, dw, d2, dw2, iz):
         """_adv for two arrays of one shape (own strides) walked together."""
         if i >= back:
-            return off + (d + wrap), off2 + (d2 + wrap2), i - back
-        return off + d, off2 + d2, i + dr
+            return _cvt(iz, off + dw), _cvt(iz, off2 + dw2), _cvt(iz, i - back)
+        return _cvt(iz, off + d), _cvt(iz, off2 + d2), _cvt(iz, i + dr)
 
     @_dev
     def _chan(na, ma, qa, nb, mb, qb):
@@ -516,9 +518,10 @@ if cuda is not None:
                 cnt[cuda.blockIdx.x] = 0
 
     @_kernel
-    def _moments_rows(x, zero, chunk, part, cnt, stat, prm, mout, iout, scale, offset, rm, rv,
-                      eps, mom, flags):
-        """Row mapping: block (s, c) reduces flat values [s*chunk, (s+1)*chunk) of channel c."""
+    def _moments_rows(x, zero, iz, chunk, part, cnt, stat, prm, mout, iout, scale, offset, rm,
+                      rv, eps, mom, flags):
+        """Row mapping: block (s, c) reduces flat values [s*chunk, (s+1)*chunk) of channel c;
+        the walk's offsets and in-row index in ``iz``'s integer type (see _adv)."""
         sh = cuda.shared.array(0, dtype=_f64)
         t = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -531,10 +534,10 @@ if cuda is not None:
         xf, base = _flat(x)
         st0, st1, st2 = x.strides
         dq = nt // inner
-        dr = nt - dq * inner
-        back = inner - dr
-        d = dq * st0 + dr * st2  # bytes from one value of a thread to its next
-        wrap = st0 - inner * st2  # and more when that next value is on a later row
+        dr = _cvt(iz, nt - dq * inner)
+        back = _cvt(iz, inner - dr)
+        d = _cvt(iz, dq * st0 + dr * st2)  # bytes from one value of a thread to its next
+        dw = _cvt(iz, d + (st0 - inner * st2))  # ... when that next value is on a later row
         for c in range(cuda.blockIdx.y, C, cuda.gridDim.y):
             kk = s * chunk + t
             n = 0.0
@@ -543,8 +546,8 @@ if cuda is not None:
             if kk < end:
                 cnt_ = (end - kk + nt - 1) // nt
                 o = kk // inner
-                i = kk - o * inner
-                a0 = base + o * st0 + c * st1 + i * st2
+                i = _cvt(iz, kk - o * inner)
+                a0 = _cvt(iz, base + o * st0 + c * st1 + i * st2)
                 k = _cvt(zero, xf[_U(a0)])
                 if not math.isfinite(k):  # an inf pivot would turn every value into NaN
                     k = zero
@@ -552,22 +555,22 @@ if cuda is not None:
                 s2 = zero
                 m = cnt_
                 while m >= 4:
-                    a1, i = _adv(a0, i, dr, back, d, wrap)
-                    a2, i = _adv(a1, i, dr, back, d, wrap)
-                    a3, i = _adv(a2, i, dr, back, d, wrap)
+                    a1, i = _adv(a0, i, dr, back, d, dw, iz)
+                    a2, i = _adv(a1, i, dr, back, d, dw, iz)
+                    a3, i = _adv(a2, i, dr, back, d, dw, iz)
                     d0 = xf[_U(a0)] - k  # in k's (the accumulator's) dtype
                     d1 = xf[_U(a1)] - k
                     d2 = xf[_U(a2)] - k
                     d3 = xf[_U(a3)] - k
                     s1 += (d0 + d1) + (d2 + d3)
                     s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-                    a0, i = _adv(a3, i, dr, back, d, wrap)
+                    a0, i = _adv(a3, i, dr, back, d, dw, iz)
                     m -= 4
                 while m > 0:
                     d0 = xf[_U(a0)] - k
                     s1 += d0
                     s2 += d0 * d0
-                    a0, i = _adv(a0, i, dr, back, d, wrap)
+                    a0, i = _adv(a0, i, dr, back, d, dw, iz)
                     m -= 1
                 n, mean, m2 = _partial(cnt_, k, s1, s2)
             sh[t] = n
@@ -673,7 +676,7 @@ if cuda is not None:
                 cnt[cuda.blockIdx.x] = 0
 
     @_kernel
-    def _dysums_rows(dy, x, m, zero, chunk, part, cnt, stat, prm, dsout, doout, scale, w,
+    def _dysums_rows(dy, x, m, zero, iz, chunk, part, cnt, stat, prm, dsout, doout, scale, w,
                      eps, nval, flags):
         """Row mapping of the backward sums (see _moments_rows); m: the mean vector."""
         sh = cuda.shared.array(0, dtype=_f64)
@@ -690,12 +693,12 @@ if cuda is not None:
         st0, st1, st2 = x.strides
         gt0, gt1, gt2 = dy.strides
         dq = nt // inner
-        dr = nt - dq * inner
-        back = inner - dr
-        d = dq * st0 + dr * st2  # byte steps as in _moments_rows, x's and dy's
-        wrap = st0 - inner * st2
-        gd = dq * gt0 + dr * gt2
-        gwrap = gt0 - inner * gt2
+        dr = _cvt(iz, nt - dq * inner)
+        back = _cvt(iz, inner - dr)
+        d = _cvt(iz, dq * st0 + dr * st2)  # byte steps as in _moments_rows, x's and dy's
+        dw = _cvt(iz, d + (st0 - inner * st2))
+        gd = _cvt(iz, dq * gt0 + dr * gt2)
+        gdw = _cvt(iz, gd + (gt0 - inner * gt2))
         for c in range(cuda.blockIdx.y, C, cuda.gridDim.y):
             kk = s * chunk + t
             a = 0.0
@@ -703,16 +706,16 @@ if cuda is not None:
             if kk < end:
                 mc = _cvt(zero, m[c])
                 o = kk // inner
-                i = kk - o * inner
-                a0 = xbase + o * st0 + c * st1 + i * st2
-                b0 = gbase + o * gt0 + c * gt1 + i * gt2
+                i = _cvt(iz, kk - o * inner)
+                a0 = _cvt(iz, xbase + o * st0 + c * st1 + i * st2)
+                b0 = _cvt(iz, gbase + o * gt0 + c * gt1 + i * gt2)
                 sa = zero
                 sb = zero
                 n = (end - kk + nt - 1) // nt
                 while n >= 4:
-                    a1, b1, i = _adv2(a0, b0, i, dr, back, d, wrap, gd, gwrap)
-                    a2, b2, i = _adv2(a1, b1, i, dr, back, d, wrap, gd, gwrap)
-                    a3, b3, i = _adv2(a2, b2, i, dr, back, d, wrap, gd, gwrap)
+                    a1, b1, i = _adv2(a0, b0, i, dr, back, d, dw, gd, gdw, iz)
+                    a2, b2, i = _adv2(a1, b1, i, dr, back, d, dw, gd, gdw, iz)
+                    a3, b3, i = _adv2(a2, b2, i, dr, back, d, dw, gd, gdw, iz)
                     g0 = _cvt(zero, gf[_U(b0)])
                     g1 = _cvt(zero, gf[_U(b1)])
                     g2 = _cvt(zero, gf[_U(b2)])
@@ -723,13 +726,13 @@ if cuda is not None:
                     e3 = xf[_U(a3)] - mc
                     sa += (g0 + g1) + (g2 + g3)
                     sb += (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)
-                    a0, b0, i = _adv2(a3, b3, i, dr, back, d, wrap, gd, gwrap)
+                    a0, b0, i = _adv2(a3, b3, i, dr, back, d, dw, gd, gdw, iz)
                     n -= 4
                 while n > 0:
                     g0 = _cvt(zero, gf[_U(b0)])
                     sa += g0
                     sb += g0 * (xf[_U(a0)] - mc)
-                    a0, b0, i = _adv2(a0, b0, i, dr, back, d, wrap, gd, gwrap)
+                    a0, b0, i = _adv2(a0, b0, i, dr, back, d, dw, gd, gdw, iz)
                     n -= 1
                 a = float(sa)
                 b = float(sb)
@@ -1001,14 +1004,27 @@ def _reduce(kind, x, lead, tail, stream):
         grid, chunk, nsplit = _rows_config(outer * inner, C, tpb)
         part = rt.scratch(stream, "part", (fields, C * nsplit), f64)
         cnt = rt.counters(stream, C)
-        _launch(globals()[rows_name], grid, tpb, 8 * fields * tpb, stream, *lead, chunk, part, cnt,
-                *tail)
+        _launch(globals()[rows_name], grid, tpb, 8 * fields * tpb, stream, *lead,
+                _index_zero(a for a in lead if getattr(a, "ndim", 0) == 3), chunk, part, cnt, *tail)
     else:
         grid, block, rows_per, nsplit = _cols_config(C * inner, outer, tpb, inner)
         part = rt.scratch(stream, "part", (fields, C * inner * nsplit), f64)
         cnt = rt.counters(stream, grid[0])
         _launch(globals()[cols_name], grid, block, 8 * fields * block[0] * block[1], stream, *lead,
                 rows_per, part, cnt, *tail)
+
+
+def _index_zero(arrays):
+    """The zero of the row kernels' walk (see _adv): int32 where every byte offset
+    into each array's memory (its span, as _flat views it) is below 2**31, so the
+    in-loop offsets and in-row index are 32-bit (3-4 fewer instructions per value),
+    else int64."""
+    for a in arrays:
+        span = a.dtype.itemsize + sum(abs(int(st)) * (int(n) - 1)
+                                      for st, n in zip(a.strides, a.shape))
+        if span >= 2**31:
+            return np.int64(0)
+    return np.int32(0)
 
 
 def _flags(**given):
@@ -1178,13 +1194,13 @@ def _signatures(dtype):
     m2 = types.Array(types.float64, 2, "C")
     p2 = types.Array(acc, 2, "C")
     cnt = types.Array(types.int32, 1, "C")
-    i64, f64 = types.int64, types.float64
+    i32, i64, f64 = types.int32, types.int64, types.float64
     mom_tail = (m2, p2, v, v, v, v, v, v, f64, f64, i64)
     sums_tail = (m2, p2, v, v, v, v, f64, f64, i64)
-    return {
-        "_moments_rows": (x3, acc, i64, m2, cnt) + mom_tail,
+    return {   # the row kernels' walk in int32, as arrays below 2 GiB run it (_index_zero)
+        "_moments_rows": (x3, acc, i32, i64, m2, cnt) + mom_tail,
         "_moments_cols": (x3, acc, i64, m2, cnt) + mom_tail,
-        "_dysums_rows": (x3, x3, v, acc, i64, m2, cnt) + sums_tail,
+        "_dysums_rows": (x3, x3, v, acc, i32, i64, m2, cnt) + sums_tail,
         "_dysums_cols": (x3, x3, v, acc, i64, m2, cnt) + sums_tail,
         "_affine_cols": (x3, p2, x3, i64),
         "_affine_u_cols": (x3, p2, x3, x3, i64),

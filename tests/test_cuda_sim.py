@@ -191,28 +191,75 @@ def test_reductions_are_deterministic(K, cuda, make_array):
 
 @sim
 @pytest.mark.parametrize("inner,nt", [(5, 3), (7, 7), (3, 8), (40, 8), (1, 4), (9, 20)])
-def test_rows_walk_index_math(K, inner, nt):
-    """The row kernels' walk (_adv, _adv2): byte offsets far beyond 2**32, negative
-    strides, and the in-row index stay exact against divmod (Python ints stand
-    for the device's int64; no big allocation)."""
+@pytest.mark.parametrize("bits", [64, 32])
+def test_rows_walk_index_math(K, inner, nt, bits):
+    """The row kernels' walk (_adv, _adv2): the in-row index and byte offsets with
+    negative strides stay exact against divmod.  64: offsets far beyond 2**32
+    (Python ints stand for the device's int64; no big allocation); 32: int32
+    offsets up to ~2**30, as _index_zero chooses them below 2**31 (NumPy's
+    int32 raises where a value would leave its range)."""
     adv = getattr(K._adv, "py_func", K._adv)
     adv2 = getattr(K._adv2, "py_func", K._adv2)
-    st0, st2, gt0, gt2 = 3 * 2**33 + 8, -16, -(2**34), 4
-    base, gbase = 2**41, 2**42
+    if bits == 64:
+        iz, st0, st2, gt0, gt2, base, gbase = 0, 3 * 2**33 + 8, -16, -(2**34), 4, 2**41, 2**42
+    else:
+        iz, st0, st2, gt0, gt2, base, gbase = np.int32(0), 2**20 + 8, -16, -(2**20), 4, 2**29, 2**30
     dq, dr = divmod(nt, inner)
-    back, d, wrap = inner - dr, dq * st0 + dr * st2, st0 - inner * st2
-    gd, gwrap = dq * gt0 + dr * gt2, gt0 - inner * gt2
+    back, d, dw = inner - dr, dq * st0 + dr * st2, (dq + 1) * st0 + (dr - inner) * st2
+    gd, gdw = dq * gt0 + dr * gt2, (dq + 1) * gt0 + (dr - inner) * gt2
+    dr, back, d, dw, gd, gdw = (iz + v for v in (dr, back, d, dw, gd, gdw))
     kk = 2
     o, i = divmod(kk, inner)
-    a, b, i2 = base + o * st0 + i * st2, gbase + o * gt0 + i * gt2, i
+    a, b, i2 = iz + (base + o * st0 + i * st2), iz + (gbase + o * gt0 + i * gt2), iz + i
     for _ in range(60):
         kk += nt
-        a, i = adv(a, i, dr, back, d, wrap)
-        _, b, i2 = adv2(a, b, i2, dr, back, d, wrap, gd, gwrap)
+        a, i = adv(a, i, dr, back, d, dw, iz)
+        _, b, i2 = adv2(a, b, i2, dr, back, d, dw, gd, gdw, iz)
         o, want = divmod(kk, inner)
         assert i == i2 == want
         assert a == base + o * st0 + want * st2
         assert b == gbase + o * gt0 + want * gt2
+        assert type(a) is type(b) is type(i) is type(iz + 0)
+
+
+@sim
+def test_index_zero_is_int32_below_2_gib_of_offsets(K, cuda):
+    """_index_zero: the row kernels walk in int32 when every array's byte span
+    (itemsize + sum |stride| * (n - 1), negative strides by magnitude) is below
+    2**31, else int64."""
+    small = cuda.device_array((4, 3, 5), np.float32)
+    assert K._index_zero([small, small]).dtype == np.int32
+
+    class Fake:   # only the attributes _index_zero reads; no 2 GiB allocation
+        dtype, shape = np.dtype(np.float16), (3, 3, 5)
+
+        def __init__(self, s0):
+            self.strides = (s0, 2, 6)
+    # spans: 2 + 2*|s0| + 2*2 + 4*6
+    assert K._index_zero([small, Fake(-(2**30))]).dtype == np.int64        # 2**31 + 30
+    assert K._index_zero([Fake(-(2**30) + 16), small]).dtype == np.int32   # 2**31 - 2
+
+
+@sim
+@pytest.mark.parametrize("memory", ["C", "negstride"])
+def test_rows_kernels_walk_alike_in_int32_and_int64(K, cuda, make_array, monkeypatch, memory):
+    """The row kernels give the same bits with the int64 walk (arrays of 2 GiB or
+    more, _index_zero) as with the int32 one that smaller arrays take."""
+    x = on_device(cuda, make_array((5, 3, 19), np.float32, loc=10.0), memory)
+    dy = on_device(cuda, make_array((5, 3, 19), np.float32), memory)
+    m = cuda.to_device(np.array([10.0, 9.5, 10.5]))
+    assert K._use_rows(19, K._tpb())
+    got = {}
+    for iz in (np.int32(0), np.int64(0)):
+        monkeypatch.setattr(K, "_index_zero", lambda arrays, iz=iz: iz)
+        got[iz.dtype.name] = [v.copy_to_host() if hasattr(v, "copy_to_host") else np.asarray(v)
+                              for v in K.moments3(x) + K.dy_sums3(dy, x, m)]
+    for a, b in zip(got["int32"], got["int64"]):
+        np.testing.assert_array_equal(a, b)
+    h, g = host(x).astype(np.float64), host(dy).astype(np.float64)
+    np.testing.assert_allclose(got["int32"][0], h.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(got["int32"][3], (g * (h - np.array([10.0, 9.5, 10.5])[:, None])).sum(axis=(0, 2)),
+                               rtol=1e-9, atol=1e-9)
 
 
 @sim

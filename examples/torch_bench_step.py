@@ -7,7 +7,10 @@ Two CNNs: digits-size (batch 64 of 1x8x8, BN over 16 and 32 channels) and a
 Each step is forward + backward + SGD update; each model runs in NCHW and in
 channels_last.  The two variants are timed interleaved (one step each, in
 turn) so machine noise hits both alike; min and median seconds per step are
-printed with the ratio PyTorch/fastbn (> 1: fastbn faster).
+printed with the ratio PyTorch/fastbn (> 1: fastbn faster), and the median of
+the paired ratios (each PyTorch step over the fastbn step next to it) with a
+95% confidence interval from order statistics (distribution-free: ranks
+n/2 -+ 1.96 sqrt(n)/2): "faster" where its lower end is above 1.
 """
 
 import argparse
@@ -67,7 +70,19 @@ def bench(make, channels_last, repeat):
             t = time.perf_counter()
             s()
             times[k].append(time.perf_counter() - t)
-    return {k: (min(v), float(np.median(v))) for k, v in times.items()}
+    res = {k: (min(v), float(np.median(v))) for k, v in times.items()}
+    res["paired"] = paired_ratio(times["torch"], times["fastbn"])
+    return res
+
+
+def paired_ratio(a, b):
+    """(median, low, high): the median of a[i] / b[i] and its ~95% confidence
+    interval (order statistics of the sorted ratios at ranks n/2 -+ 0.98 sqrt(n))."""
+    r = np.sort(np.asarray(a) / np.asarray(b))
+    n = len(r)
+    h = 0.98 * np.sqrt(n)
+    lo, hi = max(0, int(np.floor(n / 2 - h))), min(n - 1, int(np.ceil(n / 2 + h)) - 1)
+    return float(np.median(r)), float(r[lo]), float(r[hi])
 
 
 def main():
@@ -79,14 +94,15 @@ def main():
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeat} steps each")
     print(f"{'model':8s} {'layout':14s} {'torch min/median ms':>22s} {'fastbn min/median ms':>22s} "
-          f"{'ratio min/median':>17s}")
+          f"{'ratio min/median':>17s} {'paired ratio [95% CI]':>23s}")
     for name, make in (("digits", digits_cnn), ("32x32x64", cnn32)):
         for cl in (False, True):
             r = bench(make, cl, args.repeat)
             (tm, tmed), (fm, fmed) = r["torch"], r["fastbn"]
             print(f"{name:8s} {'channels_last' if cl else 'NCHW':14s} "
                   f"{tm * 1e3:10.2f} /{tmed * 1e3:9.2f} {fm * 1e3:10.2f} /{fmed * 1e3:9.2f} "
-                  f"{tm / fm:8.2f} /{tmed / fmed:6.2f}")
+                  f"{tm / fm:8.2f} /{tmed / fmed:6.2f} "
+                  "{:9.2f} [{:.2f}, {:.2f}]".format(*r["paired"]))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ cdef extern from *:
        conversion straight from and to memory (vcvtps2pd/vcvtpd2ps on xmm
        halves, 10 instructions per 8 values), where GCC's own vectorisation of
        the loop converts whole ymm registers and shuffles their halves (13):
-       0.30 -> 0.17 ns a value in L1 here.  The FMAs are the ones GCC contracts
+       0.30 -> 0.23 ns a value in L1 here.  The FMAs are the ones GCC contracts
        the scalar expression to, so the tail (and every other path) gives the
        same bits. */
     static inline void fbn_affine_f32(const float* x, float* y, const float* u, Py_ssize_t n,

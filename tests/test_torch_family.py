@@ -122,6 +122,27 @@ def test_out_tensor_is_returned_and_written(rng):
     assert dx is out
 
 
+def test_tensor_calls_bind_arguments_as_python_does(rng):
+    """The tensor wrapper matches arguments to names by position and keyword (not
+    inspect's bind): every spelling of one call gives the same numbers, and a
+    call that does not fit the signature gets Python's own TypeError."""
+    x = tensor(rng, (4, 3, 5), np.float32)
+    s, o, m, v = torch.rand(3) + 0.5, torch.rand(3), torch.rand(3), torch.rand(3) + 0.5
+    want = fbn.batch_norm_infer(x.numpy(), s.numpy(), o.numpy(), m.numpy(), v.numpy())
+    for args, kwargs in [((x, s, o, m, v), {}), ((x,), dict(scale=s, offset=o, mean=m, var=v)),
+                         ((), dict(x=x, scale=s, offset=o, mean=m, var=v)),
+                         ((x, s), dict(var=v, mean=m, offset=o, eps=torch.tensor(1e-5)))]:
+        y = fbn.batch_norm_infer(*args, **kwargs)
+        assert isinstance(y, torch.Tensor)
+        np.testing.assert_array_equal(y.numpy(), want)
+    with pytest.raises(TypeError, match="positional"):
+        fbn.batch_norm_infer(x, s, o, m, v, 1)       # eps is keyword-only
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        fbn.batch_norm_infer(x, s, o, m, v, epsilon=1e-3)
+    with pytest.raises(TypeError, match="multiple values"):
+        fbn.batch_norm_infer(x, s, o, m, v, scale=s)
+
+
 def test_zero_copy_views(rng):
     """Outputs keep x's strides; running statistics are written through their own memory."""
     x = tensor(rng, (8, 3, 6, 6), np.float32, "channels_last")

@@ -39,7 +39,20 @@ def _describe(v):
 
 
 def view(v, name):
-    """The NumPy view of CPU tensor ``v`` (no copy), or a ``TypeError`` naming ``name``."""
+    """The NumPy view of CPU tensor ``v`` (no copy), or a ``TypeError`` naming ``name``.
+
+    ``Tensor.numpy()`` itself refuses every tensor this module refuses (grad,
+    another device, bfloat16, sparse, conjugate bit), so it is tried first and
+    the reasons are sorted out only when it fails (~0.4 us a tensor instead of
+    ~3 for the checks up front)."""
+    try:
+        return v.numpy()
+    except (RuntimeError, TypeError) as exc:
+        _refuse(v, name, exc)
+
+
+def _refuse(v, name, exc):
+    """Raise the ``TypeError`` naming ``name`` for tensor ``v``, which ``numpy()`` refused."""
     if v.requires_grad:
         raise TypeError(f"{name} is a torch tensor that requires grad; fastbn's functions record "
                         f"no autograd graph: use the fastbn.torch modules (BatchNorm1d/2d/3d) for "
@@ -52,11 +65,8 @@ def view(v, name):
                         f"(float16, float32 or float64 are): convert it, e.g. {name}.float()")
     if v.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) torch tensor, got layout {v.layout}")
-    try:
-        return v.numpy()
-    except (RuntimeError, TypeError) as exc:
-        raise TypeError(f"{name} cannot be viewed as a NumPy array ({exc}); got "
-                        f"{_describe(v)}") from exc
+    raise TypeError(f"{name} cannot be viewed as a NumPy array ({exc}); got "
+                    f"{_describe(v)}") from exc
 
 
 def _argument(v, name):
@@ -66,12 +76,12 @@ def _argument(v, name):
     ``GradSums``, several ``parts``) is converted member by member; any other
     array (NumPy, CuPy, ...) mixed into a call on CPU tensors is refused.
     """
-    if v is None or isinstance(v, numbers.Number):
-        return v
-    if isinstance(v, torch.Tensor):
+    if isinstance(v, torch.Tensor):   # first: the ABC check of Number costs ~0.5 us
         if v.dim() == 0 and name not in ("x", "dy", "out"):
             return v.item()
         return view(v, name)
+    if v is None or isinstance(v, numbers.Number):
+        return v
     if isinstance(v, tuple):
         items = [_argument(e, name) for e in v]
         return type(v)(*items) if hasattr(v, "_fields") else tuple(items)
@@ -98,9 +108,36 @@ def _result(r, out, out_view):
 @functools.lru_cache(maxsize=None)
 def wrapped(fn):
     """``fn`` (a public function of the NumPy path) taking and returning CPU tensors;
-    made once per function."""
+    made once per function.  Arguments are matched to ``fn``'s parameter names
+    by position and keyword without ``inspect.Signature.bind`` (~15 us a call);
+    a call that does not fit ``fn``'s signature reaches ``fn`` as it came and
+    gets Python's own ``TypeError`` from it."""
     sig = inspect.signature(fn)
+    params = sig.parameters.values()
+    positional = tuple(p.name for p in params
+                       if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    k_out = positional.index("out") if "out" in positional else len(positional)
+    if any(p.kind == p.VAR_POSITIONAL for p in params):   # merge_*(*parts): bind them
+        return _bound(fn, sig)
 
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if len(args) > len(positional):
+            return fn(*args, **kwargs)
+        out = args[k_out] if k_out < len(args) else kwargs.get("out")
+        args = [_argument(v, n) if n in ARRAY_ARGS else v for v, n in zip(args, positional)]
+        for n, v in kwargs.items():
+            if n in ARRAY_ARGS:
+                kwargs[n] = _argument(v, n)
+        res = fn(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return _result(res, None, None)
+        return _result(res, out, args[k_out] if k_out < len(args) else kwargs["out"])
+    return call
+
+
+def _bound(fn, sig):
+    """wrapped(fn) through ``sig.bind``: for signatures with ``*args``."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         bound = sig.bind(*args, **kwargs)

@@ -124,8 +124,11 @@ def _dense(x):
 
 def _grad_like(x):
     """An empty tensor for ``dx``, laid out as PyTorch's: ``x``'s own strides when
-    ``x`` is dense, contiguous otherwise."""
-    return torch.empty_like(x) if _dense(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
+    ``x`` is dense, contiguous otherwise (``is_contiguous`` first: ~0.2 us against
+    _dense's ~3)."""
+    if x.is_contiguous() or _dense(x):
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _once_differentiable(backward):

@@ -179,6 +179,10 @@ def test_calls_table_has_every_function(capsys):
     assert {"batch_norm_train", "batch_norm_infer", "batch_norm_backward",
             "batch_norm_infer_backward", "moments", "batch_normalization",
             "BatchNorm backward (eval)"} <= names
+    import importlib.util
+    tensors = {"batch_norm_train, tensors", "batch_norm_infer, tensors",
+               "batch_norm_backward, tensors"}
+    assert (tensors <= names) == (importlib.util.find_spec("torch") is not None)
     assert len(rows) == len(names) * len(calls.SHAPES)
     for r in rows:
         whole, kern = (float(c.split("/")[0]) for c in r[2:4])

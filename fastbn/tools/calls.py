@@ -1,7 +1,8 @@
 """``python -m fastbn bench --calls``: what a small call costs outside its kernel.
 
 For each public function (and the ``BatchNorm`` layer's forward and backward,
-both modes) on small NumPy inputs, the whole call against the default
+both modes) on small NumPy inputs (and the fused three on CPU tensors, where
+PyTorch is installed and not ``--no-torch``), the whole call against the default
 backend's fused kernel alone, called with arguments prepared beforehand (its
 (outer, C, inner) views and outputs): the difference is the per-call cost of
 the checks, the layout plan, the output allocation and the Python around them.
@@ -18,8 +19,9 @@ from . import harness
 SHAPES = [("NCHW", (4, 16, 4, 4), 1), ("NHWC", (4, 4, 4, 16), -1), ("(N, C)", (64, 16), -1)]
 
 
-def _pairs(bk, shape, axis, rng):
-    """``[(label, whole call, kernel alone)]`` for one float32 input shape."""
+def _pairs(bk, shape, axis, rng, with_torch=False):
+    """``[(label, whole call, kernel alone)]`` for one float32 input shape (and, with
+    ``with_torch``, the fused functions on CPU tensors)."""
     import fastbn as fbn
 
     ax = axis % len(shape)
@@ -44,7 +46,7 @@ def _pairs(bk, shape, axis, rng):
     infer = lambda: bk.infer_small3(x3, s, o, m, v, 1e-5, y3)  # noqa: E731
     back = lambda: bk.backward_small3(dy3, x3, s, m, v, y3, s1, s2)  # noqa: E731
     iback = lambda: bk.infer_backward_small3(dy3, x3, s, m, v, 1e-5, y3, s1, s2)  # noqa: E731
-    return [
+    pairs = [
         ("batch_norm_train", lambda: fbn.batch_norm_train(
             x, s, o, channel_axis=axis, running_mean=rm, running_var=rv, out=y), train),
         ("batch_norm_infer", lambda: fbn.batch_norm_infer(x, s, o, m, v, channel_axis=axis, out=y),
@@ -63,6 +65,19 @@ def _pairs(bk, shape, axis, rng):
         ("BatchNorm forward (eval)", lambda: frozen(x), infer),
         ("BatchNorm backward (eval)", lambda: frozen.backward(dy), iback),
     ]
+    if with_torch:   # the same calls on CPU tensors over the same memory (the torch family)
+        import torch
+        xt, dyt, yt, st, ot, mt, vt, rmt, rvt = (torch.from_numpy(a)
+                                                for a in (x, dy, y, s, o, m, v, rm, rv))
+        pairs += [
+            ("batch_norm_train, tensors", lambda: fbn.batch_norm_train(
+                xt, st, ot, channel_axis=axis, running_mean=rmt, running_var=rvt, out=yt), train),
+            ("batch_norm_infer, tensors", lambda: fbn.batch_norm_infer(
+                xt, st, ot, mt, vt, channel_axis=axis, out=yt), infer),
+            ("batch_norm_backward, tensors", lambda: fbn.batch_norm_backward(
+                dyt, xt, st, mt, vt, channel_axis=axis, out=yt), back),
+        ]
+    return pairs
 
 
 def run(args):
@@ -77,9 +92,11 @@ def run(args):
           f"{repeat} repeats (us, min / median)\n")
     print("| input | function | whole call | kernel alone | outside the kernel (min) |")
     print("|---|---|---|---|---|")
+    import importlib.util
+    with_torch = not getattr(args, "no_torch", False) and importlib.util.find_spec("torch") is not None
     for name, shape, axis in SHAPES:
         runners = []
-        for label, whole, kern in _pairs(bk, shape, axis, rng):
+        for label, whole, kern in _pairs(bk, shape, axis, rng, with_torch):
             runners += [harness.Runner(label, whole, "fastbn"), harness.Runner(label, kern, "kernel")]
         harness.measure(runners, repeat, min_batch=0.002 if args.quick else 0.01)
         for w, k in zip(runners[::2], runners[1::2]):

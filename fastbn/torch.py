@@ -135,10 +135,10 @@ def _once_differentiable(backward):
     """Like ``torch.autograd.function.once_differentiable``, with fastbn's message,
     and also when only a saved tensor (not ``dy``) requires grad."""
     def wrapper(ctx, dy):
+        if not torch.is_grad_enabled():   # a plain backward (no create_graph): nothing to guard
+            return backward(ctx, dy)
         with torch.no_grad():
             grads = backward(ctx, dy)
-        if not torch.is_grad_enabled():
-            return grads
         saved = ctx.saved_tensors
         if not (dy.requires_grad or any(t is not None and t.requires_grad for t in saved)):
             return grads
@@ -251,6 +251,22 @@ def _transforms_active():
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
+_MISSING = object()
+
+# BatchNormFunction.apply less its Python layer (~8 us a call): that layer binds
+# default arguments (only for a setup_context, which this Function has not),
+# unwraps dead functorch wrappers (done on x below) and routes functorch
+# transforms (sent to PyTorch before this is reached).
+_node = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _member(module, store, name):
+    """``module.<name>`` from its ``_parameters``/``_buffers`` dict ``store`` without
+    ``nn.Module.__getattr__`` (~1 us a lookup, and a forward makes six), or by
+    getattr when it lives elsewhere (parametrizations, weight-norm hooks)."""
+    value = store.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
 
 
 def _plain_cpu(t):
@@ -314,12 +330,15 @@ class _FastBatchNorm:
             return super().forward(input)
         self._check_input_dim(input)
         training = self.training
+        params, buffers = self._parameters, self._buffers
+        weight, bias = _member(self, params, "weight"), _member(self, params, "bias")
+        running_mean = _member(self, buffers, "running_mean")
+        running_var = _member(self, buffers, "running_var")
         # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics in training,
         # and in eval mode when there are no buffers; buffers updated only when tracked.
-        bn_training = training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         momentum = 0.0 if self.momentum is None else self.momentum
         eps = self.eps
         # F.batch_norm's checks, with its messages, before anything changes
@@ -329,25 +348,26 @@ class _FastBatchNorm:
                 raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         elif eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-        served = _served(input, (self.weight, self.bias), (running_mean, running_var),
-                         momentum, eps)
+        served = _served(input, (weight, bias), (running_mean, running_var), momentum, eps)
         if served and not bn_training and (running_mean is None or running_var is None):
             served = False   # one buffer set to None: PyTorch's own error
         if not served:
             return super().forward(input)
-        if training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:   # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
-        weight, bias = self.weight, self.bias
+        if training and self.track_running_stats:
+            tracked = _member(self, buffers, "num_batches_tracked")
+            if tracked is not None:
+                tracked.add_(1)
+                if self.momentum is None:   # cumulative moving average
+                    momentum = 1.0 / float(tracked)
+        input = _unwrap_if_dead(input)
         if not torch.is_grad_enabled() or not (input.requires_grad or (
                 weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
             # nothing to differentiate (torch.no_grad(), inference): no autograd node,
             # ~25 us of Function.apply saved per call
             return _forward(input, weight, bias, running_mean, running_var, bn_training,
                             float(momentum), float(eps))[0]
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                       bn_training, float(momentum), float(eps))
+        return _node(input, weight, bias, running_mean, running_var,
+                     bn_training, float(momentum), float(eps))
 
 
 class BatchNorm1d(_FastBatchNorm, nn.BatchNorm1d):

@@ -415,7 +415,7 @@ def test_calls_without_autograd_match_torch(gen, monkeypatch, grad, training):
             m.requires_grad_(False)
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(
         grad, torch.enable_grad)
-    monkeypatch.setattr(fbt.BatchNormFunction, "apply",
+    monkeypatch.setattr(fbt, "_node",
                         lambda *a: pytest.fail("an autograd node with nothing to differentiate"))
     for shape, memory in (((4, 3, 5, 2), "contiguous"), ((2, 3, 1, 7), "channels_last"),
                           ((3, 3, 2, 3), "strided"), ((0, 3, 2, 2), "contiguous")):
@@ -426,3 +426,41 @@ def test_calls_without_autograd_match_torch(gen, monkeypatch, grad, training):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-12)
     for name, t in ref.state_dict().items():
         torch.testing.assert_close(bn.state_dict()[name], t, rtol=1e-11, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_parametrized_and_reassigned_members_are_used(gen, training):
+    """The forward reads weight/bias/buffers from the module's dicts, falling back to
+    attribute lookup: a parametrized weight (torch.nn.utils.parametrize: not in
+    ``_parameters``) and buffers reassigned by ``bn.running_mean = t`` are the ones
+    used, with the gradient reaching the parametrization's original, as PyTorch's."""
+    from torch.nn.utils import parametrize
+
+    class Softplus(nn.Module):
+        def forward(self, w):
+            return nn.functional.softplus(w)
+
+    ref = nn.BatchNorm2d(3, dtype=torch.float64)
+    bn = fbt.BatchNorm2d(3, dtype=torch.float64)
+    w0, b0 = params(gen, 3)
+    rm, rv = randn(gen, 3).detach(), (0.5 + torch.rand(3, generator=gen, dtype=torch.float64))
+    for m in (ref, bn):
+        with torch.no_grad():
+            m.weight.copy_(w0)
+            m.bias.copy_(b0)
+        parametrize.register_parametrization(m, "weight", Softplus())
+        m.running_mean = rm.clone()
+        m.running_var = rv.clone()
+        m.train(training)
+    assert "weight" not in bn._parameters
+    x = layout(gen, (4, 3, 2, 3), "contiguous")
+    dy = randn(gen, 4, 3, 2, 3)
+    want = ref(x)
+    gx_want, gw_want = torch.autograd.grad(want, (x, ref.parametrizations.weight.original), dy)
+    got = bn(x)
+    gx, gw = torch.autograd.grad(got, (x, bn.parametrizations.weight.original), dy)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx, gx_want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(gw, gw_want, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)

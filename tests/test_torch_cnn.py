@@ -84,12 +84,26 @@ def test_digits_cnn_trains_like_pytorch(example, one_thread, rng):
 
 
 def test_digits_cnn_float32_first_steps(example, one_thread, rng):
-    """float32: the first 10 steps (before rounding can tip a branch) within 1e-5."""
+    """float32: the first gradients and the first two steps' losses agree with PyTorch's.
+
+    Later float32 steps are not compared: on ~3% of seeds a 1-ulp difference
+    tips a ReLU or max-pool branch from step 3 or 4 on (150 seeds: the first two
+    steps within 2.1e-7, the first three within 9.2e-6, the first ten up to
+    1.1e-3 apart); the float64 test above covers the long run.
+    """
     seed = int(rng.integers(2**31))
     x, y, _, _ = example.digits(seed)
     ref = example.make_model(seed)
     fast = fbt.convert(copy.deepcopy(ref))
-    l_ref = _losses(example, ref, x, y, 10, torch.float32)
-    l_fast = _losses(example, fast, x, y, 10, torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    for m in (ref, fast):
+        loss_fn(m(x[:64]), y[:64]).backward()
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        scale = p_ref.grad.abs().max()
+        err = (p_fast.grad - p_ref.grad).abs().max()
+        assert err <= 1e-5 * scale, f"{name}: gradients differ by {err:.2e} (max |grad| {scale:.2e})"
+    ref, fast = example.make_model(seed), fbt.convert(example.make_model(seed))
+    l_ref = _losses(example, ref, x, y, 2, torch.float32)
+    l_fast = _losses(example, fast, x, y, 2, torch.float32)
     rel = np.abs(l_fast - l_ref) / np.abs(l_ref)
     assert rel.max() <= 1e-5, f"per-step losses differ by up to {rel.max():.2e} (relative)"

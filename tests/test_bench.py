@@ -173,8 +173,11 @@ def test_calls_table_has_every_function(capsys):
     from fastbn.tools import calls
     args = argparse.Namespace(repeat=1, quick=True)
     assert calls.run(args) == 0
-    rows = [r.strip("|").split("|") for r in capsys.readouterr().out.splitlines()
-            if r.startswith("| ") and "---" not in r and "function" not in r]
+    table = [r.strip("|").split("|") for r in capsys.readouterr().out.splitlines()
+             if r.startswith("| ") and "---" not in r and not r.startswith("| input ")]
+    rows = [r for r in table if len(r) == 5]
+    # with torch, a second table: one module-step row per input, 4 cells
+    modules = [r for r in table if len(r) == 4]
     names = {r[1].strip() for r in rows}
     assert {"batch_norm_train", "batch_norm_infer", "batch_norm_backward",
             "batch_norm_infer_backward", "moments", "batch_normalization",
@@ -182,11 +185,16 @@ def test_calls_table_has_every_function(capsys):
     import importlib.util
     tensors = {"batch_norm_train, tensors", "batch_norm_infer, tensors",
                "batch_norm_backward, tensors"}
-    assert (tensors <= names) == (importlib.util.find_spec("torch") is not None)
+    has_torch = importlib.util.find_spec("torch") is not None
+    assert (tensors <= names) == has_torch
     assert len(rows) == len(names) * len(calls.SHAPES)
     for r in rows:
         whole, kern = (float(c.split("/")[0]) for c in r[2:4])
         assert whole > 0 and kern > 0
+    assert len(modules) == (len(calls.SHAPES) if has_torch else 0)
+    for r in modules:
+        ours, theirs, ratio = (float(c.split("/")[0]) for c in r[1:4])
+        assert ours > 0 and theirs > 0 and ratio == pytest.approx(theirs / ours, rel=0.02, abs=0.01)
 
 
 def test_backend_option_times_the_calls_a_user_of_that_backend_makes(monkeypatch):

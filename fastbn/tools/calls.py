@@ -7,7 +7,9 @@ backend's fused kernel alone, called with arguments prepared beforehand (its
 (outer, C, inner) views and outputs): the difference is the per-call cost of
 the checks, the layout plan, the output allocation and the Python around them.
 ``out=`` is given where the function takes it; the layer allocates.  Timed
-with the shared harness (interleaved repeats, min and median).
+with the shared harness (interleaved repeats, min and median).  With PyTorch, a
+second table: a training step (forward + backward through autograd) of
+``fastbn.torch``'s BatchNorm module against ``torch.nn``'s on the same inputs.
 """
 
 import numpy as np
@@ -103,4 +105,47 @@ def run(args):
             (wmin, wmed), (kmin, kmed) = harness.min_median(w.times), harness.min_median(k.times)
             print(f"| {name} {shape} | {w.label} | {wmin * 1e6:.2f} / {wmed * 1e6:.2f} | "
                   f"{kmin * 1e6:.2f} / {kmed * 1e6:.2f} | {(wmin - kmin) * 1e6:.2f} |")
+    if with_torch:
+        _modules_table(repeat, args.quick, rng)
     return 0
+
+
+def _module_steps(shape, axis, rng):
+    """``(fastbn.torch step, torch.nn step)``: a training forward + backward of each
+    BatchNorm module on the same float32 ``x`` (NCHW order; channels_last memory where
+    ``axis`` is the last axis), ``x`` requiring grad."""
+    import torch
+    from .. import torch as fbt
+
+    x = rng.standard_normal(shape).astype(np.float32) + 3
+    xt = torch.from_numpy(x)
+    if axis % len(shape) == len(shape) - 1 and len(shape) > 2:
+        xt = xt.movedim(-1, 1)   # channels_last memory, as a tensor in (N, C, ...) order
+    xt.requires_grad_(True)
+    dy = torch.empty_like(xt).copy_(torch.from_numpy(rng.standard_normal(xt.shape).astype(np.float32)))
+    cls = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(shape)]
+    C = xt.shape[1]
+
+    def step(module):
+        def run():
+            module(xt).backward(dy)
+            xt.grad = None
+        return run
+    return step(getattr(fbt, cls)(C)), step(getattr(torch.nn, cls)(C))
+
+
+def _modules_table(repeat, quick, rng):
+    """fastbn.torch's BatchNorm modules against torch.nn's, a training step each
+    (forward + backward through autograd), on the same small inputs."""
+    print("\nfastbn.torch vs torch.nn BatchNorm modules, training forward + backward "
+          f"through autograd, float32, {repeat} repeats (us, min / median)\n")
+    print("| input | fastbn.torch | torch.nn | torch.nn / fastbn.torch (min) |")
+    print("|---|---|---|---|")
+    for name, shape, axis in SHAPES:
+        ours, theirs = _module_steps(shape, axis, rng)
+        runners = [harness.Runner("module step", ours, "fastbn"),
+                   harness.Runner("module step", theirs, "torch")]
+        harness.measure(runners, repeat, min_batch=0.002 if quick else 0.01)
+        (fmin, fmed), (tmin, tmed) = (harness.min_median(r.times) for r in runners)
+        print(f"| {name} {shape} | {fmin * 1e6:.1f} / {fmed * 1e6:.1f} | "
+              f"{tmin * 1e6:.1f} / {tmed * 1e6:.1f} | {tmin / fmin:.2f} |")

@@ -257,8 +257,12 @@ _MISSING = object()
 # default arguments (only for a setup_context, which this Function has not),
 # unwraps dead functorch wrappers (done on x below) and routes functorch
 # transforms (sent to PyTorch before this is reached).
-_node = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# Either is missing from some PyTorch release: the public spellings then.
+try:
+    _node = torch._C._FunctionBase.__dict__["apply"].__get__(None, BatchNormFunction)
+except (AttributeError, KeyError):
+    _node = BatchNormFunction.apply
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", lambda t: t)
 
 
 def _member(module, store, name):

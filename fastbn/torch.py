@@ -41,7 +41,8 @@ unchanged: CUDA and other non-CPU tensors (fastbn's CUDA backend is not used
 from here yet: it would have to run on PyTorch's CUDA stream), bfloat16 and
 float16 parameters, dtype combinations PyTorch itself rejects, tensor
 subclasses, ``torch.jit`` tracing, ``torch.compile`` and ``torch.func``
-transforms (so export and compilation see the ordinary op).
+transforms and forward-mode AD (``torch.autograd.forward_ad``: inside a
+``dual_level``), so export, compilation and tangents see the ordinary op.
 ``torch.jit.script`` compiles PyTorch's own BatchNorm forward on the
 module's parameters and buffers (TorchScript cannot compile fastbn's); the
 eager model keeps fastbn's modules.
@@ -239,9 +240,16 @@ def _verify_batch_size(size):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+_forward_ad = getattr(torch.autograd, "forward_ad", None)
+
+
 def _transforms_active():
-    """True under torch.func transforms (vmap, grad), jit tracing/scripting or torch.compile."""
+    """True under torch.func transforms (vmap, grad), jit tracing/scripting,
+    torch.compile, or inside a forward-mode AD ``dual_level`` (the Function has no
+    jvp: PyTorch's op carries the tangents)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
         return True
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if compiling is not None and compiling():

@@ -464,3 +464,25 @@ def test_parametrized_and_reassigned_members_are_used(gen, training):
     torch.testing.assert_close(gw, gw_want, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_gives_pytorchs_tangents(gen, training):
+    """Inside ``torch.autograd.forward_ad.dual_level`` (forward-mode AD, which the
+    Function has no jvp for) the module runs PyTorch's op: the same primal and
+    tangent as torch.nn's, the running statistics updated alike; outside, fastbn."""
+    import torch.autograd.forward_ad as fwAD
+
+    ref = nn.BatchNorm2d(3, dtype=torch.float64).train(training)
+    bn = fbt.BatchNorm2d(3, dtype=torch.float64).train(training)
+    x = randn(gen, 4, 3, 2, 3, loc=0.5, sd=2.0)
+    t = randn(gen, 4, 3, 2, 3)
+    got = []
+    for m in (ref, bn):
+        with fwAD.dual_level():
+            primal, tangent = fwAD.unpack_dual(m(fwAD.make_dual(x, t)))
+        got.append((primal, tangent))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-12, atol=1e-14)
+    assert not fbt._transforms_active()   # the level is closed: fastbn's path again

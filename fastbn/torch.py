@@ -75,12 +75,15 @@ _DOUBLE_BACKWARD = (b"fastbn.torch: the batch-norm backward is not differentiabl
 
 
 def _np(t):
-    """Zero-copy NumPy view of a CPU tensor (None stays None).  ``.data`` where the
-    tensor requires grad: the same view as ``.detach()`` at half its cost (~1.5 vs
-    3 us; a BN call takes up to eight)."""
+    """Zero-copy NumPy view of a CPU tensor (None stays None).  Where the tensor
+    requires grad, ``numpy(force=True)``: the view ``.detach().numpy()`` gives, at
+    half its cost (~1.4 vs 2.7 us for a Parameter; a BN call takes up to eight).
+    (force also resolves a lazy negation by copying, which only a read tensor --
+    x, dy, weight, bias -- can carry here: buffers written in place never require
+    grad.)"""
     if t is None:
         return None
-    return t.data.numpy() if t.requires_grad else t.numpy()
+    return t.numpy(force=True) if t.requires_grad else t.numpy()
 
 
 def _suggested_format(x):

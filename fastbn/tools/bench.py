@@ -508,7 +508,9 @@ def table(results):
                 continue
             ratio = ("—" if r["role"] == "fastbn" else
                      _pair(r["min_s"] / fb["min_s"], r["median_s"] / fb["median_s"]))
-            frac = _pair(r.get("frac_min"), r.get("frac_median")) if "frac_min" in r else "—"
+            # 3 significant digits: a --quick case's few-KB fraction (0.004) showed as 0.00
+            frac = (_pair(r.get("frac_min"), r.get("frac_median"), fmt="{:.3g}")
+                    if "frac_min" in r else "—")
             lines.append(f"| {res['case']} | {r['label']} | {r['threads'] or '—'} | {unit} "
                          f"| {_fmt(r['min_s'], unit)} | {_fmt(r['median_s'], unit)} | {ratio} "
                          f"| {frac} | {gbps} |")

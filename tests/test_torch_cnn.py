@@ -83,18 +83,63 @@ def test_digits_cnn_trains_like_pytorch(example, one_thread, rng):
     assert example.accuracy(fast, xt, yt) == example.accuracy(ref, xt, yt)
 
 
+def _branches(model, x):
+    """(is a max-pool, input) of ``model``'s ReLU and max-pool layers in a forward pass on ``x``."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(
+        (isinstance(mod, torch.nn.MaxPool2d), args[0].detach().clone())))
+        for m in model if isinstance(m, (torch.nn.ReLU, torch.nn.MaxPool2d))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _same_branches(ref, fast, x):
+    """True if the two models' ReLUs and max-pools take the same branches on ``x``;
+    where they do not, asserts that each differing branch was a near tie (the
+    inputs a few float32 ulps apart), i.e. a rounding difference, not a wrong value."""
+    same = True
+    for (pool, a), (_, b) in zip(_branches(ref, x), _branches(fast, x)):
+        tol = 1e-5 * float(a.abs().max())
+        torch.testing.assert_close(b, a, rtol=0, atol=tol)
+        if pool:   # 2x2 windows, as the example's MaxPool2d(2)
+            ia = torch.nn.functional.max_pool2d(a, 2, return_indices=True)[1]
+            ib = torch.nn.functional.max_pool2d(b, 2, return_indices=True)[1]
+            if not torch.equal(ia, ib):
+                same = False
+            continue
+        flips = (a > 0) != (b > 0)
+        if flips.any():   # a ReLU input on either side of 0 by a rounding difference
+            assert float(a[flips].abs().max()) <= tol
+            same = False
+    return same
+
+
 def test_digits_cnn_float32_first_steps(example, one_thread, rng):
     """float32: the first gradients and the first two steps' losses agree with PyTorch's.
 
-    Later float32 steps are not compared: on ~3% of seeds a 1-ulp difference
-    tips a ReLU or max-pool branch from step 3 or 4 on (150 seeds: the first two
-    steps within 2.1e-7, the first three within 9.2e-6, the first ten up to
-    1.1e-3 apart); the float64 test above covers the long run.
+    A 1-ulp difference in a batch norm output can tip a ReLU or a max-pool
+    branch: the gradient then flows through another element, and the runs drift
+    apart (from step 3 or 4 on for ~3% of seeds; with such a tip in the first
+    forward pass for ~2% of seeds, found on an AVX-512 host: one max-pool
+    index, gradients 2% apart).  So the first seed (of up to six) on which both
+    first forward passes take the same branches is compared, after checking
+    that every differing branch was a near tie; later float32 steps are not
+    compared (150 seeds: the first two steps within 2.1e-7, the first three
+    within 9.2e-6, the first ten up to 1.1e-3 apart); the float64 test above
+    covers the long run.
     """
-    seed = int(rng.integers(2**31))
-    x, y, _, _ = example.digits(seed)
-    ref = example.make_model(seed)
-    fast = fbt.convert(copy.deepcopy(ref))
+    for _ in range(6):
+        seed = int(rng.integers(2**31))
+        x, y, _, _ = example.digits(seed)
+        ref = example.make_model(seed)
+        fast = fbt.convert(copy.deepcopy(ref))
+        if _same_branches(ref, fast, x[:64]):
+            break
+    else:
+        pytest.fail("six seeds in a row tipped a ReLU or max-pool branch in the first step")
     loss_fn = torch.nn.CrossEntropyLoss()
     for m in (ref, fast):
         loss_fn(m(x[:64]), y[:64]).backward()

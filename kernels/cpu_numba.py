@@ -21,6 +21,7 @@ stores (_stream.py), which skip the read of the destination.
 import functools
 import math
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -112,6 +113,17 @@ FUSED_PARALLEL_FROM = 1 << 15
 #: (128, 32, 16) 55 vs 33, 73 vs 43; (32, 16, 16) even; (8, 32, 16) 5.2 vs 10.2,
 #: 5.6 vs 11.3; (16, 64, 32) 19 vs 40; (64, 32, 64) 57 vs 93, 94 vs 125.
 ROW_FORM_I = 32
+#: Row-form inputs (see _train_rows) of at least this many values run each pass in
+#: ROWS_BLOCKS_PER_THREAD blocks of wide rows per thread, in parallel (see
+#: _row_blocks), blocks of at least ROWS_MIN_BLOCK wide rows.  Two blocks per
+#: thread: a thread that wakes late is made up for by its partner (2 threads,
+#: float32, train / moments, us, serial vs 1, 2, 4 blocks per thread: (8192, 16)
+#: 42 / 19 vs 45 / 20, 34 / 15, 27 / 13; (1000, 64) 23 / 10 vs 25 / 11, 21 / 12,
+#: 17 / 8.5; (2500, 30) 24 / 10 vs 27 / 11, 21 / 13, 21 / 12; (256, 128) 12.5 / 5.6
+#: vs 15 / 7.1, -, 14 / 7.5).
+ROWS_PARALLEL_FROM = 48 << 10
+ROWS_BLOCKS_PER_THREAD = 2
+ROWS_MIN_BLOCK = 8
 #: train_small3 writes mean_out/invstd_out of any float dtype, float64 included
 #: (the float64 values it computed; fastbn.layer.train_forward_f64).
 F64_STATS = True
@@ -760,33 +772,64 @@ def _train_small(x, scale, offset, eps, momentum, rm, rv, out, mean_out, invstd_
 
 
 @helper
-def _widened_sums(x2, k, shift, I):
-    """Per-channel sum of (x - shift[c]) and of its square over an (R, C*I) matrix x2
-    (the row form, see _train_rows), k rows per wide row, so the inner loop is long
-    and a multiple of the vector width even for C*I = 4 (see _widen), and the
-    rows left over (see _segment).  shift: (C,)."""
+def _row_block(x2, k, nb, t, part):
+    """(v, r0, r1): the rows r0 <= r < r1 of the 2-D view v that part ``part`` of
+    task t of nb covers in the row form of x2 (R, C*I), k rows per wide row (see
+    _train_rows).  Part 0: block t of the wide rows (v: x2 seen as R // k rows of
+    k*C*I values, so the inner loops are long and a multiple of the vector width
+    even for C*I = 4, see _widen).  Part 1, of the last task only (see
+    _row_parts): the rows left over (v: x2 itself; such a row reads the first
+    C*I entries of a wide row's tables, the same channels).  Kernels loop over
+    tasks and parts with one call of each row loop: every loop inlined once
+    (two call sites doubled the compile time)."""
     R, CI = x2.shape
-    W = k * CI
-    sw = np.zeros(W)
-    qw = np.zeros(W)
-    sh = _tiled(shift, W, I)
-    for seg in range(2):
-        r0, r1, nr, w = _segment(seg, R, k, CI)
-        _shifted_row_sums(x2[r0:r1].reshape(nr, w), 0, nr, sh, sw, qw)
-    return _folded(sw, shift.size, I), _folded(qw, shift.size, I)
+    nw = R // k
+    if part == 0:
+        return x2[:nw * k].reshape(nw, k * CI), t * nw // nb, (t + 1) * nw // nb
+    return x2, nw * k, R
 
 
 @helper
-def _segment(seg, O, k, CI):
-    """(r0, r1, nr, w): rows r0 <= r < r1 of an (O, C*I) matrix in the row form seen as
-    nr rows of w values -- seg 0 the wide rows (k rows each), seg 1 the rows left
-    over.  A row left over reads the first C*I entries of a wide row's tables (the
-    same channels).  Kernels loop over both segments so that each row loop is
-    inlined once (two call sites doubled the compile time)."""
-    main = (O // k) * k
-    if seg == 0:
-        return 0, main, main // k, k * CI
-    return main, O, O - main, CI
+def _row_parts(t, nb):
+    """Parts of task t of nb (see _row_block): the last task also takes the rows
+    left over (a task of their own would share a thread with a block)."""
+    return 2 if t == nb - 1 else 1
+
+
+@helper
+def _row_shift(x2, C, I):
+    """(C,) float64: each channel's shift (see _shift), its value in x2's first row."""
+    shift = np.empty(C)
+    for c in range(C):
+        shift[c] = _shift(x2[0, c * I])
+    return shift
+
+
+@helper
+def _zero(a):
+    """a[:] = 0 for a 1-D a, as a loop (an array expression is a parallel region of
+    its own in a parallel kernel)."""
+    for j in range(a.size):
+        a[j] = 0.0
+
+
+@helper
+def _task_sums(nb, W):
+    """(2, nb, >= W) float64: two sums per column for each of nb tasks, each task's
+    rows 64 bytes apart, so that no cache line holds two tasks' sums (the
+    accumulators are in memory, see _shifted_row_sums: a shared line cost the
+    parallel form its gain, (8192, 16) 2 blocks 26 us vs 1 block 21)."""
+    return np.empty((2, nb, W + (-W) % 8 + 8))
+
+
+@helper
+def _summed(p, C, I):
+    """(C,) float64 per-channel totals of the tasks' per-column sums p (nb, W),
+    tasks in order (see _row_block, _folded)."""
+    for t in range(1, p.shape[0]):
+        for j in range(p.shape[1]):
+            p[0, j] += p[t, j]
+    return _folded(p[0], C, I)
 
 
 @helper
@@ -850,18 +893,17 @@ def _dx_rows(dy, x, m, a, b, cc, out):
 
 
 @helper
-def _rows_moments(x2, k, I, mu, m2):
-    """Per-channel mean and m2 (into the (C,) mu, m2) of x2 (R, C*I) in the row form,
-    k rows per wide row (see _widened_sums), in one pass shifted by a value of each
-    channel in the first row (see _shift), and a second about the mean for a
-    channel whose shifted sum overflowed (see _m2_about_mean)."""
+def _rows_moments(x2, I, shift, sw, qw, mu, m2):
+    """Per-channel mean and m2 (into the (C,) mu, m2) of x2 (R, C*I) in the row form
+    from the tasks' sums sw/qw (nb, W) of x - shift and its square (see
+    _row_block; shift: each channel's value in the first row, see _row_shift), and
+    a second pass about the mean for a channel whose shifted sum overflowed (see
+    _m2_about_mean).  Every task is shifted by the same values, so their sums
+    simply add."""
     R = x2.shape[0]
     C = mu.size
     n = R * I
-    shift = np.empty(C)
-    for c in range(C):
-        shift[c] = _shift(x2[0, c * I])
-    s, q = _widened_sums(x2, k, shift, I)
+    s, q = _summed(sw, C, I), _summed(qw, C, I)
     for c in range(C):
         mu[c], m2[c] = _shifted_moments(shift[c], s[c], q[c], n)
         if not np.isfinite(m2[c]) and np.isfinite(mu[c]):
@@ -876,25 +918,37 @@ def _rows_moments(x2, k, I, mu, m2):
 
 
 @kernel
-def _moments_rows(x3, k, ddof, mean_out, var_out):
+def _moments_rows(x3, k, nb, ddof, mean_out, var_out):
     """_moments_small for a C-contiguous x3 (R, C, I) in the row form (see
-    _rows_moments, _row_form)."""
+    _train_rows, _row_form), the wide rows in nb blocks."""
     R, C, I = x3.shape
+    x2 = x3.reshape(R, C * I)
+    W = k * C * I
+    shift = _row_shift(x2, C, I)
+    sh = _tiled(shift, W, I)
+    sq = _task_sums(nb, W)
+    for t in prange(nb):
+        _zero(sq[0, t])
+        _zero(sq[1, t])
+        for part in range(_row_parts(t, nb)):
+            v, r0, r1 = _row_block(x2, k, nb, t, part)
+            _shifted_row_sums(v, r0, r1, sh, sq[0, t], sq[1, t])
     mu = np.empty(C)
     m2 = np.empty(C)
-    _rows_moments(x3.reshape(R, C * I), k, I, mu, m2)
+    _rows_moments(x2, I, shift, sq[0, :, :W], sq[1, :, :W], mu, m2)
     for c in range(C):
         mean_out[c] = mu[c]
         var_out[c] = m2[c] / (R * I - ddof)
 
 
 @kernel
-def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
+def _train_rows(x3, k, nb, scale, offset, eps, momentum, rm, rv, out3, mean_out, invstd_out):
     """The training forward in the row form: x3/out3 (R, C, I), C-contiguous, as R rows
-    of C*I values, k rows per wide row (see _widened_sums, _widen) -- reshaped here,
+    of C*I values, k rows per wide row (see _row_block, _widen) -- reshaped here,
     where it is free, not in Python (~1 us of a 6 us call).  For channels-last
     (I = 1) and channels-first with short I (see ROW_FORM_I), whose
-    channel-by-channel loops (_train_small) would be a few values long.
+    channel-by-channel loops (_train_small) would be a few values long.  Both
+    passes in nb blocks of wide rows (parallel in .parallel, see _row_blocks).
 
     Statistics in one pass, shifted by a value of each channel in the first row
     (see _shift): the second read of a 300 KB MLP batch cost as much as the rest."""
@@ -904,18 +958,30 @@ def _train_rows(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out, inv
     n = R * I
     x2 = x3.reshape(R, CI)
     y2 = out3.reshape(R, CI)
-    a = np.empty(C)
-    b = np.empty(C)
-    mu = np.empty(C)
-    m2 = np.empty(C)
-    _rows_moments(x2, k, I, mu, m2)
+    shift = _row_shift(x2, C, I)
+    t5 = np.empty((5, W))   # shift, then mean, a, b along a wide row (one allocation)
+    _tile_into(shift, I, t5[0])
+    sq = _task_sums(nb, W)
+    for t in prange(nb):
+        _zero(sq[0, t])
+        _zero(sq[1, t])
+        for part in range(_row_parts(t, nb)):
+            v, r0, r1 = _row_block(x2, k, nb, t, part)
+            _shifted_row_sums(v, r0, r1, t5[0], sq[0, t], sq[1, t])
+    abm = np.empty((4, C))
+    _rows_moments(x2, I, shift, sq[0, :, :W], sq[1, :, :W], abm[2], abm[3])
     for c in range(C):
-        a[c], b[c] = _train_channel(c, mu[c], m2[c], n, eps, scale, offset, mean_out, invstd_out)
-        _running_channel(c, mu[c], m2[c], n, momentum, rm, rv)
-    mw, aw, bw = _tiled(mu, W, I), _tiled(a, W, I), _tiled(b, W, I)
-    for seg in range(2):
-        r0, r1, nr, w = _segment(seg, R, k, CI)
-        _affine_rows(x2[r0:r1].reshape(nr, w), mw, aw, bw, y2[r0:r1].reshape(nr, w))
+        abm[0, c], abm[1, c] = _train_channel(c, abm[2, c], abm[3, c], n, eps, scale, offset,
+                                              mean_out, invstd_out)
+        _running_channel(c, abm[2, c], abm[3, c], n, momentum, rm, rv)
+    _tile_into(abm[2], I, t5[1])
+    _tile_into(abm[0], I, t5[2])
+    _tile_into(abm[1], I, t5[3])
+    for t in prange(nb):
+        for part in range(_row_parts(t, nb)):
+            v, r0, r1 = _row_block(x2, k, nb, t, part)
+            u, _, _ = _row_block(y2, k, nb, t, part)
+            _affine_rows(v[r0:r1], t5[1], t5[2], t5[3], u[r0:r1])
 
 
 def _row_form(x3):
@@ -924,6 +990,17 @@ def _row_form(x3):
     otherwise."""
     O, C, I = x3.shape
     return _widen(C * I) if I == 1 or (I < ROW_FORM_I and O >= 2 * I) else 0
+
+
+def _row_blocks(x3, k):
+    """Blocks of wide rows for the row-form kernels (see _row_block) on x3:
+    ROWS_BLOCKS_PER_THREAD per thread from ROWS_PARALLEL_FROM values (each of at
+    least ROWS_MIN_BLOCK wide rows), else 1 (serial)."""
+    limit = SERIAL_BELOW if SERIAL_BELOW is not None else ROWS_PARALLEL_FROM
+    if x3.size < limit:
+        return 1
+    return max(1, min(ROWS_BLOCKS_PER_THREAD * numba.get_num_threads(),
+                      x3.shape[0] // k // ROWS_MIN_BLOCK))
 
 
 @functools.lru_cache(maxsize=1024)   # ~0.7 us a call otherwise, in ~3 us calls
@@ -1002,7 +1079,9 @@ def moments_small3(x3, ddof, mean_out, var_out):
     x3 = _bits(x3)
     k = _row_form(x3)
     if k:
-        _moments_rows.serial(x3, k, float(ddof), mean_out, var_out)
+        # serial: one pass gained nothing from blocks below SMALL ((8192, 16) 19 vs 13 us,
+        # (2500, 30) 10 vs 12, (1000, 64) even; see ROWS_PARALLEL_FROM)
+        _moments_rows.serial(x3, k, 1, float(ddof), mean_out, var_out)
     else:
         run(_moments_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 1), x3,
             float(ddof), mean_out, var_out)
@@ -1028,8 +1107,9 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     x3, out3 = _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
     if k:
-        _train_rows.serial(x3, k, scale, offset, eps, momentum, rm, rv, out3, mean_out,
-                           invstd_out)
+        nb = _row_blocks(x3, k)
+        run(_train_rows, nb > 1, x3, k, nb, scale, offset, eps, momentum, rm, rv, out3,
+            mean_out, invstd_out)
     else:
         run(_train_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 2), x3, scale,
             offset, eps, momentum, rm, rv, out3, mean_out, invstd_out)
@@ -1127,34 +1207,42 @@ def _backward_small(dy, x, scale, mean, invstd, frozen, eps, out, dscale_out, do
 
 
 @kernel
-def _backward_rows(dy, x, k, scale, mean, invstd, frozen, eps, out, dscale_out, doffset_out):
-    """Training backward in the row form, k rows per wide row (see _train_rows,
-    _row_form): (4096, 16, 1) 52 -> 40 us, (2500, 30, 1) 71 -> 44, (64, 16, 1)
-    2.0 -> 2.6; (64, 32, 16) 34 -> 20, (64, 16, 4) 13.5 -> 4.3 against the
-    channel-by-channel kernels.  A kernel of its own: one holding both forms took
-    twice as long to compile (8.6 vs 4.5 s a signature)."""
+def _backward_rows(dy, x, k, nb, scale, mean, invstd, frozen, eps, out, dscale_out,
+                   doffset_out):
+    """Training backward in the row form, k rows per wide row, both passes in nb
+    blocks of wide rows (see _train_rows, _row_form, _row_block): (4096, 16, 1)
+    52 -> 40 us, (2500, 30, 1) 71 -> 44, (64, 16, 1) 2.0 -> 2.6; (64, 32, 16) 34
+    -> 20, (64, 16, 4) 13.5 -> 4.3 against the channel-by-channel kernels.  A
+    kernel of its own: one holding both forms took twice as long to compile
+    (8.6 vs 4.5 s a signature)."""
     O, C, I = x.shape
     n = O * I
     CI = C * I
     x2 = x.reshape(O, CI)
     d2 = dy.reshape(O, CI)
     y2 = out.reshape(O, CI)
-    t = np.zeros((6, k * CI))   # mean, a, b, cc along a wide row; the sums (one allocation)
+    t = np.empty((4, k * CI))   # mean, a, b, cc along a wide row (one allocation)
     _tile_into(mean, I, t[0])
-    s = t[4:]
-    for seg in range(2):
-        r0, r1, nr, w = _segment(seg, O, k, CI)
-        _dy_row_sums(d2[r0:r1].reshape(nr, w), x2[r0:r1].reshape(nr, w), t[0], 0, nr, s[0],
-                     s[1])
+    s = _task_sums(nb, k * CI)
+    for j in prange(nb):
+        _zero(s[0, j])
+        _zero(s[1, j])
+        for part in range(_row_parts(j, nb)):
+            v, r0, r1 = _row_block(x2, k, nb, j, part)
+            g, _, _ = _row_block(d2, k, nb, j, part)
+            _dy_row_sums(g, v, t[0], r0, r1, s[0, j], s[1, j])
     abc = np.empty((3, C))
-    _backward_coefficients(_folded(s[0], C, I), _folded(s[1], C, I), n, scale, invstd, frozen,
+    _backward_coefficients(_summed(s[0, :, :k * CI], C, I), _summed(s[1, :, :k * CI], C, I), n, scale, invstd, frozen,
                            eps, abc[0], abc[1], abc[2], dscale_out, doffset_out)
-    for e in range(3):
-        _tile_into(abc[e], I, t[e + 1])
-    for seg in range(2):
-        r0, r1, nr, w = _segment(seg, O, k, CI)
-        _dx_rows(d2[r0:r1].reshape(nr, w), x2[r0:r1].reshape(nr, w), t[0], t[1], t[2], t[3],
-                 y2[r0:r1].reshape(nr, w))
+    _tile_into(abc[0], I, t[1])
+    _tile_into(abc[1], I, t[2])
+    _tile_into(abc[2], I, t[3])
+    for j in prange(nb):
+        for part in range(_row_parts(j, nb)):
+            v, r0, r1 = _row_block(x2, k, nb, j, part)
+            g, _, _ = _row_block(d2, k, nb, j, part)
+            u, _, _ = _row_block(y2, k, nb, j, part)
+            _dx_rows(g[r0:r1], v[r0:r1], t[0], t[1], t[2], t[3], u[r0:r1])
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
@@ -1223,8 +1311,9 @@ def _backward(dy3, x3, scale, mean, invstd, frozen, eps, out3, dscale_out, doffs
     dy3, x3, out3 = _bits(dy3), _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
     if k:
-        _backward_rows.serial(dy3, x3, k, scale, mean, invstd, frozen, eps, out3, dscale_out,
-                              doffset_out)
+        nb = _row_blocks(x3, k)
+        run(_backward_rows, nb > 1, dy3, x3, k, nb, scale, mean, invstd, frozen, eps, out3,
+            dscale_out, doffset_out)
     else:
         run(_backward_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 3), dy3, x3,
             scale, mean, invstd, frozen, eps, out3, dscale_out, doffset_out)

@@ -120,8 +120,13 @@ ROW_FORM_I = 32
 #: float32, train / moments, us, serial vs 1, 2, 4 blocks per thread: (8192, 16)
 #: 42 / 19 vs 45 / 20, 34 / 15, 27 / 13; (1000, 64) 23 / 10 vs 25 / 11, 21 / 12,
 #: 17 / 8.5; (2500, 30) 24 / 10 vs 27 / 11, 21 / 13, 21 / 12; (256, 128) 12.5 / 5.6
-#: vs 15 / 7.1, -, 14 / 7.5).
-ROWS_PARALLEL_FROM = 48 << 10
+#: vs 15 / 7.1, -, 14 / 7.5).  Public calls, serial vs 2 blocks per thread, min /
+#: median of 1000, interleaved: the backward gains from 2^16 values ((1024, 64)
+#: 34.0/38.7 vs 26.5/32.9, (256, 256) 31.8/35.3 vs 27.8/32.3; (700, 33, 2) even);
+#: the training forward only in min time there ((1024, 64) 24.4/26.1 vs
+#: 21.3/25.8, (256, 256) 24.8/26.3 vs 24.1/28.0), clearly at 2^17 ((8192, 16)
+#: 42.1/50.9 vs 31.8/39.6).
+ROWS_PARALLEL_FROM = {"train": 96 << 10, "backward": 48 << 10}
 ROWS_BLOCKS_PER_THREAD = 2
 ROWS_MIN_BLOCK = 8
 #: train_small3 writes mean_out/invstd_out of any float dtype, float64 included
@@ -992,11 +997,11 @@ def _row_form(x3):
     return _widen(C * I) if I == 1 or (I < ROW_FORM_I and O >= 2 * I) else 0
 
 
-def _row_blocks(x3, k):
-    """Blocks of wide rows for the row-form kernels (see _row_block) on x3:
-    ROWS_BLOCKS_PER_THREAD per thread from ROWS_PARALLEL_FROM values (each of at
-    least ROWS_MIN_BLOCK wide rows), else 1 (serial)."""
-    limit = SERIAL_BELOW if SERIAL_BELOW is not None else ROWS_PARALLEL_FROM
+def _row_blocks(op, x3, k):
+    """Blocks of wide rows for the row-form kernel of ``op`` ("train", "backward") on
+    x3: ROWS_BLOCKS_PER_THREAD per thread from ROWS_PARALLEL_FROM[op] values (each
+    of at least ROWS_MIN_BLOCK wide rows), else 1 (serial)."""
+    limit = SERIAL_BELOW if SERIAL_BELOW is not None else ROWS_PARALLEL_FROM[op]
     if x3.size < limit:
         return 1
     return max(1, min(ROWS_BLOCKS_PER_THREAD * numba.get_num_threads(),
@@ -1107,7 +1112,7 @@ def train_small3(x3, scale, offset, eps, momentum, rm, rv, out3, mean_out, invst
     x3, out3 = _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
     if k:
-        nb = _row_blocks(x3, k)
+        nb = _row_blocks("train", x3, k)
         run(_train_rows, nb > 1, x3, k, nb, scale, offset, eps, momentum, rm, rv, out3,
             mean_out, invstd_out)
     else:
@@ -1311,7 +1316,7 @@ def _backward(dy3, x3, scale, mean, invstd, frozen, eps, out3, dscale_out, doffs
     dy3, x3, out3 = _bits(dy3), _bits(x3), _bits(out3)
     k = 0 if x3.size > SMALL else _row_form(x3)
     if k:
-        nb = _row_blocks(x3, k)
+        nb = _row_blocks("backward", x3, k)
         run(_backward_rows, nb > 1, dy3, x3, k, nb, scale, mean, invstd, frozen, eps, out3,
             dscale_out, doffset_out)
     else:

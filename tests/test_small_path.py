@@ -23,8 +23,9 @@ SHAPES = [((16, 4), -1), ((50, 3), -1), ((64, 1), -1), ((2500, 30), -1), ((1000,
           ((2, 7), -1), ((7, 3, 5, 5), 1), ((3, 5, 4, 2), -1), ((6, 65, 3), 1), ((2, 1), 1),
           # channels-first in the row form: one row per wide row; wide rows and leftovers
           ((40, 6, 4, 4), 1), ((33, 5, 3), 1), ((9, 4, 2, 2), 1),
-          # ... in blocks of wide rows, with rows left over ((2500, 30) too)
-          ((1601, 5, 7), 1),
+          # ... in blocks of wide rows, with rows left over: the backward ((2500, 30) too),
+          # the training forward too
+          ((1601, 5, 7), 1), ((4001, 25), -1),
           # channel by channel, in parallel (FUSED_PARALLEL_FROM)
           ((40, 16, 8, 8), 1)]
 
@@ -72,12 +73,16 @@ def test_shapes_cover_every_loop_nest():
         k = numba_backend._row_form(x3)
         parallel = (numba_backend._channel_blocked(x3, 3)
                     and x3.size >= numba_backend.FUSED_PARALLEL_FROM)
-        # rows: (channels-last, several rows per wide row, leftover rows, blocks); else parallel
+        # rows: (channels-last, several rows per wide row, leftover rows, blocks of the
+        # training forward, of the backward); else parallel
         forms.add(("rows", s3[2] == 1, k > 1, s3[0] % max(k, 1) > 0,
-                   numba_backend._row_blocks(x3, k) > 1) if k else ("channels", parallel))
-    assert {("rows", False, False, False, False), ("rows", False, True, True, False),
-            ("rows", True, True, True, False), ("rows", True, True, True, True),
-            ("rows", False, True, True, True), ("channels", False), ("channels", True)} <= forms
+                   numba_backend._row_blocks("train", x3, k) > 1,
+                   numba_backend._row_blocks("backward", x3, k) > 1) if k
+                  else ("channels", parallel))
+    assert {("rows", False, False, False, False, False), ("rows", False, True, True, False, False),
+            ("rows", True, True, True, False, False), ("rows", True, True, True, False, True),
+            ("rows", False, True, True, False, True), ("rows", True, True, True, True, True),
+            ("channels", False), ("channels", True)} <= forms
 
 
 def _param_dtype(dtype):

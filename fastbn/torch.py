@@ -377,8 +377,8 @@ class _FastBatchNorm:
         input = _unwrap_if_dead(input)
         if not torch.is_grad_enabled() or not (input.requires_grad or (
                 weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):
-            # nothing to differentiate (torch.no_grad(), inference): no autograd node,
-            # ~25 us of Function.apply saved per call
+            # nothing to differentiate (torch.no_grad(), inference): no autograd node
+            # (its creation: ~5 us of a ~16 us _node call on (4, 16, 4, 4), min of 3000)
             return _forward(input, weight, bias, running_mean, running_var, bn_training,
                             float(momentum), float(eps))[0]
         return _node(input, weight, bias, running_mean, running_var,

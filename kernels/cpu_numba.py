@@ -320,6 +320,13 @@ def _merge_partials(pmean, pm2, counts, mean, m2):
     _merge(pmean, pm2, counts, mean, m2)
 
 
+@helper
+def _unit_rows(u, tpu, rows, R):
+    """(r0, r1): the rows of an (R, C) matrix that unit u covers in the channels-last
+    kernels, tpu tiles of ``rows`` rows each (see _cl_units)."""
+    return u * tpu * rows, min((u + 1) * tpu * rows, R)
+
+
 @kernel
 def _merge_cl(pmean, pm2, rows, tpu, R, mean, m2):
     """_merge for _moments_cl's partials: unit u covers rows [u*tpu*rows,
@@ -328,7 +335,8 @@ def _merge_cl(pmean, pm2, rows, tpu, R, mean, m2):
     U = pmean.shape[0]
     counts = np.empty(U)
     for u in range(U):
-        counts[u] = min((u + 1) * tpu * rows, R) - u * tpu * rows
+        r0, r1 = _unit_rows(u, tpu, rows, R)
+        counts[u] = r1 - r0
     _merge(pmean, pm2, counts, mean, m2)
 
 
@@ -626,7 +634,8 @@ def _dy_sums_cl(dy, x, m, tpu, rows, p1, p2, s1, s2):
         for c in range(C):
             p1[u, c] = 0.0
             p2[u, c] = 0.0
-        _dy_row_sums(dy, x, m, u * tpu * rows, min((u + 1) * tpu * rows, R), p1[u], p2[u])
+        r0, r1 = _unit_rows(u, tpu, rows, R)
+        _dy_row_sums(dy, x, m, r0, r1, p1[u], p2[u])
     for c in range(C):
         s1[c] = 0.0
         s2[c] = 0.0

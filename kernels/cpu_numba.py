@@ -1009,12 +1009,12 @@ def _row_form(x3):
 def _row_blocks(op, x3, k):
     """Blocks of wide rows for the row-form kernel of ``op`` ("train", "backward") on
     x3: ROWS_BLOCKS_PER_THREAD per thread from ROWS_PARALLEL_FROM[op] values (each
-    of at least ROWS_MIN_BLOCK wide rows), else 1 (serial)."""
+    of at least ROWS_MIN_BLOCK wide rows), else 1 (serial; also with one thread)."""
     limit = SERIAL_BELOW if SERIAL_BELOW is not None else ROWS_PARALLEL_FROM[op]
-    if x3.size < limit:
+    threads = numba.get_num_threads() if x3.size >= limit else 1
+    if threads < 2:   # (numba.set_num_threads(1) in this thread, NUMBA_NUM_THREADS=1)
         return 1
-    return max(1, min(ROWS_BLOCKS_PER_THREAD * numba.get_num_threads(),
-                      x3.shape[0] // k // ROWS_MIN_BLOCK))
+    return max(1, min(ROWS_BLOCKS_PER_THREAD * threads, x3.shape[0] // k // ROWS_MIN_BLOCK))
 
 
 @functools.lru_cache(maxsize=1024)   # ~0.7 us a call otherwise, in ~3 us calls

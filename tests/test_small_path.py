@@ -10,6 +10,7 @@ ROWS_PARALLEL_FROM values), and channel-by-channel input run serially and in
 parallel.
 """
 
+import numba
 import numpy as np
 import pytest
 
@@ -79,10 +80,46 @@ def test_shapes_cover_every_loop_nest():
                    numba_backend._row_blocks("train", x3, k) > 1,
                    numba_backend._row_blocks("backward", x3, k) > 1) if k
                   else ("channels", parallel))
-    assert {("rows", False, False, False, False, False), ("rows", False, True, True, False, False),
+    need = {("rows", False, False, False, False, False), ("rows", False, True, True, False, False),
             ("rows", True, True, True, False, False), ("rows", True, True, True, False, True),
             ("rows", False, True, True, False, True), ("rows", True, True, True, True, True),
-            ("channels", False), ("channels", True)} <= forms
+            ("channels", False), ("channels", True)}
+    if numba.get_num_threads() < 2:   # one thread: no blocks (test_row_form_blocks_* covers them)
+        need = {f for f in need if not (f[0] == "rows" and (f[4] or f[5]))}
+    assert need <= forms
+
+
+@pytest.mark.parametrize("dtype", ref.DTYPES)
+@pytest.mark.parametrize("shape3", [(2500, 30, 1), (1601, 5, 7), (37, 16, 1), (9, 3, 1)])
+@pytest.mark.parametrize("nb", [2, 3, 5])
+def test_row_form_blocks_match_one_block(rng, dtype, shape3, nb):
+    """The row-form kernels split into nb blocks of wide rows (the last one also
+    taking the rows left over; blocks may be empty) give the one-block numbers,
+    serially and in parallel, whatever the machine's thread count."""
+    k = numba_backend._row_form(np.empty(shape3, np.float32))
+    C = shape3[1]
+    pdt = _param_dtype(dtype)
+    x = (rng.standard_normal(shape3) * 2 + 50).astype(dtype)
+    dy = rng.standard_normal(shape3).astype(dtype)
+    scale, offset = rng.uniform(0.5, 2, C).astype(pdt), rng.standard_normal(C).astype(pdt)
+    mean = (50 + rng.standard_normal(C)).astype(pdt)
+    inv = rng.uniform(0.5, 2, C).astype(pdt)
+    bits = numba_backend._bits
+
+    def run(kern, blocks):
+        y, dx = np.empty_like(x), np.empty_like(x)
+        stats = [np.empty(C, pdt) for _ in range(6)]   # mean, invstd, running x2, dscale, doffset
+        stats[2][:], stats[3][:] = 0.0, 1.0
+        kern(numba_backend._train_rows)(bits(x), k, blocks, scale, offset, 1e-3, 0.1, stats[2],
+                                        stats[3], bits(y), stats[0], stats[1])
+        kern(numba_backend._backward_rows)(bits(dy), bits(x), k, blocks, scale, mean, inv, False,
+                                           0.0, bits(dx), stats[4], stats[5])
+        return [y, dx] + stats
+
+    one = run(lambda K: K.serial, 1)
+    for kern in (lambda K: K.serial, lambda K: K.parallel):
+        for got, want in zip(run(kern, nb), one):
+            ref.assert_close(got, want, rtol=2 * ref.RTOL[got.dtype])
 
 
 def _param_dtype(dtype):

@@ -129,6 +129,7 @@ ROW_FORM_I = 32
 ROWS_PARALLEL_FROM = {"train": 96 << 10, "backward": 48 << 10}
 ROWS_BLOCKS_PER_THREAD = 2
 ROWS_MIN_BLOCK = 8
+ROWS_MIN_VALUES = 8 << 10
 #: train_small3 writes mean_out/invstd_out of any float dtype, float64 included
 #: (the float64 values it computed; fastbn.layer.train_forward_f64).
 F64_STATS = True
@@ -1009,12 +1010,15 @@ def _row_form(x3):
 def _row_blocks(op, x3, k):
     """Blocks of wide rows for the row-form kernel of ``op`` ("train", "backward") on
     x3: ROWS_BLOCKS_PER_THREAD per thread from ROWS_PARALLEL_FROM[op] values (each
-    of at least ROWS_MIN_BLOCK wide rows), else 1 (serial; also with one thread)."""
+    of at least ROWS_MIN_BLOCK wide rows and ROWS_MIN_VALUES values: a few us of
+    work, so that many threads are not woken for a small input), else 1 (serial;
+    also with one thread)."""
     limit = SERIAL_BELOW if SERIAL_BELOW is not None else ROWS_PARALLEL_FROM[op]
     threads = numba.get_num_threads() if x3.size >= limit else 1
     if threads < 2:   # (numba.set_num_threads(1) in this thread, NUMBA_NUM_THREADS=1)
         return 1
-    return max(1, min(ROWS_BLOCKS_PER_THREAD * threads, x3.shape[0] // k // ROWS_MIN_BLOCK))
+    return max(1, min(ROWS_BLOCKS_PER_THREAD * threads, x3.shape[0] // k // ROWS_MIN_BLOCK,
+                      x3.size // ROWS_MIN_VALUES))
 
 
 @functools.lru_cache(maxsize=1024)   # ~0.7 us a call otherwise, in ~3 us calls

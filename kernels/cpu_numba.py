@@ -974,29 +974,29 @@ def _train_rows(x3, k, nb, scale, offset, eps, momentum, rm, rv, out3, mean_out,
     x2 = x3.reshape(R, CI)
     y2 = out3.reshape(R, CI)
     shift = _row_shift(x2, C, I)
-    t5 = np.empty((5, W))   # shift, then mean, a, b along a wide row (one allocation)
-    _tile_into(shift, I, t5[0])
+    t4 = np.empty((4, W))   # shift, then mean, a, b along a wide row (one allocation)
+    _tile_into(shift, I, t4[0])
     sq = _task_sums(nb, W)
     for t in prange(nb):
         _zero(sq[0, t])
         _zero(sq[1, t])
         for part in range(_row_parts(t, nb)):
             v, r0, r1 = _row_block(x2, k, nb, t, part)
-            _shifted_row_sums(v, r0, r1, t5[0], sq[0, t], sq[1, t])
+            _shifted_row_sums(v, r0, r1, t4[0], sq[0, t], sq[1, t])
     abm = np.empty((4, C))
     _rows_moments(x2, I, shift, sq[0, :, :W], sq[1, :, :W], abm[2], abm[3])
     for c in range(C):
         abm[0, c], abm[1, c] = _train_channel(c, abm[2, c], abm[3, c], n, eps, scale, offset,
                                               mean_out, invstd_out)
         _running_channel(c, abm[2, c], abm[3, c], n, momentum, rm, rv)
-    _tile_into(abm[2], I, t5[1])
-    _tile_into(abm[0], I, t5[2])
-    _tile_into(abm[1], I, t5[3])
+    _tile_into(abm[2], I, t4[1])
+    _tile_into(abm[0], I, t4[2])
+    _tile_into(abm[1], I, t4[3])
     for t in prange(nb):
         for part in range(_row_parts(t, nb)):
             v, r0, r1 = _row_block(x2, k, nb, t, part)
             u, _, _ = _row_block(y2, k, nb, t, part)
-            _affine_rows(v[r0:r1], t5[1], t5[2], t5[3], u[r0:r1])
+            _affine_rows(v[r0:r1], t4[1], t4[2], t4[3], u[r0:r1])
 
 
 def _row_form(x3):
@@ -1236,12 +1236,13 @@ def _backward_rows(dy, x, k, nb, scale, mean, invstd, frozen, eps, out, dscale_o
     O, C, I = x.shape
     n = O * I
     CI = C * I
+    W = k * CI
     x2 = x.reshape(O, CI)
     d2 = dy.reshape(O, CI)
     y2 = out.reshape(O, CI)
-    t = np.empty((4, k * CI))   # mean, a, b, cc along a wide row (one allocation)
+    t = np.empty((4, W))   # mean, a, b, cc along a wide row (one allocation)
     _tile_into(mean, I, t[0])
-    s = _task_sums(nb, k * CI)
+    s = _task_sums(nb, W)
     for j in prange(nb):
         _zero(s[0, j])
         _zero(s[1, j])
@@ -1250,8 +1251,8 @@ def _backward_rows(dy, x, k, nb, scale, mean, invstd, frozen, eps, out, dscale_o
             g, _, _ = _row_block(d2, k, nb, j, part)
             _dy_row_sums(g, v, t[0], r0, r1, s[0, j], s[1, j])
     abc = np.empty((3, C))
-    _backward_coefficients(_summed(s[0, :, :k * CI], C, I), _summed(s[1, :, :k * CI], C, I), n, scale, invstd, frozen,
-                           eps, abc[0], abc[1], abc[2], dscale_out, doffset_out)
+    _backward_coefficients(_summed(s[0, :, :W], C, I), _summed(s[1, :, :W], C, I), n, scale,
+                           invstd, frozen, eps, abc[0], abc[1], abc[2], dscale_out, doffset_out)
     _tile_into(abc[0], I, t[1])
     _tile_into(abc[1], I, t[2])
     _tile_into(abc[2], I, t[3])

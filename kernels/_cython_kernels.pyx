@@ -1605,18 +1605,19 @@ cdef inline bint as_rows(Py_ssize_t O, Py_ssize_t C, Py_ssize_t I, Py_ssize_t fo
 
 def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1] offset,
                 const stat_t[::1] mean, const stat_t[::1] var, double eps,
-                real_t[:, :, :] out, Py_ssize_t fold):
-    """Fused inference forward for a small x (O, C, I), serial, one call.
+                real_t[:, :, :] out, Py_ssize_t fold, int nthreads=1):
+    """Fused inference forward of x (O, C, I) in one call, on ``nthreads`` OpenMP
+    threads (1: serial).
 
     ``out = q*(x - mean) + r`` with ``q = scale/sqrt(var + eps)``, ``r = offset``
     (core.infer_coefficients), in float64, rounded once; runs of I > ``fold``
-    values, else rows (see above).  x/out: float32, float64 or float16 as its
-    uint16 bits, out may be x; scale/offset (C,) float32 or float64, or None;
-    mean/var (C,) float32 or float64.
+    values, else rows (see above); in parallel, blocks of wide rows or of runs.
+    x/out: float32, float64 or float16 as its uint16 bits, out may be x;
+    scale/offset (C,) float32 or float64, or None; mean/var (C,) float32 or float64.
     """
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t s[6]
-    cdef Py_ssize_t o, c, cx, co, W = 0
+    cdef Py_ssize_t o, c, cx, co, W = 0, t, nb, a0, a1, oc
     cdef Rows plan
     cdef bint by_rows, spreads
     cdef const real_t* bx
@@ -1667,11 +1668,29 @@ def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1
                     spread(m, plan.B, I, mw, W)
                     spread(q, plan.B, I, qw, W)
                     spread(r, plan.B, I, rw, W)
+                # wide rows (or, with none, the rows) in nb blocks, one per thread
+                a1 = plan.R if plan.R > 0 else O
+                nb = min(<Py_ssize_t>nthreads, a1) if nthreads > 1 else 1
                 if plan.R > 0:
-                    rows_affine(bx, plan.k * s[0], cx, bo, plan.k * s[3], co, <const real_t*>NULL,
-                                0, 0, 0, plan.R, 0, W, mw, qw, rw, <const double*>NULL, 0)
-                rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0, plan.R * plan.k,
-                            O - plan.R * plan.k, 0, plan.B, mw, qw, rw, <const double*>NULL, 0)
+                    for t in prange(nb, schedule="static", num_threads=nthreads):
+                        a0 = t * plan.R // nb
+                        rows_affine(bx, plan.k * s[0], cx, bo, plan.k * s[3], co,
+                                    <const real_t*>NULL, 0, 0, a0, (t + 1) * plan.R // nb - a0,
+                                    0, W, mw, qw, rw, <const double*>NULL, 0)
+                    rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0,
+                                plan.R * plan.k, O - plan.R * plan.k, 0, plan.B, mw, qw, rw,
+                                <const double*>NULL, 0)
+                else:
+                    for t in prange(nb, schedule="static", num_threads=nthreads):
+                        a0 = t * O // nb
+                        rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0, a0,
+                                    (t + 1) * O // nb - a0, 0, plan.B, mw, qw, rw,
+                                    <const double*>NULL, 0)
+            elif nthreads > 1:
+                for oc in prange(O * C, schedule="static", num_threads=nthreads):
+                    run_affine(bx + (oc // C) * s[0] + (oc % C) * s[1], s[2],
+                               bo + (oc // C) * s[3] + (oc % C) * s[4], s[5], <const real_t*>NULL,
+                               0, I, m[oc % C], q[oc % C], r[oc % C], 0.0, 0)
             else:
                 for o in range(O):
                     for c in range(C):

@@ -94,6 +94,16 @@ SMALL = 1 << 17
 #: 173; NHWC (16,16,16,64) 272 -> 171 / 100 -> 84 / 208 -> 179; (512,512) 232 ->
 #: 204 / 129 -> 105 / 226 -> 201.  Same value as cpu_numba.
 FUSED_MAX = 1 << 62
+#: Largest input (values) that the fused inference kernel (:func:`infer_small3`,
+#: parallel from SERIAL_BELOW) takes: below the streaming-store sizes, where
+#: affine3 takes over.  The fused kernel skips the coefficients in NumPy and
+#: affine3's set-up; from SERIAL_BELOW to SMALL it was serial.  float32,
+#: infer_small3, min / median of 1000 interleaved with the old path, us, before
+#: -> after: (16,64,256) 30.9/38.1 -> 22.1/23.3; (512,512) 44.1/53.9 ->
+#: 31.5/37.2; (16384,16) 45.9/55.5 -> 30.2/32.6; (256,512) 28.9/30.0 ->
+#: 18.3/19.7; (16,64,64) 12.5/13.0 -> 9.8/10.5; (1024,1024) 161/173 -> 144/149.
+#: Same value as cpu_numba.
+INFER_MAX = (16 << 20) // 8
 #: Channels-first inputs with runs of at most this many values (and at least 4
 #: rows) go through the fused inference and backward kernels as rows of C*I
 #: values, like channels-last ones: a run's set-up costs more than its values.
@@ -358,14 +368,15 @@ def _vectors(a, b=None):
 
 
 def infer_small3(x3, scale, offset, mean, var, eps, out3):
-    """Fused inference forward for inputs of at most SMALL values (serial).
+    """Fused inference forward: one kernel up to INFER_MAX values (in parallel from
+    SERIAL_BELOW); beyond, the coefficients here and affine3.
 
     Same contract as ``cpu_numba.infer_small3``: x3/out3 (outer, C, inner)
     C-contiguous float16/32/64 (out3 may be x3); scale/offset None or (C,)
     contiguous, mean/var (C,) contiguous, each of any float dtype.  ``out3 =
     (x3 - mean) * scale / sqrt(var + eps) + offset``, in float64, rounded once.
     """
-    if x3.size > SMALL:   # infer_small's coefficients, then the parallel affine3
+    if x3.size > INFER_MAX:   # infer_small's coefficients, then affine3's streaming stores
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             # var + eps == 0 gives q = inf, as core.infer_coefficients
             inv = 1.0 / np.sqrt(_vec(var) + eps)
@@ -378,7 +389,7 @@ def infer_small3(x3, scale, offset, mean, var, eps, out3):
     mean, var, st = _vectors(mean, var)
     # Named, not dispatched: Cython's fused dispatch cannot type a None scale/offset.
     _ck.infer_small.__signatures__[f"{_C_TYPE[x3.dtype.char]}|{pt}|{st}"](
-        x3, scale, offset, mean, var, float(eps), out3, FUSED_FOLD)
+        x3, scale, offset, mean, var, float(eps), out3, FUSED_FOLD, _threads(x3.size))
 
 
 def backward_small3(dy3, x3, scale, mean, invstd, out3, dscale_out, doffset_out):

@@ -567,6 +567,41 @@ def test_fused_nan_stays_in_its_channel(monkeypatch, make_array, rng, dtype, cas
 
 # -- the accuracy bar, through the public API -----------------------------------------
 
+#: (O, C, I) shapes for the parallel fused inference kernel: each loop nest, from
+#: SERIAL_BELOW (2^16) values to beyond SMALL (2^17).
+PARALLEL_INFER = {
+    "runs": (16, 64, 70),          # I > FUSED_FOLD: runs per (o, c), split over threads
+    "folded": (1100, 8, 9),        # I = 9: rows of 72 values, one per row
+    "wide-rows": (2501, 30, 1),    # channels-last, 8 rows to a wide row, 5 left over
+    "rows": (4099, 64, 1),         # channels-last C = 64: rows not widened
+    "beyond-small": (300, 40, 12),  # 144000 values > SMALL, folded rows
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARALLEL_INFER))
+@pytest.mark.parametrize("dtype", oracle.DTYPES, ids=lambda d: np.dtype(d).name)
+def test_parallel_fused_inference_matches_serial_and_oracle(monkeypatch, rng, dtype, case):
+    """infer_small3 from SERIAL_BELOW values runs on several OpenMP threads (blocks of
+    rows or of runs; forced to 3 here, whatever the machine has): the serial
+    kernel's bits, and the oracle's values."""
+    shape = PARALLEL_INFER[case]
+    assert np.prod(shape) >= cy.SERIAL_BELOW
+    C = shape[1]
+    pdt = np.float32 if dtype == np.float16 else dtype
+    x = (rng.standard_normal(shape) * 2 + rng.uniform(-50, 50, C)[:, None]).astype(dtype)
+    scale, offset = rng.uniform(0.5, 2, C).astype(pdt), rng.standard_normal(C).astype(pdt)
+    mean, var = (rng.uniform(-50, 50, C)).astype(pdt), rng.uniform(0.5, 4, C).astype(pdt)
+    outs = []
+    for threads in (1, 3):
+        monkeypatch.setattr(cy, "_threads", lambda size, n=threads: n)
+        out = np.full_like(x, np.nan)
+        cy.infer_small3(x, scale, offset, mean, var, 1e-3, out)
+        outs.append(out)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    want = oracle.batch_norm_infer(x, scale, offset, mean, var, channel_axis=1, eps=1e-3)
+    oracle.assert_close(outs[1], want)
+
+
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_float32_variance_at_offset_1e6(rng, layout):
     """Variance rel. error <= 1e-6 for float32 data with mean 1e6 (the issue's bar)."""

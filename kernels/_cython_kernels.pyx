@@ -14,7 +14,7 @@ Every function works on the canonical view ``x`` of shape ``(O, C, I)``
 
 ``train_small``, ``infer_small`` and ``backward_small`` fuse a whole small
 training forward, inference forward and training backward into one serial
-call each.
+call each (``infer_small`` also runs in parallel, on larger inputs).
 
 Element types are the fused ``real_t``: float32, float64, or float16 passed
 as its uint16 bit pattern (converted in C, below).  All arithmetic is float64.

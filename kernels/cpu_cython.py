@@ -27,7 +27,8 @@ for any thread count):
 Inputs of at most ``SMALL`` values skip all of that: the training forward,
 inference forward and training backward each run as one serial call
 (``train_small3``, ``infer_small3``, ``backward_small3``, which
-``fastbn.fastlane`` calls directly), per-channel coefficients computed inside.
+``fastbn.fastlane`` calls directly), per-channel coefficients computed inside;
+inference runs so up to ``INFER_MAX`` values, in parallel from ``SERIAL_BELOW``.
 """
 
 import math

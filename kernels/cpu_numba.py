@@ -933,24 +933,23 @@ def _rows_moments(x2, I, shift, sw, qw, mu, m2):
 
 
 @kernel
-def _moments_rows(x3, k, nb, ddof, mean_out, var_out):
+def _moments_rows(x3, k, ddof, mean_out, var_out):
     """_moments_small for a C-contiguous x3 (R, C, I) in the row form (see
-    _train_rows, _row_form), the wide rows in nb blocks."""
+    _train_rows, _row_form): its statistics pass, as one block (run serially:
+    blocks gained nothing for one pass below SMALL, (8192, 16) 19 vs 13 us,
+    (2500, 30) 10 vs 12, (1000, 64) even)."""
     R, C, I = x3.shape
     x2 = x3.reshape(R, C * I)
     W = k * C * I
     shift = _row_shift(x2, C, I)
     sh = _tiled(shift, W, I)
-    sq = _task_sums(nb, W)
-    for t in prange(nb):
-        _zero(sq[0, t])
-        _zero(sq[1, t])
-        for part in range(_row_parts(t, nb)):
-            v, r0, r1 = _row_block(x2, k, nb, t, part)
-            _shifted_row_sums(v, r0, r1, sh, sq[0, t], sq[1, t])
+    sq = np.zeros((2, 1, W))
+    for part in range(2):
+        v, r0, r1 = _row_block(x2, k, 1, 0, part)
+        _shifted_row_sums(v, r0, r1, sh, sq[0, 0], sq[1, 0])
     mu = np.empty(C)
     m2 = np.empty(C)
-    _rows_moments(x2, I, shift, sq[0, :, :W], sq[1, :, :W], mu, m2)
+    _rows_moments(x2, I, shift, sq[0], sq[1], mu, m2)
     for c in range(C):
         mean_out[c] = mu[c]
         var_out[c] = m2[c] / (R * I - ddof)
@@ -1097,9 +1096,7 @@ def moments_small3(x3, ddof, mean_out, var_out):
     x3 = _bits(x3)
     k = _row_form(x3)
     if k:
-        # serial: one pass gained nothing from blocks below SMALL ((8192, 16) 19 vs 13 us,
-        # (2500, 30) 10 vs 12, (1000, 64) even; see ROWS_PARALLEL_FROM)
-        _moments_rows.serial(x3, k, 1, float(ddof), mean_out, var_out)
+        _moments_rows.serial(x3, k, float(ddof), mean_out, var_out)
     else:
         run(_moments_small, x3.size >= FUSED_PARALLEL_FROM and _channel_blocked(x3, 1), x3,
             float(ddof), mean_out, var_out)

@@ -1617,7 +1617,7 @@ def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1
     """
     cdef Py_ssize_t O = x.shape[0], C = x.shape[1], I = x.shape[2]
     cdef Py_ssize_t s[6]
-    cdef Py_ssize_t o, c, cx, co, W = 0, t, nb, a0, a1, oc
+    cdef Py_ssize_t o, c, cx, co, W = 0, t, nb, a0, a1, wk, oc
     cdef Rows plan
     cdef bint by_rows, spreads
     cdef const real_t* bx
@@ -1668,24 +1668,20 @@ def infer_small(const real_t[:, :, :] x, const prm_t[::1] scale, const prm_t[::1
                     spread(m, plan.B, I, mw, W)
                     spread(q, plan.B, I, qw, W)
                     spread(r, plan.B, I, rw, W)
-                # wide rows (or, with none, the rows) in nb blocks, one per thread
+                # the wide rows (none: the rows) in nb blocks, one per thread; then the
+                # rows left over
                 a1 = plan.R if plan.R > 0 else O
+                wk = plan.k if plan.R > 0 else 1
                 nb = min(<Py_ssize_t>nthreads, a1) if nthreads > 1 else 1
+                for t in prange(nb, schedule="static", num_threads=nthreads):
+                    a0 = t * a1 // nb
+                    rows_affine(bx, wk * s[0], cx, bo, wk * s[3], co, <const real_t*>NULL, 0, 0,
+                                a0, (t + 1) * a1 // nb - a0, 0, wk * plan.B, mw, qw, rw,
+                                <const double*>NULL, 0)
                 if plan.R > 0:
-                    for t in prange(nb, schedule="static", num_threads=nthreads):
-                        a0 = t * plan.R // nb
-                        rows_affine(bx, plan.k * s[0], cx, bo, plan.k * s[3], co,
-                                    <const real_t*>NULL, 0, 0, a0, (t + 1) * plan.R // nb - a0,
-                                    0, W, mw, qw, rw, <const double*>NULL, 0)
                     rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0,
                                 plan.R * plan.k, O - plan.R * plan.k, 0, plan.B, mw, qw, rw,
                                 <const double*>NULL, 0)
-                else:
-                    for t in prange(nb, schedule="static", num_threads=nthreads):
-                        a0 = t * O // nb
-                        rows_affine(bx, s[0], cx, bo, s[3], co, <const real_t*>NULL, 0, 0, a0,
-                                    (t + 1) * O // nb - a0, 0, plan.B, mw, qw, rw,
-                                    <const double*>NULL, 0)
             elif nthreads > 1:
                 for oc in prange(O * C, schedule="static", num_threads=nthreads):
                     run_affine(bx + (oc // C) * s[0] + (oc % C) * s[1], s[2],
